@@ -1,0 +1,1 @@
+"""onnxq: post-training INT8 quantization of ONNX models for TensorRT."""

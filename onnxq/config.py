@@ -1,0 +1,120 @@
+"""Typed configuration. Strings from the command line become these enums and dataclasses once, in `cli/`."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import re
+from dataclasses import dataclass, field
+
+import onnx.defs
+
+from .errors import ConfigError
+
+__all__ = [
+    "CalibMethod",
+    "Target",
+    "HighPrecision",
+    "Selection",
+    "CalibConfig",
+    "QuantConfig",
+    "parse_enum",
+]
+
+
+class CalibMethod(enum.Enum):
+    """How an activation's clipping range (amax) is chosen from calibration statistics."""
+
+    MAX = "max"
+
+
+class Target(enum.Enum):
+    """The runtime the Q/DQ placement is written for."""
+
+    TRT = "trt"
+
+
+class HighPrecision(enum.Enum):
+    """The float type of everything that is not quantized."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+def parse_enum(enum_type: type[enum.Enum], text: str, option: str) -> enum.Enum:
+    """Parse `text` as a member value of `enum_type`, or raise a ConfigError listing the choices."""
+    for member in enum_type:
+        if member.value == text.lower():
+            return member
+    choices = ", ".join(m.value for m in enum_type)
+    raise ConfigError(f"{option}: '{text}' is not one of {choices}")
+
+
+def _known_op_types() -> frozenset[str]:
+    return frozenset(schema.name for schema in onnx.defs.get_all_schemas_with_history())
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which nodes the user keeps out of quantization.
+
+    Attributes:
+        exclude_node_patterns: regular expressions; a node whose name matches any (re.search) stays float.
+        exclude_op_types: ONNX op types that stay float.
+    """
+
+    exclude_node_patterns: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for pattern in self.exclude_node_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"--exclude-nodes: invalid regular expression '{pattern}': {err}") from None
+        known = _known_op_types()
+        for op_type in self.exclude_op_types:
+            if op_type not in known:
+                close = difflib.get_close_matches(op_type, known, n=1)
+                hint = f" Hint: did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"--exclude-op-types: '{op_type}' is not an ONNX op type.{hint}")
+
+    def excluded_by(self, node_name: str, op_type: str) -> str | None:
+        """The reason a node is excluded by the user, or None."""
+        if op_type in self.exclude_op_types:
+            return f"excluded by the user: op type {op_type}"
+        for pattern in self.exclude_node_patterns:
+            if re.search(pattern, node_name):
+                return f"excluded by the user: name matches '{pattern}'"
+        return None
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How calibration runs.
+
+    Attributes:
+        method: how amax is chosen for activations (weights always use per-channel max).
+        batch_size: samples per inference run; models with a fixed batch dimension use that instead.
+        providers: ONNX Runtime execution providers, in order of preference.
+    """
+
+    method: CalibMethod = CalibMethod.MAX
+    batch_size: int = 8
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.providers:
+            raise ConfigError("--providers: give at least one execution provider")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything `onnxq.quantize` needs besides the model and the data."""
+
+    selection: Selection = field(default_factory=Selection)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    target: Target = Target.TRT
+    high_precision: HighPrecision = HighPrecision.FP32

@@ -1,0 +1,40 @@
+"""Errors a user can act on, and the one that marks an onnxq bug.
+
+Every `OnnxqError` message is one line that names the tensor, node or file at fault; the CLI prints it
+without a traceback. `InternalError` is deliberately not an `OnnxqError`: it keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OnnxqError",
+    "ModelError",
+    "CalibrationError",
+    "ConfigError",
+    "MissingDependencyError",
+    "InternalError",
+]
+
+
+class OnnxqError(Exception):
+    """A problem with the user's model, data or options."""
+
+
+class ModelError(OnnxqError):
+    """The model cannot be loaded, transformed or saved."""
+
+
+class CalibrationError(OnnxqError):
+    """The calibration data is missing, malformed or does not match the model."""
+
+
+class ConfigError(OnnxqError):
+    """An option or configuration value is invalid."""
+
+
+class MissingDependencyError(OnnxqError):
+    """An optional dependency (TensorRT, a GPU) is not available."""
+
+
+class InternalError(Exception):
+    """An onnxq bug: an invariant that should always hold did not."""
