@@ -1,0 +1,28 @@
+"""`onnxq inspect MODEL`: print the quantization plan without calibrating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxq.api import inspect
+from onnxq.config import Selection
+from onnxq.summary import format_plan, format_plan_summary
+
+from .options import selection_options
+
+
+@click.command("inspect")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@selection_options
+@click.option("--summary", is_flag=True, help="Only counts and the reasons nodes stay float.")
+def inspect_cmd(model_path: Path, selection: Selection, summary: bool) -> None:
+    """Show what would be quantized in MODEL, and why every other node is not.
+
+    \b
+    Example:
+      onnxq inspect model.onnx --exclude-op-types Gemm
+    """
+    plan = inspect(model_path, selection)
+    click.echo(format_plan_summary(plan) if summary else format_plan(plan))

@@ -1,0 +1,113 @@
+"""Reusable option groups. Each collapses its raw strings into one typed onnxq object, here and only here."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from onnxq.calib.images import ColorOrder, ImagePreprocess, Layout
+from onnxq.config import CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target, parse_enum
+from onnxq.errors import ConfigError
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+def _floats(text: str | None, option: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option}: expected numbers separated by commas, got '{text}'") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise ConfigError(f"{option}: expected 1 or 3 values, got {len(parts)}")
+    return (parts[0], parts[1], parts[2])
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        height, width = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--image-size: expected HxW such as 224x224, got '{text}'") from None
+    return (height, width)
+
+
+def image_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add image preprocessing options; the command receives `preprocess: ImagePreprocess`."""
+    options: list[Decorator] = [
+        click.option("--image-size", help="Crop size HxW (default: the model's input size)."),
+        click.option("--resize", type=int, help="Shorter image side before the centre crop "
+                     "(default: crop size x 256/224)."),
+        click.option("--mean", help="Per-channel mean in 0-255 pixel units, RGB order "
+                     "(default: ImageNet 123.675,116.28,103.53)."),
+        click.option("--std", help="Per-channel std in 0-255 pixel units (default: ImageNet 58.395,57.12,57.375)."),
+        click.option("--layout", type=click.Choice([m.value for m in Layout]), default="auto",
+                     show_default=True, help="Input layout; auto reads it from the model's input shape."),
+        click.option("--bgr", is_flag=True, help="Feed channels in BGR order."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, image_size: str | None, resize: int | None, mean: str | None, std: str | None,
+                layout: str, bgr: bool, **kwargs: Any) -> Any:
+        fields: dict[str, Any] = {"size": _size(image_size), "resize": resize,
+                                  "layout": parse_enum(Layout, layout, "--layout"),
+                                  "color": ColorOrder.BGR if bgr else ColorOrder.RGB}
+        for name, text in (("mean", mean), ("std", std)):
+            value = _floats(text, f"--{name}")
+            if value is not None:
+                fields[name] = value
+        return fn(*args, preprocess=ImagePreprocess(**fields), **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add node exclusion options; the command receives `selection: Selection`."""
+
+    @click.option("--exclude-nodes", "exclude_nodes", multiple=True, metavar="REGEX",
+                  help="Keep nodes whose name matches REGEX in float (repeatable).")
+    @click.option("--exclude-op-types", "exclude_op_types", multiple=True, metavar="T,...",
+                  help="Keep these op types in float, e.g. Gemm,MatMul (repeatable).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, exclude_nodes: tuple[str, ...], exclude_op_types: tuple[str, ...], **kwargs: Any) -> Any:
+        selection = Selection(exclude_node_patterns=exclude_nodes, exclude_op_types=_split(exclude_op_types))
+        return fn(*args, selection=selection, **kwargs)
+
+    return wrapper
+
+
+def quant_config(selection: Selection, method: str, target: str, high_precision: str,
+                 batch_size: int, providers: tuple[str, ...]) -> QuantConfig:
+    """Build the typed QuantConfig from the quantize command's raw option values."""
+    from onnxq.calib.session import resolve_providers
+
+    calib = CalibConfig(method=parse_enum(CalibMethod, method, "--method"), batch_size=batch_size,
+                        providers=resolve_providers(_split(providers) or ("cpu",)))
+    return QuantConfig(selection=selection, calib=calib, target=parse_enum(Target, target, "--target"),
+                       high_precision=parse_enum(HighPrecision, high_precision, "--high-precision"))
+
+
+def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx") -> Path:
+    """`-o` or `<stem><suffix>` beside the model; refuses any path that names the input model."""
+    from onnxq.io import is_same_file
+
+    target = output if output is not None else model_path.with_name(model_path.stem + suffix)
+    if target.exists() and is_same_file(target, model_path):
+        raise click.UsageError(f"-o {target} names the input model; refusing to overwrite it")
+    if target.is_dir():
+        raise click.UsageError(f"-o {target} is a folder; give a file name")
+    return target

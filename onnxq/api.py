@@ -1,0 +1,95 @@
+"""The quantization pipeline, spelled out once: load → prepare → plan → calibrate → write back → check."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .calib.calibrate import CalibrationResult, ProgressCallback, calibrate
+from .calib.data import CalibSource, input_specs, open_source
+from .calib.images import ImagePreprocess
+from .config import HighPrecision, QuantConfig, Selection
+from .errors import ConfigError, ModelError
+from .io import check_model, from_graph, load_model, to_graph
+from .passes import PREPARE, run
+from .passes.insert_qdq import insert_qdq
+from .passes.name_nodes import name_nodes
+from .passes.upgrade_opset import upgrade_opset
+from .quant.plan import QuantPlan, plan_quantization
+
+__all__ = ["QuantResult", "prepare", "inspect", "quantize", "group_amax"]
+
+ModelLike = onnx.ModelProto | str | os.PathLike[str]
+
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"})
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """The quantized model and how it was made."""
+
+    model: onnx.ModelProto
+    plan: QuantPlan
+    calibration: CalibrationResult
+    group_amax: Mapping[str, float]
+    seconds: float
+
+
+def _as_model(model: ModelLike) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else load_model(Path(model))
+
+
+def prepare(model: ModelLike) -> gs.Graph:
+    """Upgrade to opset >= 13, import, move Constant weights to initializers, fold constants and BN."""
+    model = _as_model(model)
+    already = sorted({n.op_type for n in model.graph.node} & _QDQ_OPS)
+    if already:
+        raise ModelError(f"the model is already quantized (contains {', '.join(already)})")
+    return run(to_graph(upgrade_opset(model)), (*PREPARE, name_nodes))
+
+
+def inspect(model: ModelLike, selection: Selection = Selection()) -> QuantPlan:
+    """The quantization plan for `model`, without calibrating."""
+    return plan_quantization(prepare(model), selection)
+
+
+def group_amax(plan: QuantPlan, tensor_amax: Mapping[str, float]) -> dict[str, float]:
+    """One amax per scale group: the largest of its members' (max calibration)."""
+    merged: dict[str, float] = {}
+    for target in plan.activations:
+        amax = tensor_amax[target.tensor_name]
+        merged[target.group] = max(merged.get(target.group, 0.0), amax)
+    return merged
+
+
+def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
+             config: QuantConfig = QuantConfig(), *, preprocess: ImagePreprocess = ImagePreprocess(),
+             on_progress: ProgressCallback | None = None) -> QuantResult:
+    """Quantize `model` to INT8 Q/DQ for TensorRT, calibrating on `calib`.
+
+    Args:
+        model: a ModelProto or the path of an .onnx file.
+        calib: a calibration source, or a path `open_source` understands (.npz, .npy, a folder of
+            them or of images, `loader.py:function`).
+        config: selection, calibration and target options.
+        preprocess: how images are turned into tensors, when `calib` is a folder of images.
+        on_progress: called after each calibration batch with (samples done, total or None).
+    """
+    started = time.perf_counter()
+    if config.high_precision is not HighPrecision.FP32:
+        raise ConfigError("--high-precision fp16 is not available yet; use fp32")
+    model = _as_model(model)
+    graph = prepare(model)
+    plan = plan_quantization(graph, config.selection)
+    source = calib if not isinstance(calib, (str, os.PathLike)) else open_source(calib, input_specs(model), preprocess)
+    calibration = calibrate(graph, plan.activation_names, source, config.calib, on_progress)
+    amax = group_amax(plan, calibration.amax)
+    quantized = from_graph(insert_qdq(graph, plan, amax), template=model)
+    check_model(quantized, "the quantized model")
+    return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started)

@@ -1,0 +1,182 @@
+"""Plan where Q/DQ goes: an analysis that reads the graph and returns a frozen `QuantPlan`.
+
+Every node gets a `NodeDecision` with a reason, whether it is quantized or left in float.
+The stages, in order:
+  1. weighted ops (Conv, ConvTranspose, Gemm, MatMul): activation input per-tensor, constant weight
+     per-channel on its output-channel axis;
+  2. residual Adds: the skip input only;
+  3. pooling: its input, when its output reaches a quantized input (through data movement);
+  4. Concat: quantized inputs and the quantized output share one scale group.
+Graph outputs and biases never get Q/DQ; consumers outside the plan keep reading the float tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..config import Selection
+from ..graph.query import GraphIndex, is_constant, is_float
+from .residual import residual_skip_input
+from .rules import DEFAULT_FLOAT_REASON, FLOAT_REASONS, PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
+from .scale_groups import scale_groups
+
+__all__ = ["ActivationTarget", "WeightTarget", "NodeDecision", "QuantPlan", "plan_quantization"]
+
+
+@dataclass(frozen=True)
+class ActivationTarget:
+    """A tensor that gets one QuantizeLinear -> DequantizeLinear pair, read by `consumers`."""
+
+    tensor_name: str
+    consumers: tuple[tuple[str, int], ...]
+    group: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """A constant weight stored as INT8 + per-channel DequantizeLinear for one consumer input."""
+
+    tensor_name: str
+    consumer: str
+    input_index: int
+    axis: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class NodeDecision:
+    node_name: str
+    op_type: str
+    quantized: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    activations: tuple[ActivationTarget, ...]
+    weights: tuple[WeightTarget, ...]
+    decisions: tuple[NodeDecision, ...]
+
+    @property
+    def activation_names(self) -> tuple[str, ...]:
+        return tuple(t.tensor_name for t in self.activations)
+
+    @property
+    def quantized_nodes(self) -> tuple[NodeDecision, ...]:
+        return tuple(d for d in self.decisions if d.quantized)
+
+    @property
+    def float_nodes(self) -> tuple[NodeDecision, ...]:
+        return tuple(d for d in self.decisions if not d.quantized)
+
+    def decision(self, node_name: str) -> NodeDecision:
+        for decision in self.decisions:
+            if decision.node_name == node_name:
+                return decision
+        raise KeyError(node_name)
+
+
+@dataclass
+class _Draft:
+    """Mutable working state of one planning run (never leaves this module)."""
+
+    index: GraphIndex
+    edges: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)  # tensor -> {(node, i): why}
+    weights: list[WeightTarget] = field(default_factory=list)
+    decisions: dict[str, NodeDecision] = field(default_factory=dict)
+
+    def quantize_input(self, node: gs.Node, input_index: int, reason: str) -> None:
+        tensor = node.inputs[input_index]
+        self.edges.setdefault(tensor.name, {})[(node.name, input_index)] = reason
+
+    def decide(self, node: gs.Node, quantized: bool, reason: str) -> None:
+        self.decisions[node.name] = NodeDecision(node.name, node.op, quantized, reason)
+
+
+def _plan_weighted(node: gs.Node, draft: _Draft) -> str | None:
+    """Quantize a weighted op's inputs, or return why it stays float."""
+    rule = WEIGHTED_OPS[node.op]
+    if len(node.inputs) <= rule.weight_input:
+        return "has no weight input"
+    activation, weight = node.inputs[rule.activation_input], node.inputs[rule.weight_input]
+    if not is_float(activation):
+        return f"input '{activation.name}' is not a float tensor"
+    if is_constant(activation):
+        return f"input '{activation.name}' is a constant"
+    if not is_constant(weight):
+        if node.op == "MatMul" and is_float(weight):
+            draft.quantize_input(node, 0, "activation x activation MatMul: both inputs per-tensor")
+            draft.quantize_input(node, 1, "activation x activation MatMul: both inputs per-tensor")
+            return None
+        return f"weight '{weight.name}' is computed at run time: TensorRT needs constant INT8 weights"
+    weight_values = np.asarray(weight.values)
+    if weight_values.dtype.kind != "f":
+        return f"weight '{weight.name}' is {weight_values.dtype}, not float"
+    if weight_values.ndim < 2:
+        return f"weight '{weight.name}' has rank {weight_values.ndim}; per-channel needs rank >= 2"
+    axis = rule.weight_axis(node, weight_values.ndim)
+    draft.quantize_input(node, rule.activation_input, f"activation input of {node.op}: per-tensor")
+    draft.weights.append(WeightTarget(
+        weight.name, node.name, rule.weight_input, axis,
+        f"{node.op} weight {rule.layout}: per-channel on axis {axis}"))
+    return None
+
+
+def _reaches_quantized_input(tensor: gs.Tensor, draft: _Draft) -> bool:
+    """True if `tensor`, through pass-through ops, is read by an input the plan quantizes."""
+    for node, index in draft.index.uses(tensor):
+        if (node.name, index) in draft.edges.get(tensor.name, {}):
+            return True
+        if node.op in PASS_THROUGH_OPS and any(_reaches_quantized_input(t, draft) for t in node.outputs):
+            return True
+    return False
+
+
+def _plan_pooling(nodes: list[gs.Node], draft: _Draft) -> None:
+    # Reverse topological order lets a chain of pools (SPPF) follow the last one's consumer.
+    for node in reversed(nodes):
+        if node.op not in POOLING_OPS or node.name in draft.decisions:
+            continue
+        if is_float(node.inputs[0]) and _reaches_quantized_input(node.outputs[0], draft):
+            draft.quantize_input(node, 0, f"{node.op} between quantized ops: DQ -> pool -> Q runs in INT8")
+            draft.decide(node, True, "pooling next to quantized ops: input quantized so it runs in INT8")
+        else:
+            draft.decide(node, False, "pooling with no quantized consumer: kept float")
+
+
+def _float_reason(node: gs.Node) -> str:
+    return FLOAT_REASONS.get(node.op, DEFAULT_FLOAT_REASON)
+
+
+def plan_quantization(graph: gs.Graph, selection: Selection = Selection()) -> QuantPlan:
+    """Decide, for every node of the main graph, whether and where it is quantized, and why."""
+    draft = _Draft(GraphIndex.build(graph))
+    nodes = list(graph.nodes)
+    for node in nodes:
+        excluded = selection.excluded_by(node.name, node.op)
+        if excluded is not None:
+            draft.decide(node, False, excluded)
+        elif node.op in WEIGHTED_OPS:
+            why_not = _plan_weighted(node, draft)
+            draft.decide(node, why_not is None, why_not or f"{node.op}: INT8 kernel (TensorRT rule 1)")
+    weighted = frozenset(n for n, d in draft.decisions.items() if d.quantized)
+    for node in nodes:
+        if node.op == "Add" and node.name not in draft.decisions:
+            skip, reason = residual_skip_input(node, draft.index, weighted)
+            if skip is not None and is_float(node.inputs[skip]):
+                draft.quantize_input(node, skip, reason)
+            draft.decide(node, skip is not None, reason)
+    _plan_pooling(nodes, draft)
+    for node in nodes:
+        if node.name not in draft.decisions:
+            draft.decide(node, False, _float_reason(node))
+    groups = scale_groups(nodes, draft.edges, draft.index)
+    activations = tuple(
+        ActivationTarget(name, tuple(sorted(uses)), groups.get(name, name), "; ".join(sorted(set(uses.values()))))
+        for name, uses in draft.edges.items()
+    )
+    return QuantPlan(activations, tuple(draft.weights), tuple(draft.decisions[n.name] for n in nodes))
