@@ -11,7 +11,7 @@ from onnxq.api import quantize
 from onnxq.calib.data import input_specs, open_source
 from onnxq.calib.images import ImagePreprocess
 from onnxq.config import Selection
-from onnxq.io import save_model
+from onnxq.io import load_model, save_model
 from onnxq.summary import plan_counts
 from onnxq.verify import compare_models, format_metrics
 
@@ -83,7 +83,7 @@ def quantize_cmd(model_path: Path, calib_path: str, output: Path | None, method:
                f"{', '.join(calib.providers)} ({calib.seconds:.1f} s)")
     if eval_path is not None:
         source = open_source(eval_path, input_specs(result.model), preprocess)
-        metrics = compare_models(model_path, result.model, source.batches(config.calib.batch_size),
+        metrics = compare_models(load_model(model_path), result.model, source.batches(config.calib.batch_size),
                                  config.calib.providers)
         click.echo(f"  float vs int8 on {source.describe()}:")
         click.echo("    " + format_metrics(metrics).replace("\n", "\n    "))
