@@ -1,1 +1,32 @@
-"""."""
+"""Graph passes: the pass contract and the "prepare" stage that runs before quantization.
+
+`PREPARE` turns any supported float model (after `upgrade_opset`) into the form the planner expects:
+Constant nodes lowered to initializers, constant subgraphs folded, and BatchNormalization folded
+into the convolutions before it, so every weight is a `gs.Constant` feeding its Conv, ConvTranspose,
+Gemm or MatMul directly. The order matters: `constants_to_initializers` comes first because gs's
+own lowering inside `fold_constants` gives `value_float(s)` the wrong dtype (float64), and so that
+Constant-node weights become initializers even when folding fails; `fuse_bn` comes last because
+conv weights and BN parameters computed by constant chains are only constants once folded.
+"""
+
+from __future__ import annotations
+
+from .constants_to_initializers import constants_to_initializers
+from .core import GraphPass, graph_pass, run
+from .fold_constants import fold_constants
+from .fuse_bn import fuse_bn
+from .upgrade_opset import upgrade_opset
+
+__all__ = [
+    "GraphPass",
+    "graph_pass",
+    "run",
+    "upgrade_opset",
+    "constants_to_initializers",
+    "fold_constants",
+    "fuse_bn",
+    "PREPARE",
+]
+
+#: The passes that prepare a float graph for quantization, in the order they must run.
+PREPARE: tuple[GraphPass, ...] = (constants_to_initializers, fold_constants, fuse_bn)
