@@ -81,6 +81,10 @@ def quantize_cmd(model_path: Path, calib_path: str, output: Path | None, method:
     click.echo(f"  plan         {plan_counts(result.plan)}")
     click.echo(f"  calibration  {calib.samples} samples in {calib.batches} batches on "
                f"{', '.join(calib.providers)} ({calib.seconds:.1f} s)")
+    missing = [p for p in config.calib.providers if p not in calib.providers]
+    if missing:
+        click.echo(f"  note         {', '.join(missing)} requested but could not be loaded: "
+                   f"calibration ran on {', '.join(calib.providers)}")
     if eval_path is not None:
         source = open_source(eval_path, input_specs(result.model), preprocess)
         metrics = compare_models(load_model(model_path), result.model, source.batches(config.calib.batch_size),

@@ -86,12 +86,17 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
     names = tuple(dict.fromkeys(tensor_names))
     input_names = {t.name for t in graph.inputs}
     exposed = [n for n in names if n not in input_names]
-    batch_size = model_batch_size(graph) or config.batch_size
+    fixed_batch = model_batch_size(graph)
+    batch_size = fixed_batch or config.batch_size
     amax = dict.fromkeys(names, 0.0)
     samples = batches = 0
     total = source.num_samples()
     with open_session(from_graph(expose_tensors(graph, exposed)), config.providers) as session:
         for feed in source.batches(batch_size):
+            if fixed_batch is not None and _samples_in(feed) != fixed_batch:
+                log.warning("the model takes batches of exactly %d; the last %d samples are left out",
+                            fixed_batch, _samples_in(feed))
+                continue
             outputs = session.run(feed, exposed)
             outputs.update({n: feed[n] for n in names if n in input_names})
             for name in names:
