@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import Selection
 from ..graph.query import GraphIndex, is_constant, is_float
-from .residual import residual_skip_input
+from .residual import is_silu_mul, residual_skip_input
 from .rules import DEFAULT_FLOAT_REASON, FLOAT_REASONS, PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
 from .scale_groups import scale_groups
 
@@ -148,7 +148,9 @@ def _plan_pooling(nodes: list[gs.Node], draft: _Draft) -> None:
             draft.decide(node, False, "pooling with no quantized consumer: kept float")
 
 
-def _float_reason(node: gs.Node) -> str:
+def _float_reason(node: gs.Node, index: GraphIndex) -> str:
+    if is_silu_mul(node, index) is not None:
+        return "SiLU (x * Sigmoid(x)): TensorRT fuses it into the preceding layer"
     return FLOAT_REASONS.get(node.op, DEFAULT_FLOAT_REASON)
 
 
@@ -163,7 +165,8 @@ def plan_quantization(graph: gs.Graph, selection: Selection = Selection()) -> Qu
         elif node.op in WEIGHTED_OPS:
             why_not = _plan_weighted(node, draft)
             draft.decide(node, why_not is None, why_not or f"{node.op}: INT8 kernel (TensorRT rule 1)")
-    weighted = frozenset(n for n, d in draft.decisions.items() if d.quantized)
+    # Only a GEMM/conv with a constant weight has an epilogue an Add can be fused into.
+    weighted = frozenset(w.consumer for w in draft.weights)
     for node in nodes:
         if node.op == "Add" and node.name not in draft.decisions:
             skip, reason = residual_skip_input(node, draft.index, weighted)
@@ -173,7 +176,7 @@ def plan_quantization(graph: gs.Graph, selection: Selection = Selection()) -> Qu
     _plan_pooling(nodes, draft)
     for node in nodes:
         if node.name not in draft.decisions:
-            draft.decide(node, False, _float_reason(node))
+            draft.decide(node, False, _float_reason(node, draft.index))
     groups = scale_groups(nodes, draft.edges, draft.index)
     activations = tuple(
         ActivationTarget(name, tuple(sorted(uses)), groups.get(name, name), "; ".join(sorted(set(uses.values()))))

@@ -17,12 +17,13 @@ import onnx_graphsurgeon as gs
 from ..graph.query import GraphIndex, is_constant
 from .rules import EPILOGUE_OPS
 
-__all__ = ["residual_skip_input", "fused_producer"]
+__all__ = ["residual_skip_input", "fused_producer", "feeds_softmax", "is_silu_mul"]
 
 _MAX_ANCESTRY = 200
+_MASK_PATH_OPS = frozenset({"Add", "Mul", "Div", "Sub", "Reshape", "Transpose", "Cast", "Where", "Identity"})
 
 
-def _is_silu_mul(node: gs.Node, index: GraphIndex) -> gs.Tensor | None:
+def is_silu_mul(node: gs.Node, index: GraphIndex) -> gs.Tensor | None:
     """For Mul(x, Sigmoid(x)) return x (SiLU/Swish is fused as one epilogue)."""
     if node.op != "Mul" or len(node.inputs) != 2:
         return None
@@ -59,7 +60,7 @@ def fused_producer(tensor: gs.Tensor, index: GraphIndex, weighted: frozenset[str
             return None
         if node.name in weighted:
             return node
-        silu_input = _is_silu_mul(node, index)
+        silu_input = is_silu_mul(node, index)
         if silu_input is not None:
             # x feeds both Sigmoid and Mul inside the SiLU; that is still one fused epilogue.
             current, check_uses = silu_input, False
@@ -69,6 +70,16 @@ def fused_producer(tensor: gs.Tensor, index: GraphIndex, weighted: frozenset[str
             return None
         current, check_uses = upstream, True
     return None
+
+
+def feeds_softmax(tensor: gs.Tensor, index: GraphIndex, depth: int = 4) -> bool:
+    """True if `tensor` reaches a Softmax through at most `depth` data-movement or scaling ops."""
+    for node, _ in index.uses(tensor):
+        if node.op == "Softmax":
+            return True
+        if depth > 0 and node.op in _MASK_PATH_OPS and any(feeds_softmax(t, index, depth - 1) for t in node.outputs):
+            return True
+    return False
 
 
 def _ancestor_distances(tensor: gs.Tensor, index: GraphIndex) -> dict[str, int]:
@@ -101,8 +112,12 @@ def _longer_branch(node: gs.Node, index: GraphIndex) -> int | None:
 
 def residual_skip_input(node: gs.Node, index: GraphIndex, weighted: frozenset[str]) -> tuple[int | None, str]:
     """Decide the skip input of an Add: (input index or None, reason)."""
-    if node.op != "Add" or len(node.inputs) != 2 or any(is_constant(t) for t in node.inputs):
-        return None, "not an Add of two activations"
+    if node.op != "Add" or len(node.inputs) != 2:
+        return None, "not a two-input Add"
+    if any(is_constant(t) for t in node.inputs):
+        return None, "Add of a constant (a bias or an offset): element-wise, kept float"
+    if feeds_softmax(node.outputs[0], index):
+        return None, "attention-mask Add (feeds Softmax): mask arithmetic stays float"
     branches = [fused_producer(t, index, weighted) for t in node.inputs]
     if branches[0] is None and branches[1] is None:
         return None, "element-wise Add with no quantized Conv/GEMM branch: not fused by TensorRT, kept float"

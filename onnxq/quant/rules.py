@@ -84,6 +84,7 @@ EPILOGUE_OPS = frozenset({
 _FUSED_ACTIVATION = "activation: TensorRT fuses it into the preceding layer; its input stays as produced"
 _DATA_MOVEMENT = "data movement: TensorRT moves Q/DQ across it, no Q/DQ of its own"
 _SENSITIVE = "numerically sensitive: kept in high precision (TensorRT runs it in float)"
+_POINTWISE = "element-wise arithmetic: kept in high precision (TensorRT fuses pointwise chains in float)"
 _SHAPE = "shape or index computation: not a quantizable tensor"
 
 FLOAT_REASONS: Mapping[str, str] = MappingProxyType({
@@ -101,6 +102,7 @@ FLOAT_REASONS: Mapping[str, str] = MappingProxyType({
     **{op: _SHAPE for op in (
         "Shape", "Size", "ConstantOfShape", "Range", "NonZero", "Cast", "CastLike", "Equal", "Less",
         "Greater", "Not", "And", "Or", "Where", "Constant", "OneHot")},
+    **{op: _POINTWISE for op in ("Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Sum", "Mean")},
     "BatchNormalization": "BatchNormalization not folded into a Conv: runs in float",
     "If": "control flow: its subgraphs are not quantized",
     "Loop": "control flow: its subgraphs are not quantized",
