@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from .calib.images import ImagePreprocess
 from .config import HighPrecision, QuantConfig, Selection
 from .errors import ConfigError, ModelError
 from .io import check_model, from_graph, load_model, to_graph
-from .passes import PREPARE, run
+from .passes import PREPARE, GraphPass, run
 from .passes.insert_qdq import insert_qdq
 from .passes.name_nodes import name_nodes
 from .passes.upgrade_opset import upgrade_opset
@@ -70,7 +70,7 @@ def group_amax(plan: QuantPlan, tensor_amax: Mapping[str, float]) -> dict[str, f
 
 def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
              config: QuantConfig = QuantConfig(), *, preprocess: ImagePreprocess = ImagePreprocess(),
-             on_progress: ProgressCallback | None = None) -> QuantResult:
+             on_progress: ProgressCallback | None = None, user_passes: Sequence[GraphPass] = ()) -> QuantResult:
     """Quantize `model` to INT8 Q/DQ for TensorRT, calibrating on `calib`.
 
     Args:
@@ -80,12 +80,13 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
         config: selection, calibration and target options.
         preprocess: how images are turned into tensors, when `calib` is a folder of images.
         on_progress: called after each calibration batch with (samples done, total or None).
+        user_passes: your own graph passes, run in order after the prepare stage and before planning.
     """
     started = time.perf_counter()
     if config.high_precision is not HighPrecision.FP32:
         raise ConfigError("--high-precision fp16 is not available yet; use fp32")
     model = _as_model(model)
-    graph = prepare(model)
+    graph = run(prepare(model), user_passes)
     plan = plan_quantization(graph, config.selection)
     source = calib if not isinstance(calib, (str, os.PathLike)) else open_source(calib, input_specs(model), preprocess)
     calibration = calibrate(graph, plan.activation_names, source, config.calib, on_progress)
