@@ -149,6 +149,8 @@ def _plan_pooling(nodes: list[gs.Node], draft: _Draft) -> None:
 
 
 def _float_reason(node: gs.Node, index: GraphIndex) -> str:
+    if node.outputs and not any(is_float(t) for t in node.outputs):
+        return "works on integer/shape tensors: nothing to quantize"
     if is_silu_mul(node, index) is not None:
         return "SiLU (x * Sigmoid(x)): TensorRT fuses it into the preceding layer"
     return FLOAT_REASONS.get(node.op, DEFAULT_FLOAT_REASON)
