@@ -13,7 +13,7 @@ from onnxq.summary import format_plan, format_plan_summary
 from .options import selection_options
 
 
-@click.command("inspect")
+@click.command("inspect", no_args_is_help=True)
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @selection_options
 @click.option("--summary", is_flag=True, help="Only counts and the reasons nodes stay float.")

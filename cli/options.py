@@ -11,7 +11,7 @@ import click
 
 from onnxq.calib.images import ColorOrder, ImagePreprocess, Layout
 from onnxq.config import CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target, parse_enum
-from onnxq.errors import ConfigError
+from onnxq.errors import ConfigError, ModelError
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -101,13 +101,26 @@ def quant_config(selection: Selection, method: str, target: str, high_precision:
                        high_precision=parse_enum(HighPrecision, high_precision, "--high-precision"))
 
 
-def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx") -> Path:
-    """`-o` or `<stem><suffix>` beside the model; refuses any path that names the input model."""
+def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx",
+                protected: tuple[str | Path | None, ...] = ()) -> Path:
+    """`-o` or `<stem><suffix>` beside the model, checked before any work is done.
+
+    Raises:
+        ConfigError: the path names the input model or another input file (`protected`: data files
+            that exist), by any spelling, symlink or hard link; or it is a folder.
+        ModelError: the folder it would be written into does not exist.
+    """
     from onnxq.io import is_same_file
 
     target = output if output is not None else model_path.with_name(model_path.stem + suffix)
-    if target.exists() and is_same_file(target, model_path):
-        raise click.UsageError(f"-o {target} names the input model; refusing to overwrite it")
+    if target.exists():
+        for source in (model_path, *protected):
+            if source is not None and Path(source).is_file() and is_same_file(target, source):
+                what = "the input model" if source is model_path else f"the input file {source}"
+                raise ConfigError(f"-o {target} names {what}; refusing to overwrite it")
     if target.is_dir():
-        raise click.UsageError(f"-o {target} is a folder; give a file name")
+        raise ConfigError(f"-o {target} is a folder; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ModelError(f"-o {target}: the folder {folder} does not exist")
     return target

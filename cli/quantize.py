@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -19,18 +20,27 @@ from .options import image_options, output_path, quant_config, selection_options
 
 
 class _Progress:
-    """A click progress bar driven by the library's (done, total) callback."""
+    """A click progress bar on stderr driven by the library's (done, total) callback.
 
-    def __init__(self, label: str) -> None:
+    Drawn only when stderr is a terminal and `-q` was not given, so logs and pipes stay clean.
+    """
+
+    def __init__(self, label: str, quiet: bool) -> None:
         self.label, self.bar, self.done, self.started = label, None, 0, time.perf_counter()
+        self.stream = sys.stderr
+        self.hidden = quiet or self.stream is None or not self.stream.isatty()  # None: no console (pythonw)
 
     def __call__(self, done: int, total: int | None) -> None:
+        if self.hidden:
+            return
         if self.bar is None:
-            self.bar = click.progressbar(length=total or 0, label=self.label, file=click.get_text_stream("stderr"),
-                                         show_pos=True, item_show_func=self._rate)
+            # An unsized iterable makes a bar of unknown length (position and rate only).
+            unsized = (item for item in ())
+            self.bar = click.progressbar(unsized if total is None else None, length=total, label=self.label,
+                                         file=self.stream, show_pos=True, item_show_func=self._rate)
             self.bar.__enter__()
-        self.bar.update(done - self.done)
-        self.done = done
+        step, self.done = done - self.done, done
+        self.bar.update(step)
 
     def _rate(self, _: object) -> str:
         return f"{self.done / max(time.perf_counter() - self.started, 1e-9):.1f} samples/s"
@@ -40,11 +50,16 @@ class _Progress:
             self.bar.__exit__(None, None, None)
 
 
-@click.command("quantize")
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
+@click.command("quantize", no_args_is_help=True)
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--calib", "calib_path", required=True, metavar="PATH",
               help="Calibration data: .npz/.npy, a folder of them or of images, or loader.py:function.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model (default: MODEL.int8.onnx).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output model (default: <MODEL stem>.int8.onnx beside MODEL).")
 @click.option("--method", type=click.Choice(["max"]), default="max", show_default=True,
               help="How activation ranges are chosen.")
 @click.option("--target", type=click.Choice(["trt"]), default="trt", show_default=True,
@@ -69,26 +84,28 @@ def quantize_cmd(model_path: Path, calib_path: str, output: Path | None, method:
       onnxq quantize model.onnx --calib calib/ -o model.int8.onnx --eval eval/
     """
     config = quant_config(selection, method, target, high_precision, batch_size, providers)
-    destination = output_path(model_path, output)
-    progress = _Progress("calibrating")
+    model = load_model(model_path)
+    destination = output_path(model_path, output, protected=(calib_path, eval_path))
+    # Open the evaluation data first: a mistake in it must not cost a calibration run.
+    evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
+    progress = _Progress("calibrating", quiet=bool(click.get_current_context().find_root().params.get("quiet")))
     try:
-        result = quantize(model_path, calib_path, config, preprocess=preprocess, on_progress=progress)
+        result = quantize(model, calib_path, config, preprocess=preprocess, on_progress=progress)
     finally:
         progress.close()
     save_model(result.model, destination)
     calib = result.calibration
     click.echo(f"wrote {destination}")
     click.echo(f"  plan         {plan_counts(result.plan)}")
-    click.echo(f"  calibration  {calib.samples} samples in {calib.batches} batches on "
-               f"{', '.join(calib.providers)} ({calib.seconds:.1f} s)")
+    click.echo(f"  calibration  {_plural(calib.samples, 'sample')} in {_plural(calib.batches, 'batch', 'batches')} "
+               f"on {', '.join(calib.providers)} ({calib.seconds:.1f} s)")
     missing = [p for p in config.calib.providers if p not in calib.providers]
     if missing:
         click.echo(f"  note         {', '.join(missing)} requested but could not be loaded: "
                    f"calibration ran on {', '.join(calib.providers)}")
-    if eval_path is not None:
-        source = open_source(eval_path, input_specs(result.model), preprocess)
-        metrics = compare_models(load_model(model_path), result.model, source.batches(config.calib.batch_size),
+    if evaluation is not None:
+        metrics = compare_models(model, result.model, evaluation.batches(config.calib.batch_size),
                                  config.calib.providers)
-        click.echo(f"  float vs int8 on {source.describe()}:")
+        click.echo(f"  float vs int8 on {evaluation.describe()}:")
         click.echo("    " + format_metrics(metrics).replace("\n", "\n    "))
     click.echo(f"  total        {result.seconds:.1f} s")

@@ -41,10 +41,13 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{path}: not a readable ONNX model ({first_line})") from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise ModelError(f"{path}: not an ONNX model (no graph or no opset)")
+    return model
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
