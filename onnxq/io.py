@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.external_data_helper
 import onnx.helper
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -81,6 +82,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
             onnx.save_model(model, str(staged_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             os.replace(staging / data_name, folder / data_name)
+            # onnx.save_model moved the weights out of `model`; read them back so the caller's model is intact.
+            onnx.external_data_helper.load_external_data_for_model(model, str(folder))
         else:
             onnx.save_model(model, str(staged_model))
         os.replace(staged_model, path)
