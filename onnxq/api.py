@@ -15,11 +15,12 @@ from .calib.calibrate import CalibrationResult, ProgressCallback, calibrate
 from .calib.data import CalibSource, input_specs, open_source
 from .calib.images import ImagePreprocess
 from .config import HighPrecision, QuantConfig, Selection
-from .errors import ConfigError, ModelError
+from .errors import ModelError
 from .io import check_model, from_graph, load_model, to_graph
 from .passes import PREPARE, GraphPass, run
 from .passes.insert_qdq import insert_qdq
 from .passes.name_nodes import name_nodes
+from .passes.to_fp16 import FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from .passes.upgrade_opset import upgrade_opset
 from .quant.plan import QuantPlan, plan_quantization
 
@@ -83,14 +84,15 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
         user_passes: your own graph passes, run in order after the prepare stage and before planning.
     """
     started = time.perf_counter()
-    if config.high_precision is not HighPrecision.FP32:
-        raise ConfigError("--high-precision fp16 is not available yet; use fp32")
     model = _as_model(model)
     graph = run(prepare(model), user_passes)
     plan = plan_quantization(graph, config.selection)
     source = calib if not isinstance(calib, (str, os.PathLike)) else open_source(calib, input_specs(model), preprocess)
     calibration = calibrate(graph, plan.activation_names, source, config.calib, on_progress)
     amax = group_amax(plan, calibration.amax)
-    quantized = from_graph(insert_qdq(graph, plan, amax), template=model)
+    graph = insert_qdq(graph, plan, amax)
+    if config.high_precision is HighPrecision.FP16:
+        graph = to_fp16(upgrade_graph_opset(graph, FP16_MIN_OPSET))
+    quantized = from_graph(graph, template=model)
     check_model(quantized, "the quantized model")
     return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started)
