@@ -26,7 +26,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 # command name -> "module:attribute", relative to this package; listed in this order by `--help`.
-_COMMANDS = {"quantize": ".quantize:quantize_cmd", "inspect": ".inspect:inspect_cmd"}
+_COMMANDS = {"quantize": ".quantize:quantize_cmd", "calibrate": ".calibrate:calibrate_cmd",
+             "stats": ".stats:stats_group", "inspect": ".inspect:inspect_cmd"}
 
 
 class _LazyGroup(click.Group):

@@ -90,13 +90,21 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --batch-size and --providers (passed through as raw values)."""
+    fn = click.option("--providers", multiple=True, metavar="P,...",
+                      help="ONNX Runtime execution providers for calibration, e.g. cuda,cpu (default: cpu).")(fn)
+    return click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                        help="Samples per calibration run (models with a fixed batch size use theirs).")(fn)
+
+
 def quant_config(selection: Selection, method: str, target: str, high_precision: str,
-                 batch_size: int, providers: tuple[str, ...]) -> QuantConfig:
+                 batch_size: int, providers: tuple[str, ...], percentile: float = 99.99) -> QuantConfig:
     """Build the typed QuantConfig from the quantize command's raw option values."""
     from onnxq.calib.session import resolve_providers
 
     calib = CalibConfig(method=parse_enum(CalibMethod, method, "--method"), batch_size=batch_size,
-                        providers=resolve_providers(_split(providers) or ("cpu",)))
+                        providers=resolve_providers(_split(providers) or ("cpu",)), percentile=percentile)
     return QuantConfig(selection=selection, calib=calib, target=parse_enum(Target, target, "--target"),
                        high_precision=parse_enum(HighPrecision, high_precision, "--high-precision"))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import click
@@ -16,90 +14,61 @@ from onnxq.io import load_model, save_model
 from onnxq.summary import plan_counts
 from onnxq.verify import compare_models, format_metrics
 
-from .options import image_options, output_path, quant_config, selection_options
-
-
-class _Progress:
-    """A click progress bar on stderr driven by the library's (done, total) callback.
-
-    Drawn only when stderr is a terminal and `-q` was not given, so logs and pipes stay clean.
-    """
-
-    def __init__(self, label: str, quiet: bool) -> None:
-        self.label, self.bar, self.done, self.started = label, None, 0, time.perf_counter()
-        self.stream = sys.stderr
-        self.hidden = quiet or self.stream is None or not self.stream.isatty()  # None: no console (pythonw)
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if self.hidden:
-            return
-        if self.bar is None:
-            # An unsized iterable makes a bar of unknown length (position and rate only).
-            unsized = (item for item in ())
-            self.bar = click.progressbar(unsized if total is None else None, length=total, label=self.label,
-                                         file=self.stream, show_pos=True, item_show_func=self._rate)
-            self.bar.__enter__()
-        step, self.done = done - self.done, done
-        self.bar.update(step)
-
-    def _rate(self, _: object) -> str:
-        return f"{self.done / max(time.perf_counter() - self.started, 1e-9):.1f} samples/s"
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-
-
-def _plural(count: int, word: str, plural: str | None = None) -> str:
-    return f"{count} {word if count == 1 else plural or word + 's'}"
+from .options import calib_options, image_options, output_path, quant_config, selection_options
+from .progress import Progress, plural
 
 
 @click.command("quantize", no_args_is_help=True)
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--calib", "calib_path", required=True, metavar="PATH",
+@click.option("--calib", "calib_path", metavar="PATH",
               help="Calibration data: .npz/.npy, a folder of them or of images, or loader.py:function.")
+@click.option("--stats", "stats_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
+              help="Statistics from `onnxq calibrate` instead of --calib: no inference, any --method.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model (default: <MODEL stem>.int8.onnx beside MODEL).")
-@click.option("--method", type=click.Choice(["max"]), default="max", show_default=True,
-              help="How activation ranges are chosen.")
+@click.option("--method", type=click.Choice(["max", "entropy", "percentile", "mse"]), default="max",
+              show_default=True, help="How activation ranges are chosen (weights: always per-channel max).")
+@click.option("--percentile", type=float, default=99.99, show_default=True,
+              help="For --method percentile: the share of |x| kept inside the range, in percent.")
 @click.option("--target", type=click.Choice(["trt"]), default="trt", show_default=True,
               help="Runtime the Q/DQ placement is written for.")
 @click.option("--high-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Type of the parts left unquantized.")
 @selection_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Samples per calibration run (models with a fixed batch size use theirs).")
-@click.option("--providers", multiple=True, metavar="P,...",
-              help="ONNX Runtime execution providers for calibration, e.g. cuda,cpu (default: cpu).")
+@calib_options
 @click.option("--eval", "eval_path", metavar="PATH",
               help="Held-out data to compare the float and INT8 models on, in any --calib format.")
 @image_options
-def quantize_cmd(model_path: Path, calib_path: str, output: Path | None, method: str, target: str,
-                 high_precision: str, selection: Selection, batch_size: int, providers: tuple[str, ...],
-                 eval_path: str | None, preprocess: ImagePreprocess) -> None:
-    """Quantize MODEL to INT8 (Q/DQ) using the calibration data at PATH.
+def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
+                 method: str, percentile: float, target: str, high_precision: str, selection: Selection,
+                 batch_size: int, providers: tuple[str, ...], eval_path: str | None,
+                 preprocess: ImagePreprocess) -> None:
+    """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
     \b
-    Example:
+    Examples:
       onnxq quantize model.onnx --calib calib/ -o model.int8.onnx --eval eval/
+      onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
     """
-    config = quant_config(selection, method, target, high_precision, batch_size, providers)
+    if (calib_path is None) == (stats_path is None):
+        raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
+    config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile)
     model = load_model(model_path)
-    destination = output_path(model_path, output, protected=(calib_path, eval_path))
+    destination = output_path(model_path, output, protected=(calib_path, eval_path, stats_path))
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
     evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
-    progress = _Progress("calibrating", quiet=bool(click.get_current_context().find_root().params.get("quiet")))
-    try:
-        result = quantize(model, calib_path, config, preprocess=preprocess, on_progress=progress)
-    finally:
-        progress.close()
+    with Progress("calibrating") as progress:
+        result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress)
     save_model(result.model, destination)
     calib = result.calibration
     click.echo(f"wrote {destination}")
     click.echo(f"  plan         {plan_counts(result.plan)}")
-    click.echo(f"  calibration  {_plural(calib.samples, 'sample')} in {_plural(calib.batches, 'batch', 'batches')} "
-               f"on {', '.join(calib.providers)} ({calib.seconds:.1f} s)")
-    missing = [p for p in config.calib.providers if p not in calib.providers]
+    if stats_path is not None:
+        click.echo(f"  calibration  {plural(calib.samples, 'sample')} from {stats_path}, method {method}")
+    else:
+        click.echo(f"  calibration  {plural(calib.samples, 'sample')} in {plural(calib.batches, 'batch', 'batches')} "
+                   f"on {', '.join(calib.providers)}, method {method} ({calib.seconds:.1f} s)")
+    missing = [p for p in config.calib.providers if p not in calib.providers] if stats_path is None else []
     if missing:
         click.echo(f"  note         {', '.join(missing)} requested but could not be loaded: "
                    f"calibration ran on {', '.join(calib.providers)}")

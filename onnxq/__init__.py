@@ -6,10 +6,13 @@ The pipeline, stage by stage (each a plain function you can call or replace):
 """
 
 from . import passes
-from .api import QuantResult, group_amax, inspect, prepare, quantize
+from .api import QuantResult, collect_stats, inspect, prepare, quantize
 from .calib.calibrate import CalibrationResult, calibrate
 from .calib.data import CalibSource, InputSpec, input_specs, open_source
 from .calib.feeds import FeedsSource
+from .calib.histogram import Histogram
+from .calib.ranges import group_amax
+from .calib.stats_file import StatsFile, load_stats, merge_stats, save_stats
 from .calib.images import ColorOrder, ImagePreprocess, Layout
 from .config import CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target
 from .errors import CalibrationError, ConfigError, InternalError, ModelError, OnnxqError
@@ -21,7 +24,7 @@ from .verify import OutputMetrics, compare_models
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationTarget", "CalibConfig", "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult",
+    "ActivationTarget", "Histogram", "StatsFile", "collect_stats", "load_stats", "merge_stats", "save_stats", "CalibConfig", "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult",
     "ColorOrder", "ConfigError", "FeedsSource", "HighPrecision", "ImagePreprocess", "InputSpec",
     "InternalError", "Layout", "ModelError", "NodeDecision", "OnnxqError", "OutputMetrics", "QuantConfig",
     "QuantPlan", "QuantResult", "Selection", "Target", "WeightTarget", "__version__", "calibrate",

@@ -14,8 +14,11 @@ import onnx_graphsurgeon as gs
 from .calib.calibrate import CalibrationResult, ProgressCallback, calibrate
 from .calib.data import CalibSource, input_specs, open_source
 from .calib.images import ImagePreprocess
+from .calib.histogram import Histogram
+from .calib.ranges import group_amax
+from .calib.stats_file import StatsFile, load_stats, model_digest
 from .config import HighPrecision, QuantConfig, Selection
-from .errors import ModelError
+from .errors import CalibrationError, ConfigError, ModelError
 from .io import check_model, from_graph, load_model, to_graph
 from .passes import PREPARE, GraphPass, run
 from .passes.insert_qdq import insert_qdq
@@ -24,7 +27,7 @@ from .passes.to_fp16 import FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from .passes.upgrade_opset import upgrade_opset
 from .quant.plan import QuantPlan, plan_quantization
 
-__all__ = ["QuantResult", "prepare", "inspect", "quantize", "group_amax"]
+__all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "group_amax"]
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 
@@ -60,36 +63,63 @@ def inspect(model: ModelLike, selection: Selection = Selection()) -> QuantPlan:
     return plan_quantization(prepare(model), selection)
 
 
-def group_amax(plan: QuantPlan, tensor_amax: Mapping[str, float]) -> dict[str, float]:
-    """One amax per scale group: the largest of its members' (max calibration)."""
-    merged: dict[str, float] = {}
-    for target in plan.activations:
-        amax = tensor_amax[target.tensor_name]
-        merged[target.group] = max(merged.get(target.group, 0.0), amax)
-    return merged
+def _open(calib: CalibSource | str | os.PathLike[str], model: onnx.ModelProto,
+          preprocess: ImagePreprocess) -> CalibSource:
+    return open_source(calib, input_specs(model), preprocess) if isinstance(calib, (str, os.PathLike)) else calib
 
 
-def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
-             config: QuantConfig = QuantConfig(), *, preprocess: ImagePreprocess = ImagePreprocess(),
-             on_progress: ProgressCallback | None = None, user_passes: Sequence[GraphPass] = ()) -> QuantResult:
-    """Quantize `model` to INT8 Q/DQ for TensorRT, calibrating on `calib`.
+def collect_stats(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
+                  config: QuantConfig = QuantConfig(), *, preprocess: ImagePreprocess = ImagePreprocess(),
+                  on_progress: ProgressCallback | None = None,
+                  user_passes: Sequence[GraphPass] = ()) -> tuple[StatsFile, CalibrationResult]:
+    """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later."""
+    model = _as_model(model)
+    graph = run(prepare(model), user_passes)
+    plan = plan_quantization(graph, config.selection)
+    calibration = calibrate(graph, plan.activation_names, _open(calib, model, preprocess), config.calib,
+                            on_progress, histograms=True)
+    histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}
+    return StatsFile(model_digest(model), calibration.samples, calibration.batches, histograms), calibration
+
+
+def _stats_as_calibration(stats: StatsFile | str | os.PathLike[str], model: onnx.ModelProto) -> CalibrationResult:
+    loaded = stats if isinstance(stats, StatsFile) else load_stats(stats)
+    if loaded.model_digest != model_digest(model):
+        raise CalibrationError("the statistics were collected for a different model (digest mismatch). "
+                               "Hint: run onnxq calibrate on this model")
+    return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
+
+
+def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | None = None,
+             config: QuantConfig = QuantConfig(), *, stats: StatsFile | str | os.PathLike[str] | None = None,
+             preprocess: ImagePreprocess = ImagePreprocess(), on_progress: ProgressCallback | None = None,
+             user_passes: Sequence[GraphPass] = ()) -> QuantResult:
+    """Quantize `model` to INT8 Q/DQ for TensorRT, calibrating on `calib` or reusing `stats`.
 
     Args:
         model: a ModelProto or the path of an .onnx file.
         calib: a calibration source, or a path `open_source` understands (.npz, .npy, a folder of
             them or of images, `loader.py:function`).
         config: selection, calibration and target options.
+        stats: statistics from `collect_stats` (or a file `save_stats` wrote), instead of `calib`:
+            no inference runs, and any method can be applied.
         preprocess: how images are turned into tensors, when `calib` is a folder of images.
         on_progress: called after each calibration batch with (samples done, total or None).
         user_passes: your own graph passes, run in order after the prepare stage and before planning.
     """
     started = time.perf_counter()
+    if (calib is None) == (stats is None):
+        raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
     model = _as_model(model)
     graph = run(prepare(model), user_passes)
     plan = plan_quantization(graph, config.selection)
-    source = calib if not isinstance(calib, (str, os.PathLike)) else open_source(calib, input_specs(model), preprocess)
-    calibration = calibrate(graph, plan.activation_names, source, config.calib, on_progress)
-    amax = group_amax(plan, calibration.amax)
+    if stats is not None:
+        calibration = _stats_as_calibration(stats, model)
+    else:
+        assert calib is not None
+        calibration = calibrate(graph, plan.activation_names, _open(calib, model, preprocess), config.calib,
+                                on_progress)
+    amax = group_amax(plan, calibration.stats, config.calib)
     graph = insert_qdq(graph, plan, amax)
     if config.high_precision is HighPrecision.FP16:
         graph = to_fp16(upgrade_graph_opset(graph, FP16_MIN_OPSET))

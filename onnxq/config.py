@@ -26,6 +26,13 @@ class CalibMethod(enum.Enum):
     """How an activation's clipping range (amax) is chosen from calibration statistics."""
 
     MAX = "max"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+    @property
+    def needs_histogram(self) -> bool:
+        return self is not CalibMethod.MAX
 
 
 class Target(enum.Enum):
@@ -97,13 +104,21 @@ class CalibConfig:
         method: how amax is chosen for activations (weights always use per-channel max).
         batch_size: samples per inference run; models with a fixed batch dimension use that instead.
         providers: ONNX Runtime execution providers, in order of preference.
+        percentile: the share of |x| kept below amax by the percentile method, in percent.
+        num_bins: histogram bins per tensor for the histogram methods.
     """
 
     method: CalibMethod = CalibMethod.MAX
     batch_size: int = 8
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    percentile: float = 99.99
+    num_bins: int = 2048
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 100.0:
+            raise ConfigError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.num_bins < 128:
+            raise ConfigError(f"histograms need at least 128 bins, got {self.num_bins}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not self.providers:

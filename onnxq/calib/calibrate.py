@@ -1,7 +1,8 @@
-"""Run the calibration data through the model and reduce each batch into per-tensor ranges at once.
+"""Run the calibration data through the model and fold each batch into per-tensor statistics at once.
 
-Only running statistics are kept (one float per tensor for max calibration): the activations of a
-batch are dropped before the next batch runs.
+Only running statistics are kept (a max, or a histogram, per tensor): the activations of a batch are
+dropped once folded in. The folding of batch k runs on a worker thread while ONNX Runtime computes
+batch k+1 (both release the GIL for their heavy work), so at most two batches of activations are alive.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,7 @@ from ..io import from_graph
 from ..passes.expose_tensors import expose_tensors
 from .data import CalibSource
 from .session import open_session
+from .stats import TensorStats, check_stats, new_stats
 
 __all__ = ["CalibrationResult", "calibrate", "model_batch_size"]
 
@@ -30,13 +33,18 @@ ProgressCallback = Callable[[int, int | None], None]
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """Per-tensor amax (max |x| over every calibration sample) and what it took."""
+    """Per-tensor statistics and what it took to collect them."""
 
-    amax: Mapping[str, float]
+    stats: Mapping[str, TensorStats]
     samples: int
     batches: int
     providers: tuple[str, ...]
     seconds: float
+
+    @property
+    def amax(self) -> dict[str, float]:
+        """max |x| per tensor (NaN, Inf and sentinels left out)."""
+        return {name: s.amax for name, s in self.stats.items()}
 
 
 def model_batch_size(graph: gs.Graph) -> int | None:
@@ -53,60 +61,64 @@ def model_batch_size(graph: gs.Graph) -> int | None:
     return fixed.pop() if len(fixed) == 1 else None
 
 
-def _batch_amax(tensor_name: str, values: np.ndarray) -> float:
-    if values.size == 0:
-        return 0.0
-    amax = float(np.max(np.abs(values)))
-    if np.isfinite(amax):
-        return amax
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        raise CalibrationError(f"tensor '{tensor_name}': every calibration value is NaN or Inf")
-    log.warning("tensor '%s': %d NaN/Inf values ignored in calibration", tensor_name, values.size - finite.size)
-    return float(np.max(np.abs(finite)))
-
-
 def _samples_in(feed: Mapping[str, np.ndarray]) -> int:
     sizes = [a.shape[0] for a in feed.values() if a.ndim > 0]
     return max(sizes) if sizes else 1
 
 
+def _fold(stats: dict[str, TensorStats], outputs: Mapping[str, np.ndarray]) -> None:
+    for name, values in outputs.items():
+        stats[name] = stats[name].update(values)  # type: ignore[arg-type]
+
+
+def _full_batches(source: CalibSource, batch_size: int, fixed: bool) -> Iterable[Mapping[str, np.ndarray]]:
+    for feed in source.batches(batch_size):
+        if fixed and _samples_in(feed) != batch_size:
+            log.warning("the model takes batches of exactly %d; the last %d samples are left out",
+                        batch_size, _samples_in(feed))
+            continue
+        yield feed
+
+
 def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource, config: CalibConfig,
-              on_progress: ProgressCallback | None = None) -> CalibrationResult:
-    """Max-calibrate `tensor_names` of `graph` over `source`.
+              on_progress: ProgressCallback | None = None, *, histograms: bool | None = None) -> CalibrationResult:
+    """Collect statistics for `tensor_names` of `graph` over `source`.
 
     Args:
         graph: the prepared float graph the Q/DQ will be inserted into.
         tensor_names: activation tensors to measure.
         source: calibration batches.
-        config: batch size and execution providers.
+        config: method (max needs only a running max; the others histograms), batch size, providers.
         on_progress: called after each batch with (samples done, total samples or None).
+        histograms: force histogram collection on or off (default: what `config.method` needs).
     """
     started = time.perf_counter()
     names = tuple(dict.fromkeys(tensor_names))
     input_names = {t.name for t in graph.inputs}
     exposed = [n for n in names if n not in input_names]
-    fixed_batch = model_batch_size(graph)
-    batch_size = fixed_batch or config.batch_size
-    amax = dict.fromkeys(names, 0.0)
+    fixed = model_batch_size(graph)
+    use_histograms = config.method.needs_histogram if histograms is None else histograms
+    stats: dict[str, TensorStats] = {n: new_stats(use_histograms, config.num_bins) for n in names}
     samples = batches = 0
     total = source.num_samples()
-    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers) as session:
-        for feed in source.batches(batch_size):
-            if fixed_batch is not None and _samples_in(feed) != fixed_batch:
-                log.warning("the model takes batches of exactly %d; the last %d samples are left out",
-                            fixed_batch, _samples_in(feed))
-                continue
+    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers) as session, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-stats") as worker:
+        pending: Future[None] | None = None
+        for feed in _full_batches(source, fixed or config.batch_size, fixed is not None):
             outputs = session.run(feed, exposed)
             outputs.update({n: feed[n] for n in names if n in input_names})
-            for name in names:
-                amax[name] = max(amax[name], _batch_amax(name, outputs[name]))
-            del outputs
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(_fold, stats, outputs)
             samples += _samples_in(feed)
             batches += 1
             if on_progress is not None:
                 on_progress(samples, total)
+        if pending is not None:
+            pending.result()
         providers = session.providers
     if samples == 0:
         raise CalibrationError(f"{source.describe()}: no calibration samples")
-    return CalibrationResult(amax, samples, batches, providers, time.perf_counter() - started)
+    check_stats(stats)
+    return CalibrationResult(stats, samples, batches, providers, time.perf_counter() - started)
+

@@ -1,0 +1,49 @@
+"""`onnxq calibrate MODEL --calib PATH -o stats.onnxq.npz`: collect statistics once, quantize many times."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxq.api import collect_stats
+from onnxq.calib.images import ImagePreprocess
+from onnxq.calib.stats_file import save_stats
+from onnxq.config import QuantConfig, Selection
+from onnxq.io import load_model
+
+from .options import calib_options, image_options, output_path, quant_config, selection_options
+from .progress import Progress, plural
+
+
+@click.command("calibrate", no_args_is_help=True)
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", "calib_path", required=True, metavar="PATH",
+              help="Calibration data: .npz/.npy, a folder of them or of images, or loader.py:function.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Statistics file (default: <MODEL stem>.onnxq.npz beside MODEL).")
+@selection_options
+@calib_options
+@image_options
+def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, selection: Selection, batch_size: int,
+                  providers: tuple[str, ...], preprocess: ImagePreprocess) -> None:
+    """Run the calibration data through MODEL and save histograms of every tensor it would quantize.
+
+    `onnxq quantize MODEL --stats FILE --method M` then picks ranges with any method in seconds,
+    without inference. Files from shards of the data merge exactly with `onnxq stats merge`.
+
+    \b
+    Example:
+      onnxq calibrate model.onnx --calib calib/ -o model.onnxq.npz
+      onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
+    """
+    config: QuantConfig = quant_config(selection, "max", "trt", "fp32", batch_size, providers)
+    model = load_model(model_path)
+    destination = output_path(model_path, output, suffix=".onnxq.npz", protected=(calib_path,))
+    with Progress("calibrating") as progress:
+        stats, calibration = collect_stats(model, calib_path, config, preprocess=preprocess, on_progress=progress)
+    save_stats(stats, destination)
+    click.echo(f"wrote {destination}")
+    click.echo(f"  statistics   {plural(len(stats.histograms), 'tensor')}, {stats.num_bins} bins each, "
+               f"{plural(stats.samples, 'sample')} in {plural(stats.batches, 'batch', 'batches')} "
+               f"on {', '.join(calibration.providers)} ({calibration.seconds:.1f} s)")

@@ -1,0 +1,48 @@
+"""From per-tensor statistics to one amax per scale group, with the configured method.
+
+Tensors in one group (a Concat's inputs and output) are calibrated as one tensor: their statistics are
+merged before the method runs, so the shared scale reflects all of their values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+from ..config import CalibConfig, CalibMethod
+from ..errors import CalibrationError
+from ..quant.plan import QuantPlan
+from .amax import entropy_amax, max_amax, mse_amax, percentile_amax
+from .histogram import Histogram
+from .stats import MaxStats, TensorStats, merge_all
+
+__all__ = ["AMAX_METHODS", "group_amax"]
+
+AMAX_METHODS: Mapping[CalibMethod, Callable[[Histogram, CalibConfig], float]] = MappingProxyType({
+    CalibMethod.MAX: lambda h, cfg: max_amax(h),
+    CalibMethod.PERCENTILE: lambda h, cfg: percentile_amax(h, cfg.percentile),
+    CalibMethod.ENTROPY: lambda h, cfg: entropy_amax(h),
+    CalibMethod.MSE: lambda h, cfg: mse_amax(h),
+})
+
+
+def _amax(group: str, stats: TensorStats, config: CalibConfig) -> float:
+    if isinstance(stats, MaxStats):
+        if config.method is not CalibMethod.MAX:
+            raise CalibrationError(
+                f"tensor group '{group}': only a running max was collected; method '{config.method.value}' "
+                "needs histograms")
+        return stats.amax
+    return AMAX_METHODS[config.method](stats, config)
+
+
+def group_amax(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig) -> dict[str, float]:
+    """One amax per scale group of `plan`, from the merged statistics of the group's tensors."""
+    members: dict[str, list[TensorStats]] = {}
+    for target in plan.activations:
+        if target.tensor_name not in stats:
+            raise CalibrationError(
+                f"no calibration statistics for tensor '{target.tensor_name}'. Hint: statistics files must "
+                "be collected for this model (onnxq calibrate) with the same or fewer exclusions")
+        members.setdefault(target.group, []).append(stats[target.tensor_name])
+    return {group: _amax(group, merge_all(group_stats), config) for group, group_stats in members.items()}

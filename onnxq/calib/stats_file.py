@@ -1,0 +1,122 @@
+"""Calibration statistics as a file: collect once, choose amax with any method later, merge shards.
+
+Format (`.npz`, read with `allow_pickle=False`, so loading never runs code):
+    meta            uint8 array holding UTF-8 JSON: format, version, model digest, samples, batches,
+                    num_bins, and the tensor names in order
+    t<i>/<field>    the i-th tensor's histogram as plain numeric arrays (Histogram.to_arrays)
+The model digest (SHA-256 of the main graph's nodes and weights) ties the statistics to one model:
+merging or quantizing with statistics of another model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import CalibrationError
+from .histogram import Histogram
+
+__all__ = ["StatsFile", "model_digest", "save_stats", "load_stats", "merge_stats"]
+
+FORMAT = "onnxq-stats"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class StatsFile:
+    """Histograms of a model's planned activations over `samples` calibration samples."""
+
+    model_digest: str
+    samples: int
+    batches: int
+    histograms: Mapping[str, Histogram]
+
+    @property
+    def num_bins(self) -> int:
+        return next(iter(self.histograms.values())).num_bins if self.histograms else 0
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 over the main graph's nodes, inputs and initializers (name, type, shape, bytes)."""
+    digest = hashlib.sha256()
+    for node in model.graph.node:
+        digest.update(node.SerializeToString(deterministic=True))
+    for value in model.graph.input:
+        digest.update(value.SerializeToString(deterministic=True))
+    for tensor in model.graph.initializer:
+        digest.update(tensor.name.encode())
+        digest.update(np.asarray(onnx.numpy_helper.to_array(tensor)).tobytes())
+    return digest.hexdigest()
+
+
+def save_stats(stats: StatsFile, path: str | os.PathLike[str]) -> Path:
+    """Write `stats` atomically (temporary file in the target folder, then rename)."""
+    path = Path(path)
+    names = list(stats.histograms)
+    meta = {"format": FORMAT, "version": VERSION, "model_digest": stats.model_digest, "samples": stats.samples,
+            "batches": stats.batches, "num_bins": stats.num_bins, "tensors": names}
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    for i, name in enumerate(names):
+        for field, values in stats.histograms[name].to_arrays().items():
+            arrays[f"t{i}/{field}"] = values
+    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+        os.replace(staged, path)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_meta(path: Path, archive: Mapping[str, np.ndarray]) -> dict:
+    try:
+        meta = json.loads(bytes(archive["meta"]).decode())
+    except (KeyError, ValueError) as err:
+        raise CalibrationError(f"{path}: not an onnxq statistics file ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise CalibrationError(f"{path}: not an onnxq statistics file")
+    if meta.get("version") != VERSION:
+        raise CalibrationError(f"{path}: statistics format version {meta.get('version')}; this onnxq reads {VERSION}")
+    return meta
+
+
+def load_stats(path: str | os.PathLike[str]) -> StatsFile:
+    """Read a statistics file written by `save_stats` (never unpickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: no such statistics file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = _read_meta(path, archive)
+            histograms = {}
+            for i, name in enumerate(meta["tensors"]):
+                prefix = f"t{i}/"
+                fields = {k[len(prefix):]: archive[k] for k in archive.files if k.startswith(prefix)}
+                histograms[name] = Histogram.from_arrays(fields)
+    except (OSError, ValueError, KeyError) as err:
+        raise CalibrationError(f"{path}: unreadable statistics file ({str(err).splitlines()[0]})") from None
+    return StatsFile(meta["model_digest"], int(meta["samples"]), int(meta["batches"]), histograms)
+
+
+def merge_stats(first: StatsFile, second: StatsFile, what: str = "statistics") -> StatsFile:
+    """Exact merge of two shards: equal to one pass over both shards' samples."""
+    if first.model_digest != second.model_digest:
+        raise CalibrationError(f"{what}: collected for different models (digests {first.model_digest[:12]}… "
+                               f"and {second.model_digest[:12]}…)")
+    if set(first.histograms) != set(second.histograms):
+        missing = sorted(set(first.histograms) ^ set(second.histograms))
+        raise CalibrationError(f"{what}: the shards cover different tensors (e.g. '{missing[0]}')")
+    if first.num_bins != second.num_bins:
+        raise CalibrationError(f"{what}: {first.num_bins} vs {second.num_bins} histogram bins")
+    merged = {name: h.merge(second.histograms[name]) for name, h in first.histograms.items()}
+    return StatsFile(first.model_digest, first.samples + second.samples, first.batches + second.batches, merged)
