@@ -1,0 +1,70 @@
+"""`onnxq calibrate`, `onnxq quantize --stats` and `onnxq stats merge|show`."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+import models
+from onnxq.calib.stats_file import load_stats
+from tests.cli.test_cli import Workspace, digest, invoke, work  # noqa: F401  (work is a fixture)
+
+
+def test_calibrate_then_quantize_with_stats_equals_quantize_with_calib(work: Workspace) -> None:
+    calibrated = invoke("calibrate", work.model, "--calib", work.calib)
+    assert calibrated.code == 0, calibrated.stderr
+    stats = work.model.with_name("residual.onnxq.npz")  # default name, beside the model
+    assert stats.is_file() and str(stats) in calibrated.stdout
+    for method in ("max", "entropy", "percentile", "mse"):
+        direct = invoke(*work.quantize_args("--method", method, "-o", work.out / f"direct_{method}.onnx"))
+        reused = invoke("quantize", work.model, "--stats", stats, "--method", method,
+                        "-o", work.out / f"reused_{method}.onnx")
+        assert direct.code == reused.code == 0, reused.stderr
+        assert digest(work.out / f"direct_{method}.onnx") == digest(work.out / f"reused_{method}.onnx"), method
+        assert f"method {method}" in reused.stdout
+
+
+def test_quantize_needs_exactly_one_of_calib_and_stats(work: Workspace) -> None:
+    neither = invoke("quantize", work.model)
+    assert neither.code == 2
+    stats = work.out / "s.onnxq.npz"
+    assert invoke("calibrate", work.model, "--calib", work.calib, "-o", stats).code == 0
+    both = invoke(*work.quantize_args("--stats", stats))
+    assert both.code == 2 and "--calib PATH or --stats FILE" in both.stderr
+
+
+def test_shards_merge_into_what_one_run_gives(work: Workspace) -> None:
+    model = onnx.load(str(work.model))
+    everything = models.random_feeds(model, batch=12, seed=5)["input"]
+    for name, part in (("a", everything[:5]), ("b", everything[5:]), ("all", everything)):
+        np.savez(work.folder / f"{name}.npz", input=part)
+        assert invoke("calibrate", work.model, "--calib", work.folder / f"{name}.npz",
+                      "-o", work.out / f"{name}.onnxq.npz").code == 0
+    merged = invoke("stats", "merge", work.out / "a.onnxq.npz", work.out / "b.onnxq.npz", "-o", work.out / "m.npz")
+    assert merged.code == 0, merged.stderr
+    one_run, combined = load_stats(work.out / "all.onnxq.npz"), load_stats(work.out / "m.npz")
+    assert combined.samples == one_run.samples == 12
+    assert all(combined.histograms[name] == one_run.histograms[name] for name in one_run.histograms)
+
+
+def test_merge_refuses_other_models_and_overwriting_an_input(work: Workspace, tmp_path) -> None:
+    other_model = tmp_path / "other.onnx"
+    onnx.save(models.BUILDERS["residual_cnn"](seed=3), str(other_model))
+    assert invoke("calibrate", work.model, "--calib", work.calib, "-o", work.out / "a.npz").code == 0
+    assert invoke("calibrate", other_model, "--calib", work.calib, "-o", work.out / "b.npz").code == 0
+    mixed = invoke("stats", "merge", work.out / "a.npz", work.out / "b.npz", "-o", work.out / "m.npz")
+    assert mixed.code == 1 and "different models" in mixed.stderr and not (work.out / "m.npz").exists()
+    overwrite = invoke("stats", "merge", work.out / "a.npz", work.out / "a.npz", "-o", work.out / "a.npz")
+    assert overwrite.code == 2
+    wrong = invoke("quantize", other_model, "--stats", work.out / "a.npz", "-o", work.out / "q.onnx")
+    assert wrong.code == 1 and "different model" in wrong.stderr
+
+
+def test_stats_show_lists_every_tensor_under_each_method(work: Workspace) -> None:
+    stats = work.out / "s.npz"
+    assert invoke("calibrate", work.model, "--calib", work.calib, "-o", stats).code == 0
+    shown = invoke("stats", "show", stats)
+    assert shown.code == 0
+    names = load_stats(stats).histograms.keys()
+    rows = [line for line in shown.stdout.splitlines() if line.split() and line.split()[0] in names]
+    assert len(rows) == len(names) and all(len(row.split()) == 6 for row in rows)
