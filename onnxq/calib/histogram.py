@@ -67,7 +67,8 @@ MIN_EXPONENT = -126
 _NO_EXPONENT = int(np.iinfo(np.int64).min)
 # Values binned per chunk: float and intp temporaries of 0.5 + 1 MB (float32) stay in cache.
 _CHUNK = 1 << 17
-_SCALARS = ("exponent", "zeros", "amax", "nan_count", "inf_count", "sentinel_count")
+_SCALARS = ("exponent", "zeros", "amax", "nan_count", "inf_count", "sentinel_count", "low", "high")
+_FLOAT_SCALARS = ("amax", "low", "high")
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +87,8 @@ class Histogram:
     inf_count: int
     sentinel_count: int
     num_bins: int = DEFAULT_NUM_BINS
+    low: float = 0.0   # min(0, smallest usable x): the signed range, for asymmetric (uint8) targets
+    high: float = 0.0  # max(0, largest usable x)
 
     def __post_init__(self) -> None:
         if self.num_bins < 1:
@@ -138,7 +141,7 @@ class Histogram:
         nan = inf = sentinels = 0
         if not (high < SENTINEL_ABS and -low < SENTINEL_ABS):  # NaN fails every comparison
             flat, nan, inf, sentinels = _drop_unbinnable(flat)
-            low, high = (0.0, flat.max()) if flat.size else (0.0, 0.0)
+            low, high = (flat.min(), flat.max()) if flat.size else (0.0, 0.0)
         peak = float(max(high, -low))
         amax = max(self.amax, peak)
         exponent = _exponent_for(amax, self.num_bins)
@@ -149,7 +152,8 @@ class Histogram:
             counts = counts + batch
         return replace(self, counts=counts, exponent=exponent, zeros=self.zeros + zeros, amax=amax,
                        nan_count=self.nan_count + nan, inf_count=self.inf_count + inf,
-                       sentinel_count=self.sentinel_count + sentinels)
+                       sentinel_count=self.sentinel_count + sentinels,
+                       low=min(self.low, float(low)), high=max(self.high, float(high)))
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets: exactly what one pass over all of their values gives."""
@@ -161,7 +165,8 @@ class Histogram:
                                                                              exponent)
         return Histogram(counts, exponent, self.zeros + other.zeros, amax,
                          self.nan_count + other.nan_count, self.inf_count + other.inf_count,
-                         self.sentinel_count + other.sentinel_count, self.num_bins)
+                         self.sentinel_count + other.sentinel_count, self.num_bins,
+                         min(self.low, other.low), max(self.high, other.high))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain numeric arrays (savable with `np.savez`, loadable without pickle).
@@ -174,7 +179,7 @@ class Histogram:
             value = getattr(self, name)
             if name == "exponent" and value is None:
                 value = _NO_EXPONENT
-            arrays[name] = np.array(value, dtype=np.float64 if name == "amax" else np.int64)
+            arrays[name] = np.array(value, dtype=np.float64 if name in _FLOAT_SCALARS else np.int64)
         return arrays
 
     @classmethod
@@ -194,12 +199,12 @@ class Histogram:
             raise ValueError("histogram counts must be a non-empty 1-D array of non-negative integers")
         if any(a.shape != () for a in scalars.values()):
             raise ValueError("histogram scalars must be 0-d arrays")
-        ints = {k: int(a) for k, a in scalars.items() if k != "amax"}
-        amax = float(scalars["amax"])
+        ints = {k: int(a) for k, a in scalars.items() if k not in _FLOAT_SCALARS}
+        amax, low, high = (float(scalars[k]) for k in _FLOAT_SCALARS)
         exponent = None if ints.pop("exponent") == _NO_EXPONENT else int(scalars["exponent"])
-        if min(ints.values()) < 0 or not 0.0 <= amax < SENTINEL_ABS:
+        if min(ints.values()) < 0 or not 0.0 <= amax < SENTINEL_ABS or not -amax <= low <= 0.0 <= high <= amax:
             raise ValueError("histogram scalars out of range")
-        result = cls(counts, exponent, amax=amax, num_bins=counts.size, **ints)
+        result = cls(counts, exponent, amax=amax, num_bins=counts.size, low=low, high=high, **ints)
         _check_consistent(result)
         return result
 
@@ -256,12 +261,12 @@ def _flat_float(data: np.ndarray) -> np.ndarray:
 
 
 def _drop_unbinnable(flat: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-    """(|x| of the binnable values, #NaN, #Inf, #sentinels)."""
+    """(the binnable values, #NaN, #Inf, #sentinels)."""
     mags = np.abs(flat)
     keep = mags < SENTINEL_ABS  # False for NaN and Inf as well
     nan = int(np.count_nonzero(np.isnan(mags)))
     inf = int(np.count_nonzero(np.isinf(mags)))
-    kept = mags[keep]
+    kept = flat[keep]
     return kept, nan, inf, mags.size - kept.size - nan - inf
 
 

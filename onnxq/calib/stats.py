@@ -30,6 +30,8 @@ class MaxStats:
     nan_count: int = 0
     inf_count: int = 0
     sentinel_count: int = 0
+    low: float = 0.0   # min(0, smallest usable x): the signed range, for asymmetric (uint8) targets
+    high: float = 0.0  # max(0, largest usable x)
 
     def update(self, values: np.ndarray) -> MaxStats:
         data = np.asarray(values)
@@ -39,21 +41,25 @@ class MaxStats:
         batch_amax = max(-low, high)
         nan = inf = sentinel = 0
         if not (np.isfinite(batch_amax) and batch_amax < SENTINEL_ABS):
-            magnitude = np.abs(data.astype(np.float64, copy=False))
+            signed = data.astype(np.float64, copy=False).ravel()
+            magnitude = np.abs(signed)
             nan, inf = int(np.isnan(magnitude).sum()), int(np.isinf(magnitude).sum())
-            usable = magnitude[np.isfinite(magnitude) & (magnitude < SENTINEL_ABS)]
+            usable = signed[np.isfinite(magnitude) & (magnitude < SENTINEL_ABS)]
             sentinel = int(data.size - nan - inf - usable.size)
-            batch_amax = float(usable.max()) if usable.size else 0.0
+            low, high = (float(usable.min()), float(usable.max())) if usable.size else (0.0, 0.0)
+            batch_amax = max(-low, high)
             used = usable.size
         else:
             used = data.size
         return MaxStats(max(self.amax, batch_amax), self.num_values + used, self.nan_count + nan,
-                        self.inf_count + inf, self.sentinel_count + sentinel)
+                        self.inf_count + inf, self.sentinel_count + sentinel,
+                        min(self.low, low), max(self.high, high))
 
     def merge(self, other: MaxStats) -> MaxStats:
         return MaxStats(max(self.amax, other.amax), self.num_values + other.num_values,
                         self.nan_count + other.nan_count, self.inf_count + other.inf_count,
-                        self.sentinel_count + other.sentinel_count)
+                        self.sentinel_count + other.sentinel_count, min(self.low, other.low),
+                        max(self.high, other.high))
 
 
 TensorStats = MaxStats | Histogram
