@@ -15,9 +15,9 @@ from .calib.calibrate import CalibrationResult, ProgressCallback, calibrate
 from .calib.data import CalibSource, input_specs, open_source
 from .calib.images import ImagePreprocess
 from .calib.histogram import Histogram
-from .calib.ranges import group_amax
+from .calib.ranges import activation_params, group_amax
 from .calib.stats_file import StatsFile, load_stats, model_digest
-from .config import HighPrecision, QuantConfig, Selection
+from .config import HighPrecision, QuantConfig, Selection, Target
 from .errors import CalibrationError, ConfigError, ModelError
 from .io import check_model, from_graph, load_model, to_graph
 from .passes import PREPARE, GraphPass, run
@@ -58,9 +58,9 @@ def prepare(model: ModelLike) -> gs.Graph:
     return run(to_graph(upgrade_opset(model)), (*PREPARE, name_nodes))
 
 
-def inspect(model: ModelLike, selection: Selection = Selection()) -> QuantPlan:
+def inspect(model: ModelLike, selection: Selection = Selection(), target: Target = Target.TRT) -> QuantPlan:
     """The quantization plan for `model`, without calibrating."""
-    return plan_quantization(prepare(model), selection)
+    return plan_quantization(prepare(model), selection, target)
 
 
 def _open(calib: CalibSource | str | os.PathLike[str], model: onnx.ModelProto,
@@ -75,7 +75,7 @@ def collect_stats(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
     """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later."""
     model = _as_model(model)
     graph = run(prepare(model), user_passes)
-    plan = plan_quantization(graph, config.selection)
+    plan = plan_quantization(graph, config.selection, config.target)
     calibration = calibrate(graph, plan.activation_names, _open(calib, model, preprocess), config.calib,
                             on_progress, histograms=True)
     histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}
@@ -110,9 +110,11 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
     started = time.perf_counter()
     if (calib is None) == (stats is None):
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
+    if config.high_precision is HighPrecision.FP16 and config.target is not Target.TRT:
+        raise ConfigError("--high-precision fp16 is for --target trt; ONNX Runtime's CPU kernels run float32")
     model = _as_model(model)
     graph = run(prepare(model), user_passes)
-    plan = plan_quantization(graph, config.selection)
+    plan = plan_quantization(graph, config.selection, config.target)
     if stats is not None:
         calibration = _stats_as_calibration(stats, model)
     else:
@@ -120,7 +122,7 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         calibration = calibrate(graph, plan.activation_names, _open(calib, model, preprocess), config.calib,
                                 on_progress)
     amax = group_amax(plan, calibration.stats, config.calib)
-    graph = insert_qdq(graph, plan, amax)
+    graph = insert_qdq(graph, plan, activation_params(plan, calibration.stats, config.calib, config.target))
     if config.high_precision is HighPrecision.FP16:
         graph = to_fp16(upgrade_graph_opset(graph, FP16_MIN_OPSET))
     quantized = from_graph(graph, template=model)

@@ -39,6 +39,7 @@ class Target(enum.Enum):
     """The runtime the Q/DQ placement is written for."""
 
     TRT = "trt"
+    ORT_CPU = "ort-cpu"
 
 
 class HighPrecision(enum.Enum):

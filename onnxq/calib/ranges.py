@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from ..config import CalibConfig, CalibMethod
+from ..config import CalibConfig, CalibMethod, Target
 from ..errors import CalibrationError
 from ..quant.plan import QuantPlan
+from ..quant.scales import ActivationParams, asymmetric_uint8
 from .amax import entropy_amax, max_amax, mse_amax, percentile_amax
 from .histogram import Histogram
 from .stats import MaxStats, TensorStats, merge_all
 
-__all__ = ["AMAX_METHODS", "group_amax"]
+__all__ = ["AMAX_METHODS", "group_amax", "group_ranges", "activation_params"]
 
 AMAX_METHODS: Mapping[CalibMethod, Callable[[Histogram, CalibConfig], float]] = MappingProxyType({
     CalibMethod.MAX: lambda h, cfg: max_amax(h),
@@ -36,8 +37,7 @@ def _amax(group: str, stats: TensorStats, config: CalibConfig) -> float:
     return AMAX_METHODS[config.method](stats, config)
 
 
-def group_amax(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig) -> dict[str, float]:
-    """One amax per scale group of `plan`, from the merged statistics of the group's tensors."""
+def _grouped(plan: QuantPlan, stats: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
     members: dict[str, list[TensorStats]] = {}
     for target in plan.activations:
         if target.tensor_name not in stats:
@@ -45,4 +45,26 @@ def group_amax(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibC
                 f"no calibration statistics for tensor '{target.tensor_name}'. Hint: statistics files must "
                 "be collected for this model (onnxq calibrate) with the same or fewer exclusions")
         members.setdefault(target.group, []).append(stats[target.tensor_name])
-    return {group: _amax(group, merge_all(group_stats), config) for group, group_stats in members.items()}
+    return {group: merge_all(group_stats) for group, group_stats in members.items()}
+
+
+def group_amax(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig) -> dict[str, float]:
+    """One amax per scale group of `plan`, from the merged statistics of the group's tensors."""
+    return {group: _amax(group, merged, config) for group, merged in _grouped(plan, stats).items()}
+
+
+def group_ranges(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig) -> dict[str, tuple[float, float]]:
+    """One signed range [low, high] (holding 0) per group: the seen range, clipped to +-amax of the method."""
+    ranges = {}
+    for group, merged in _grouped(plan, stats).items():
+        amax = _amax(group, merged, config)
+        ranges[group] = (max(merged.low, -amax), min(merged.high, amax))
+    return ranges
+
+
+def activation_params(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig,
+                      target: Target) -> dict[str, float | ActivationParams]:
+    """What insert_qdq needs per group: an amax (TensorRT, symmetric INT8) or uint8 parameters (ORT CPU)."""
+    if target is Target.TRT:
+        return dict(group_amax(plan, stats, config))
+    return {group: asymmetric_uint8(group, low, high) for group, (low, high) in group_ranges(plan, stats, config).items()}

@@ -16,8 +16,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import InternalError
-from ..quant.plan import ActivationTarget, QuantPlan, WeightTarget
-from ..quant.scales import activation_scale, quantize_weight, weight_scales
+from ..quant.plan import ActivationTarget, BiasTarget, QuantPlan, WeightTarget
+from ..quant.scales import ActivationParams, quantize_bias, quantize_weight, symmetric_int8, weight_scales
 from .core import graph_pass
 
 __all__ = ["insert_qdq"]
@@ -38,9 +38,11 @@ class _Names:
         return name
 
 
-def _scale_and_zero_point(names: _Names, base: str, scale: np.ndarray) -> tuple[gs.Constant, gs.Constant]:
-    return (gs.Constant(names(f"{base}_scale"), scale),
-            gs.Constant(names(f"{base}_zero_point"), np.zeros(scale.shape, dtype=np.int8)))
+def _scale_and_zero_point(names: _Names, base: str, scale: np.ndarray,
+                          zero_point: np.ndarray | None = None) -> tuple[gs.Constant, gs.Constant]:
+    if zero_point is None:
+        zero_point = np.zeros(scale.shape, dtype=np.int8)
+    return (gs.Constant(names(f"{base}_scale"), scale), gs.Constant(names(f"{base}_zero_point"), zero_point))
 
 
 def _dequantize(graph: gs.Graph, names: _Names, source: gs.Tensor, params: tuple[gs.Constant, gs.Constant],
@@ -53,10 +55,11 @@ def _dequantize(graph: gs.Graph, names: _Names, source: gs.Tensor, params: tuple
 
 
 def _insert_activation(graph: gs.Graph, names: _Names, nodes: Mapping[str, gs.Node],
-                       tensor: gs.Tensor, target: ActivationTarget, scale: np.float32) -> None:
+                       tensor: gs.Tensor, target: ActivationTarget, activation: ActivationParams) -> None:
     dtype = np.float16 if tensor.dtype == np.float16 else np.float32
-    params = _scale_and_zero_point(names, tensor.name, np.asarray(scale, dtype=dtype))
-    quantized = gs.Variable(names(f"{tensor.name}_quantized"), dtype=np.int8, shape=tensor.shape)
+    params = _scale_and_zero_point(names, tensor.name, np.asarray(activation.scale, dtype=dtype),
+                                   activation.zero_point)
+    quantized = gs.Variable(names(f"{tensor.name}_quantized"), dtype=activation.zero_point.dtype, shape=tensor.shape)
     graph.nodes.append(gs.Node("QuantizeLinear", names(f"{tensor.name}_QuantizeLinear"),
                                inputs=[tensor, *params], outputs=[quantized]))
     dequantized = _dequantize(graph, names, quantized, params, tensor, axis=None)
@@ -65,7 +68,7 @@ def _insert_activation(graph: gs.Graph, names: _Names, nodes: Mapping[str, gs.No
 
 
 def _insert_weight(graph: gs.Graph, names: _Names, weight: gs.Constant,
-                   targets: list[WeightTarget], nodes: Mapping[str, gs.Node]) -> None:
+                   targets: list[WeightTarget], nodes: Mapping[str, gs.Node]) -> np.ndarray:
     values = np.asarray(weight.values)
     axis = targets[0].axis
     scales = weight_scales(values, axis)
@@ -74,25 +77,57 @@ def _insert_weight(graph: gs.Graph, names: _Names, weight: gs.Constant,
     dequantized = _dequantize(graph, names, int8, params, weight, axis=axis)
     for target in targets:
         nodes[target.consumer].inputs[target.input_index] = dequantized
+    return scales
+
+
+def _insert_bias(graph: gs.Graph, names: _Names, nodes: Mapping[str, gs.Node], bias: gs.Constant,
+                 target: BiasTarget, input_scale: np.float32, weight_scale: np.ndarray) -> None:
+    values = np.asarray(bias.values)
+    if weight_scale.size != values.size:
+        return  # a per-tensor or mismatched layout: leave the bias float
+    quantized, scale = quantize_bias(values, input_scale, weight_scale)
+    params = _scale_and_zero_point(names, bias.name, scale, np.zeros(scale.shape, np.int32))
+    int32 = gs.Constant(names(f"{bias.name}_int32"), quantized)
+    nodes[target.consumer].inputs[target.input_index] = _dequantize(graph, names, int32, params, bias, axis=0)
+
+
+def _params(target: ActivationTarget, group_params: Mapping[str, float | ActivationParams]) -> ActivationParams:
+    if target.group not in group_params:
+        raise InternalError(f"no calibrated range for tensor group '{target.group}'")
+    value = group_params[target.group]
+    return value if isinstance(value, ActivationParams) else symmetric_int8(target.tensor_name, value)
 
 
 @graph_pass
-def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_amax: Mapping[str, float]) -> gs.Graph:
-    """Insert the plan's Q/DQ pairs; `group_amax` maps each activation group to its calibrated amax."""
+def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, float | ActivationParams]) -> gs.Graph:
+    """Insert the plan's Q/DQ pairs.
+
+    Args:
+        graph: the prepared float graph the plan was made for.
+        plan: where Q/DQ goes.
+        group_params: per activation group, its parameters, or an amax for symmetric INT8 (s = amax/127).
+    """
     names = _Names(graph)
     nodes = {node.name: node for node in graph.nodes}
     tensors = graph.tensors()
+    activation_params: dict[str, ActivationParams] = {}
     for target in plan.activations:
-        if target.group not in group_amax:
-            raise InternalError(f"no calibrated range for tensor group '{target.group}'")
-        scale = activation_scale(target.tensor_name, group_amax[target.group])
-        _insert_activation(graph, names, nodes, tensors[target.tensor_name], target, scale)
+        activation_params[target.tensor_name] = _params(target, group_params)
+        _insert_activation(graph, names, nodes, tensors[target.tensor_name], target,
+                           activation_params[target.tensor_name])
     by_weight: dict[tuple[str, int], list[WeightTarget]] = {}
     for weight_target in plan.weights:
         by_weight.setdefault((weight_target.tensor_name, weight_target.axis), []).append(weight_target)
+    weight_scale: dict[str, np.ndarray] = {}
     for (tensor_name, _), targets in by_weight.items():
         weight = tensors[tensor_name]
         if not isinstance(weight, gs.Constant):
             raise InternalError(f"planned weight '{tensor_name}' is not a constant")
-        _insert_weight(graph, names, weight, targets, nodes)
+        weight_scale[tensor_name] = _insert_weight(graph, names, weight, targets, nodes)
+    for bias_target in plan.biases:
+        bias = tensors[bias_target.tensor_name]
+        input_params = activation_params.get(bias_target.activation_name)
+        if isinstance(bias, gs.Constant) and input_params is not None:
+            _insert_bias(graph, names, nodes, bias, bias_target, input_params.scale,
+                         weight_scale[bias_target.weight_name])
     return graph

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..config import Selection
+from ..config import Selection, Target
 from ..graph.query import GraphIndex, is_constant, is_float
 from .residual import is_silu_mul, residual_skip_input
 from .rules import DEFAULT_FLOAT_REASON, FLOAT_REASONS, PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
 from .scale_groups import scale_groups
 
-__all__ = ["ActivationTarget", "WeightTarget", "NodeDecision", "QuantPlan", "plan_quantization"]
+__all__ = [
+    "ActivationTarget", "WeightTarget", "BiasTarget", "NodeDecision", "QuantPlan", "PlanDraft", "plan_quantization",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,18 @@ class WeightTarget:
 
 
 @dataclass(frozen=True)
+class BiasTarget:
+    """A float bias stored as INT32 with scale s_input * s_weight (ONNX Runtime's QLinearConv/QGemm)."""
+
+    tensor_name: str
+    consumer: str
+    input_index: int
+    activation_name: str
+    weight_name: str
+    axis: int
+
+
+@dataclass(frozen=True)
 class NodeDecision:
     node_name: str
     op_type: str
@@ -60,6 +74,7 @@ class QuantPlan:
     activations: tuple[ActivationTarget, ...]
     weights: tuple[WeightTarget, ...]
     decisions: tuple[NodeDecision, ...]
+    biases: tuple[BiasTarget, ...] = ()
 
     @property
     def activation_names(self) -> tuple[str, ...]:
@@ -81,12 +96,13 @@ class QuantPlan:
 
 
 @dataclass
-class _Draft:
+class PlanDraft:
     """Mutable working state of one planning run (never leaves this module)."""
 
     index: GraphIndex
     edges: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)  # tensor -> {(node, i): why}
     weights: list[WeightTarget] = field(default_factory=list)
+    biases: list[BiasTarget] = field(default_factory=list)
     decisions: dict[str, NodeDecision] = field(default_factory=dict)
 
     def quantize_input(self, node: gs.Node, input_index: int, reason: str) -> None:
@@ -97,7 +113,7 @@ class _Draft:
         self.decisions[node.name] = NodeDecision(node.name, node.op, quantized, reason)
 
 
-def _plan_weighted(node: gs.Node, draft: _Draft) -> str | None:
+def _plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
     """Quantize a weighted op's inputs, or return why it stays float."""
     rule = WEIGHTED_OPS[node.op]
     if len(node.inputs) <= rule.weight_input:
@@ -126,7 +142,7 @@ def _plan_weighted(node: gs.Node, draft: _Draft) -> str | None:
     return None
 
 
-def _reaches_quantized_input(tensor: gs.Tensor, draft: _Draft) -> bool:
+def _reaches_quantized_input(tensor: gs.Tensor, draft: PlanDraft) -> bool:
     """True if `tensor`, through pass-through ops, is read by an input the plan quantizes."""
     for node, index in draft.index.uses(tensor):
         if (node.name, index) in draft.edges.get(tensor.name, {}):
@@ -136,7 +152,7 @@ def _reaches_quantized_input(tensor: gs.Tensor, draft: _Draft) -> bool:
     return False
 
 
-def _plan_pooling(nodes: list[gs.Node], draft: _Draft) -> None:
+def _plan_pooling(nodes: list[gs.Node], draft: PlanDraft) -> None:
     # Reverse topological order lets a chain of pools (SPPF) follow the last one's consumer.
     for node in reversed(nodes):
         if node.op not in POOLING_OPS or node.name in draft.decisions:
@@ -156,9 +172,17 @@ def _float_reason(node: gs.Node, index: GraphIndex) -> str:
     return FLOAT_REASONS.get(node.op, DEFAULT_FLOAT_REASON)
 
 
-def plan_quantization(graph: gs.Graph, selection: Selection = Selection()) -> QuantPlan:
+def plan_quantization(graph: gs.Graph, selection: Selection = Selection(), target: Target = Target.TRT) -> QuantPlan:
     """Decide, for every node of the main graph, whether and where it is quantized, and why."""
-    draft = _Draft(GraphIndex.build(graph))
+    if target is Target.ORT_CPU:
+        from .plan_ort import plan_ort_cpu
+
+        return plan_ort_cpu(graph, selection)
+    return _plan_trt(graph, selection)
+
+
+def _plan_trt(graph: gs.Graph, selection: Selection) -> QuantPlan:
+    draft = PlanDraft(GraphIndex.build(graph))
     nodes = list(graph.nodes)
     for node in nodes:
         excluded = selection.excluded_by(node.name, node.op)
