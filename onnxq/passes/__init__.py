@@ -2,7 +2,7 @@
 
 `PREPARE` turns any supported float model (after `upgrade_opset`) into the form the planner expects:
 Constant nodes lowered to initializers, constant subgraphs folded, and BatchNormalization folded
-into the convolutions before it, and zero Pads into the Convs after them, so every weight is a `gs.Constant` feeding its Conv, ConvTranspose,
+into the convolutions before it, zero Pads into the Convs after them and constant Adds into Conv biases, so every weight is a `gs.Constant` feeding its Conv, ConvTranspose,
 Gemm or MatMul directly. The order matters: `constants_to_initializers` comes first because gs's
 own lowering inside `fold_constants` gives `value_float(s)` the wrong dtype (float64), and so that
 Constant-node weights become initializers even when folding fails; `fuse_bn` comes last because
@@ -14,6 +14,7 @@ from __future__ import annotations
 from .constants_to_initializers import constants_to_initializers
 from .core import GraphPass, graph_pass, run
 from .fold_constants import fold_constants
+from .fold_bias_add import fold_bias_add
 from .fold_pad import fold_pad
 from .fuse_bn import fuse_bn
 from .upgrade_opset import upgrade_opset
@@ -27,8 +28,9 @@ __all__ = [
     "fold_constants",
     "fuse_bn",
     "fold_pad",
+    "fold_bias_add",
     "PREPARE",
 ]
 
 #: The passes that prepare a float graph for quantization, in the order they must run.
-PREPARE: tuple[GraphPass, ...] = (constants_to_initializers, fold_constants, fuse_bn, fold_pad)
+PREPARE: tuple[GraphPass, ...] = (constants_to_initializers, fold_constants, fuse_bn, fold_pad, fold_bias_add)

@@ -28,8 +28,12 @@ __all__ = ["plan_ort_cpu", "QLINEAR_OPS", "SAME_SCALE_OPS"]
 
 # Ops ORT runs as integer kernels when every float input and the output are quantized.
 QLINEAR_OPS = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"})
-# Ops whose DQ -> op -> Q ORT drops when both sides share one scale and zero point.
-SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"})
+# Element-wise QLinear ops: worth it only when every input already comes out of an integer kernel;
+# otherwise the extra Q/DQ around them costs more than the float op (measured on PP-OCR's HardSwish).
+ELEMENTWISE_OPS = frozenset({"Add", "Mul"})
+# Ops whose DQ -> op -> Q ORT drops when both sides share one scale and zero point. (MaxPool is left
+# out: ORT's uint8 MaxPool measured 5x slower than its float one on PP-OCR.)
+SAME_SCALE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"})
 # Activations ORT folds into the following Q (their range contains the Q's range).
 ABSORBED_OPS = frozenset({"Relu", "Clip"})
 # Outputs quantized only when an integer kernel reads them.
@@ -76,6 +80,15 @@ def _quantize_tensor(draft: PlanDraft, tensor: gs.Tensor, reason: str) -> None:
         draft.edges.setdefault(tensor.name, {})[(node.name, i)] = reason
 
 
+def _integer_produced(tensor: gs.Tensor, draft: PlanDraft) -> bool:
+    """True if an integer kernel planned so far emits `tensor` (possibly through a folded Relu/Clip)."""
+    producer = draft.index.producer(tensor)
+    if producer is not None and producer.op in ABSORBED_OPS:
+        producer = draft.index.producer(producer.inputs[0])
+    decision = draft.decisions.get(producer.name) if producer is not None else None
+    return decision is not None and decision.quantized and producer.op not in FLOAT_OUTPUT_OK
+
+
 def _bias_target(node: gs.Node, draft: PlanDraft) -> BiasTarget | None:
     bias_index = 2
     if node.op not in ("Conv", "Gemm") or len(node.inputs) <= bias_index or not is_constant(node.inputs[bias_index]):
@@ -105,6 +118,8 @@ def _plan_qlinear(node: gs.Node, draft: PlanDraft) -> str | None:
         return "element-wise op with a constant input: kept float"
     elif node.op == "Add" and feeds_softmax(node.outputs[0], draft.index):
         return "attention-mask Add (feeds Softmax): mask arithmetic stays float"
+    elif node.op in ELEMENTWISE_OPS and not all(_integer_produced(t, draft) for t in variables):
+        return f"{node.op} of a float-computed input: Q/DQ around it would cost more than it saves"
     for tensor in variables:
         _quantize_tensor(draft, tensor, f"input of {node.op} (QLinear kernel)")
     out = _absorbed_output(node, draft.index)
