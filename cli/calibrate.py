@@ -12,7 +12,7 @@ from onnxq.calib.stats_file import save_stats
 from onnxq.config import QuantConfig, Selection
 from onnxq.io import load_model
 
-from .options import calib_options, image_options, output_path, quant_config, selection_options
+from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
 from .progress import Progress, plural
 
 
@@ -22,11 +22,12 @@ from .progress import Progress, plural
               help="Calibration data: .npz/.npy, a folder of them or of images, or loader.py:function.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Statistics file (default: <MODEL stem>.onnxq.npz beside MODEL).")
+@target_option
 @selection_options
 @calib_options
 @image_options
-def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, selection: Selection, batch_size: int,
-                  providers: tuple[str, ...], preprocess: ImagePreprocess) -> None:
+def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, target: str, selection: Selection,
+                  batch_size: int, providers: tuple[str, ...], preprocess: ImagePreprocess) -> None:
     """Run the calibration data through MODEL and save histograms of every tensor it would quantize.
 
     `onnxq quantize MODEL --stats FILE --method M` then picks ranges with any method in seconds,
@@ -37,7 +38,7 @@ def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, select
       onnxq calibrate model.onnx --calib calib/ -o model.onnxq.npz
       onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
     """
-    config: QuantConfig = quant_config(selection, "max", "trt", "fp32", batch_size, providers)
+    config: QuantConfig = quant_config(selection, "max", target, "fp32", batch_size, providers)
     model = load_model(model_path)
     destination = output_path(model_path, output, suffix=".onnxq.npz", protected=(calib_path,))
     with Progress("calibrating") as progress:

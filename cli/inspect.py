@@ -7,22 +7,23 @@ from pathlib import Path
 import click
 
 from onnxq.api import inspect
-from onnxq.config import Selection
+from onnxq.config import Selection, Target, parse_enum
 from onnxq.summary import format_plan, format_plan_summary
 
-from .options import selection_options
+from .options import selection_options, target_option
 
 
 @click.command("inspect", no_args_is_help=True)
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @selection_options
+@target_option
 @click.option("--summary", is_flag=True, help="Only counts and the reasons nodes stay float.")
-def inspect_cmd(model_path: Path, selection: Selection, summary: bool) -> None:
+def inspect_cmd(model_path: Path, selection: Selection, target: str, summary: bool) -> None:
     """Show what would be quantized in MODEL, and why every other node is not.
 
     \b
     Example:
       onnxq inspect model.onnx --exclude-op-types Gemm
     """
-    plan = inspect(model_path, selection)
+    plan = inspect(model_path, selection, parse_enum(Target, target, "--target"))
     click.echo(format_plan_summary(plan) if summary else format_plan(plan))

@@ -90,6 +90,16 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+TARGET_HELP = ("Runtime the Q/DQ placement is written for: trt (int8 symmetric, TensorRT's fusion rules) or "
+               "ort-cpu (uint8 activations, int8 weights, placed for ONNX Runtime's CPU integer kernels).")
+
+
+def target_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --target (raw string; parsed into Target by quant_config)."""
+    return click.option("--target", type=click.Choice([t.value for t in Target]), default="trt",
+                        show_default=True, help=TARGET_HELP)(fn)
+
+
 def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add --batch-size and --providers (passed through as raw values)."""
     fn = click.option("--providers", multiple=True, metavar="P,...",

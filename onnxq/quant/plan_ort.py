@@ -20,9 +20,9 @@ import onnx_graphsurgeon as gs
 
 from ..config import Selection
 from ..graph.query import GraphIndex, is_constant, is_float
-from .plan import ActivationTarget, BiasTarget, PlanDraft, QuantPlan, _plan_weighted
+from .plan import ActivationTarget, BiasTarget, PlanDraft, QuantPlan, _float_reason, _plan_weighted
 from .residual import feeds_softmax
-from .rules import DEFAULT_FLOAT_REASON, FLOAT_REASONS, WEIGHTED_OPS
+from .rules import WEIGHTED_OPS
 
 __all__ = ["plan_ort_cpu", "QLINEAR_OPS", "SAME_SCALE_OPS"]
 
@@ -105,6 +105,8 @@ def _bias_target(node: gs.Node, draft: PlanDraft) -> BiasTarget | None:
 def _plan_qlinear(node: gs.Node, draft: PlanDraft) -> str | None:
     """Quantize a QLinear op's inputs, weight, bias and output; or say why it stays float."""
     variables = [t for _, t in draft.index.variable_inputs(node)]
+    if not any(is_float(t) for t in node.outputs):
+        return "works on integer/shape tensors: nothing to quantize"
     if not variables or not all(is_float(t) for t in variables):
         return "has no float activation input"
     if node.op in WEIGHTED_OPS:
@@ -150,7 +152,7 @@ def plan_ort_cpu(graph: gs.Graph, selection: Selection = Selection()) -> QuantPl
             draft.decide(node, True, f"{node.op} on uint8: same scale on both sides")
     for node in nodes:
         if node.name not in draft.decisions:
-            reason = FLOAT_REASONS.get(node.op, DEFAULT_FLOAT_REASON)
+            reason = _float_reason(node, draft.index).replace("TensorRT", "ONNX Runtime")
             if node.op in ABSORBED_OPS:
                 reason = "activation: folded into the following QuantizeLinear by ONNX Runtime"
             draft.decide(node, False, reason)
