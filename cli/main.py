@@ -27,7 +27,8 @@ EXIT_INTERRUPTED = 130
 
 # command name -> "module:attribute", relative to this package; listed in this order by `--help`.
 _COMMANDS = {"quantize": ".quantize:quantize_cmd", "calibrate": ".calibrate:calibrate_cmd",
-             "stats": ".stats:stats_group", "inspect": ".inspect:inspect_cmd"}
+             "stats": ".stats:stats_group", "inspect": ".inspect:inspect_cmd", "build": ".build:build_cmd",
+             "compare": ".compare:compare_cmd"}
 
 
 class _LazyGroup(click.Group):

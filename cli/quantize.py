@@ -14,7 +14,8 @@ from onnxq.io import load_model, save_model
 from onnxq.summary import plan_counts
 from onnxq.verify import compare_models, format_metrics
 
-from .options import calib_options, image_options, output_path, quant_config, selection_options
+from .build import build_and_save, check_engine_build, require_engine_build
+from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
 from .progress import Progress, plural
 
 
@@ -30,18 +31,19 @@ from .progress import Progress, plural
               show_default=True, help="How activation ranges are chosen (weights: always per-channel max).")
 @click.option("--percentile", type=float, default=99.99, show_default=True,
               help="For --method percentile: the share of |x| kept inside the range, in percent.")
-@click.option("--target", type=click.Choice(["trt"]), default="trt", show_default=True,
-              help="Runtime the Q/DQ placement is written for.")
+@target_option
 @click.option("--high-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Type of the parts left unquantized.")
 @selection_options
 @calib_options
 @click.option("--eval", "eval_path", metavar="PATH",
               help="Held-out data to compare the float and INT8 models on, in any --calib format.")
+@click.option("--engine", metavar="OUT.plan", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also build a TensorRT engine from the INT8 model and write its plan here (needs onnxq[trt]).")
 @image_options
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
-                 batch_size: int, providers: tuple[str, ...], eval_path: str | None,
+                 batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
                  preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
@@ -52,14 +54,21 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     """
     if (calib_path is None) == (stats_path is None):
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
+    if engine is not None:  # a missing TensorRT or GPU must fail before any calibration
+        require_engine_build()
     config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile)
     model = load_model(model_path)
     destination = output_path(model_path, output, protected=(calib_path, eval_path, stats_path))
+    plan_path = (check_engine_build(model_path, engine, model, {}, protected=(calib_path, eval_path, stats_path))
+                 if engine is not None else None)
+    if plan_path is not None and plan_path.resolve() == destination.resolve():
+        raise click.UsageError(f"--engine {engine} names the output model")
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
     evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
     with Progress("calibrating") as progress:
         result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress)
     save_model(result.model, destination)
+    engine_summary = build_and_save(destination, plan_path, {}) if plan_path is not None else None
     calib = result.calibration
     click.echo(f"wrote {destination}")
     click.echo(f"  plan         {plan_counts(result.plan)}")
@@ -77,4 +86,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                                  config.calib.providers)
         click.echo(f"  float vs int8 on {evaluation.describe()}:")
         click.echo("    " + format_metrics(metrics).replace("\n", "\n    "))
+    if engine_summary is not None:
+        click.echo(f"  engine       {plan_path} built in {engine_summary.seconds:.1f} s; {engine_summary.log}; "
+                   f"layers {engine_summary.layers}")
     click.echo(f"  total        {result.seconds:.1f} s")

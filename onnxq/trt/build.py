@@ -12,8 +12,9 @@ Documentation followed:
     and https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/infer/Core/Builder.html
     "Migrating Python Code from TensorRT 10.x to 11.x" (BuilderFlag.FP16/INT8 removed; build with a
     strongly typed network), https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-reference.html
-    TensorRT Python API "Onnx Parser" (parse_from_file, num_errors, get_error; ParserError.desc/node_name/
-    node_operator), https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/parsers/Onnx/pyOnnx.html
+    TensorRT Python API "Onnx Parser" (parse_from_file, num_errors, get_error),
+    https://docs.nvidia.com/deeplearning/tensorrt/archives/tensorrt-1070/api/python_api/parsers/Onnx/pyOnnx.html ;
+    ParserError.desc/node/node_name/node_operator as bound in NVIDIA/TensorRT python/src/parsers/pyOnnx.cpp
     TensorRT Python API "IOptimizationProfile" (set_shape(name, min, opt, max); required when an input
     has a -1 dimension), https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/OptimizationProfile.html
     TensorRT C++ API IBuilderConfig (setMemoryPoolLimit(kWORKSPACE), profiling verbosity),
@@ -328,7 +329,8 @@ def _builder_config(trt: ModuleType, builder: Any, config: BuildConfig, profiles
 def _inspect_precisions(trt: ModuleType, logger: Any, plan: bytes) -> dict[str, int]:
     """Deserialize `plan` and count its layers by type; {} if inspection fails (the plan is still good)."""
     try:
-        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        runtime = trt.Runtime(logger)  # kept alive while its engine is in use
+        engine = runtime.deserialize_cuda_engine(plan)
         inspector = engine.create_engine_inspector()
         information = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     except Exception as err:  # noqa: BLE001 - the inspection is informative only

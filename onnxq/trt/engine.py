@@ -8,13 +8,13 @@ with CUDA events recorded on that stream; the copies happen before and after the
 Documentation followed:
     TensorRT Python API "ICudaEngine" (num_io_tensors, get_tensor_name, get_tensor_mode / TensorIOMode,
     get_tensor_dtype, get_tensor_shape with -1 for dynamic dimensions),
-    https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Engine.html
+    https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/infer/Core/Engine.html
     TensorRT Python API "IExecutionContext" (set_input_shape, get_tensor_shape, set_tensor_address,
     execute_async_v3(stream_handle)), https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html
     "Migrating Python Code from TensorRT 8.x to 10.x" (name-based I/O and enqueueV3 replace bindings),
     https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/api/migration/tensorrt-8x-to-10x-python-api.html
-    CUDA Runtime API "Memory Management" (cudaMalloc, cudaMemcpyAsync, cudaFree),
-    https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__MEMORY.html
+    CUDA Runtime API "API synchronization behavior" (cudaMemcpyAsync from pageable host memory is legal;
+    it is staged and may synchronize), https://docs.nvidia.com/cuda/archive/12.2.0/cuda-runtime-api/api-sync-behavior.html
     CUDA Runtime API "Event Management" (cudaEventCreate/Record/Synchronize/ElapsedTime; times in ms),
     https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__EVENT.html
     cuda-python "Overview" (result tuples; host pointers from ndarray.ctypes.data),

@@ -15,8 +15,6 @@ Documentation followed:
     `.value`; host pointers are passed as `ndarray.ctypes.data`), https://nvidia.github.io/cuda-python/cuda-bindings/latest/overview.html
     cuda-bindings 13.0.0 release notes (`int(cuda_obj)` is deprecated in favour of
     `cuda.bindings.utils.get_cuda_native_handle`), NVIDIA/cuda-python cuda_bindings/docs/source/release/13.0.0-notes.rst
-    CUDA Runtime API, "Device Management" (cudaGetDeviceCount),
-    https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__DEVICE.html
 """
 
 from __future__ import annotations

@@ -1,0 +1,115 @@
+"""Float vs INT8 latency on ONNX Runtime's CPU provider, side by side in one run (on demand, not a test).
+
+For EfficientNet-Lite0 and the PP-OCR classifier, calibrated on the same data:
+  - the float model,
+  - onnxq --target ort-cpu,
+  - ONNX Runtime's own quantize_static (QDQ, u8 activations, s8 per-channel weights, MinMax),
+all with graph optimisations on, timed interleaved (float, onnxq, ORT, float, ...) so machine noise
+hits all three alike; median and p90 per run, and the speed-up over float. Also prints how each
+INT8 model scores against float (top-1 agreement, cosine) on held-out data.
+
+    .venv/bin/python benchmarks/latency_ort_cpu.py [--runs 50] [--batches 1,8] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime import quantization as ortq
+
+import onnxq
+
+ROOT = Path(__file__).parents[1]
+DATA = ROOT / "models" / "data"
+LITE0 = onnxq.ImagePreprocess(mean=(127.0,) * 3, std=(128.0,) * 3)
+
+
+def _lite0_data() -> tuple[str, np.ndarray, np.ndarray]:
+    specs = onnxq.input_specs(onnxq.load_model(ROOT / "models" / "efficientnet_lite0.onnx"))
+    def load(folder: str) -> np.ndarray:
+        source = onnxq.open_source(DATA / "photos" / folder, specs, LITE0)
+        return np.concatenate([f["input"] for f in source.batches(64)])
+    return "input", load("calib"), load("eval")
+
+
+def _ppocr_data() -> tuple[str, np.ndarray, np.ndarray]:
+    return ("x", np.load(DATA / "textlines" / "ppocr_cls_calib.npz")["x"],
+            np.load(DATA / "textlines" / "ppocr_cls_eval.npz")["x"])
+
+
+class _Reader(ortq.CalibrationDataReader):
+    def __init__(self, name: str, x: np.ndarray) -> None:
+        self.batches = iter([{name: x[i:i + 8]} for i in range(0, len(x), 8)])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _interleaved(sessions: list[ort.InferenceSession], feed: dict, runs: int) -> list[np.ndarray]:
+    for session in sessions:
+        for _ in range(5):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for session, spent in zip(sessions, times):
+            start = time.perf_counter_ns()
+            session.run(None, feed)
+            spent.append((time.perf_counter_ns() - start) / 1e6)
+    return [np.asarray(t) for t in times]
+
+
+def _accuracy(reference: np.ndarray, candidate: np.ndarray) -> str:
+    cosine = float((reference * candidate).sum() / np.linalg.norm(reference) / np.linalg.norm(candidate))
+    return f"top-1 agreement {np.mean(reference.argmax(1) == candidate.argmax(1)):.3f}, cosine {cosine:.4f}"
+
+
+def bench(label: str, model_path: Path, data: tuple[str, np.ndarray, np.ndarray], args: argparse.Namespace,
+          folder: Path) -> None:
+    name, calib, held_out = data
+    ours, theirs = folder / f"{label}.onnxq.onnx", folder / f"{label}.ort.onnx"
+    config = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU)
+    onnxq.save_model(onnxq.quantize(model_path, onnxq.FeedsSource([{name: calib}]), config).model, ours)
+    ortq.quantize_static(str(model_path), str(theirs), _Reader(name, calib), quant_format=ortq.QuantFormat.QDQ,
+                         per_channel=True, activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+                         calibrate_method=ortq.CalibrationMethod.MinMax)
+    sessions = [_session(p, args.threads) for p in (model_path, ours, theirs)]
+    outputs = [s.run(None, {name: held_out})[0] for s in sessions]
+    print(f"\n{label}: accuracy vs float on {len(held_out)} held-out samples")
+    print(f"  onnxq ort-cpu            {_accuracy(outputs[0], outputs[1])}")
+    print(f"  ORT quantize_static u8s8 {_accuracy(outputs[0], outputs[2])}")
+    for batch in args.batches:
+        times = _interleaved(sessions, {name: held_out[:batch]}, args.runs)
+        base = np.median(times[0])
+        print(f"{label} batch {batch}: median / p90 ms over {args.runs} interleaved runs")
+        for tag, spent in zip(("float", "onnxq ort-cpu", "ORT quantize_static u8s8"), times):
+            median, p90 = np.median(spent), np.percentile(spent, 90)
+            print(f"  {tag:26s} {median:8.2f} / {p90:8.2f}   speed-up over float {base / median:5.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--batches", default="1,8", type=lambda t: [int(v) for v in t.split(",")])
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT's default)")
+    args = parser.parse_args()
+    ort.set_default_logger_severity(3)
+    print(f"onnxruntime {ort.__version__}, CPUExecutionProvider, threads {args.threads or 'default'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench("EfficientNet-Lite0", ROOT / "models" / "efficientnet_lite0.onnx", _lite0_data(), args, Path(tmp))
+        bench("PP-OCR classifier", ROOT / "models" / "ppocr_mobile_v2_cls.onnx", _ppocr_data(), args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

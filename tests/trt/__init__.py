@@ -1,0 +1,1 @@
+"""Tests of TensorRT engine builds and runs (`onnxq.trt`, `onnxq build`)."""
