@@ -239,8 +239,9 @@ class _Runner:
 
 
 def _ort_runner(path: Path, config: CompareConfig, stack: ExitStack) -> _Runner:
+    # No spinning: the two sessions take turns, and idle spinning threads would steal the other's cores.
     session = stack.enter_context(open_session(path, config.providers, optimize=True,
-                                               intra_op_threads=config.intra_op_threads))
+                                               intra_op_threads=config.intra_op_threads, spin=False))
     names = list(session.output_names)
 
     def timer(feed: Feed) -> Timer:

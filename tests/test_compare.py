@@ -307,7 +307,7 @@ def test_both_sessions_are_optimized_with_the_same_threads(tiny_pair: tuple[Path
 
     monkeypatch.setattr(compare_module, "open_session", spy)
     result = compare(*tiny_pair, onnxq.FeedsSource([{"x": ROWS}]), CompareConfig(iterations=1, intra_op_threads=1))
-    assert opened == [{"optimize": True, "intra_op_threads": 1}] * 2
+    assert opened == [{"optimize": True, "intra_op_threads": 1, "spin": False}] * 2
     assert result.intra_op_threads == 1
 
 

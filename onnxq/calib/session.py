@@ -187,6 +187,7 @@ def open_session(
     *,
     optimize: bool = False,
     intra_op_threads: int | None = None,
+    spin: bool = True,
 ) -> Session:
     """Create an ONNX Runtime session for `model`.
 
@@ -196,6 +197,8 @@ def open_session(
         optimize: apply all ONNX Runtime graph optimizations. Leave False for calibration, which
             must see the unfused graph.
         intra_op_threads: threads per operator; ONNX Runtime's default when None.
+        spin: let idle worker threads busy-wait after a run (ORT's default). Turn it off when two
+            sessions take turns, or one session's spinning threads steal the other's cores.
 
     Returns:
         The session. A requested provider that could not be loaded is logged as a warning and is
@@ -215,6 +218,8 @@ def open_session(
             )
     ort_providers = list(requested) if CPU_PROVIDER in requested else [*requested, CPU_PROVIDER]
     options = _session_options(optimize, intra_op_threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source, temp_dir = _session_source(model)
     try:
         ort_session = onnxruntime.InferenceSession(source, sess_options=options, providers=ort_providers)
