@@ -1,6 +1,7 @@
 """Float vs INT8 latency on ONNX Runtime's CPU provider, side by side in one run (on demand, not a test).
 
-For EfficientNet-Lite0 and the PP-OCR classifier, calibrated on the same data:
+For EfficientNet-Lite0, the PP-OCR classifier and a BERT-small-sized synthetic encoder (hidden 384,
+6 heads, FFN 1536, sequence 128, random inputs), calibrated on the same data:
   - the float model,
   - onnxq --target ort-cpu,
   - ONNX Runtime's own quantize_static (QDQ, u8 activations, s8 per-channel weights, MinMax),
@@ -14,6 +15,7 @@ INT8 model scores against float (top-1 agreement, cosine) on held-out data.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,14 +39,29 @@ def _lite0_data() -> tuple[str, np.ndarray, np.ndarray]:
     return "input", load("calib"), load("eval")
 
 
+def _encoder() -> tuple[Path, tuple[str, np.ndarray, np.ndarray]]:
+    """The synthetic encoder of models/builders_transformer.py at BERT-small size (its module constants
+    set the sizes), saved to a temporary file; inputs `tokens` [N, 128, 384] and an all-ones `mask`."""
+    sys.path.insert(0, str(ROOT))  # the repository's models/ package
+    import models.builders_transformer as encoder
+
+    encoder.HIDDEN, encoder.NUM_HEADS, encoder.HEAD_SIZE, encoder.FFN_HIDDEN = 384, 6, 64, 1536
+    path = Path(tempfile.mkdtemp()) / "encoder.onnx"
+    onnxq.save_model(encoder.build_transformer_encoder(), path)
+    rng = np.random.default_rng(0)
+    return path, ("tokens", rng.normal(size=(16, 128, 384)).astype(np.float32),
+                  rng.normal(size=(16, 128, 384)).astype(np.float32))
+
+
 def _ppocr_data() -> tuple[str, np.ndarray, np.ndarray]:
     return ("x", np.load(DATA / "textlines" / "ppocr_cls_calib.npz")["x"],
             np.load(DATA / "textlines" / "ppocr_cls_eval.npz")["x"])
 
 
 class _Reader(ortq.CalibrationDataReader):
-    def __init__(self, name: str, x: np.ndarray) -> None:
-        self.batches = iter([{name: x[i:i + 8]} for i in range(0, len(x), 8)])
+    def __init__(self, name: str, x: np.ndarray, extra: dict) -> None:
+        self.batches = iter([{name: x[i:i + 8], **{k: v[i:i + 8] for k, v in extra.items()}}
+                             for i in range(0, len(x), 8)])
 
     def get_next(self) -> dict | None:
         return next(self.batches, None)
@@ -71,6 +88,9 @@ def _interleaved(sessions: list[ort.InferenceSession], feed: dict, runs: int) ->
 
 
 def _accuracy(reference: np.ndarray, candidate: np.ndarray) -> str:
+    if reference.ndim != 2:
+        cosine = float((reference * candidate).sum() / np.linalg.norm(reference) / np.linalg.norm(candidate))
+        return f"cosine {cosine:.4f}"
     cosine = float((reference * candidate).sum() / np.linalg.norm(reference) / np.linalg.norm(candidate))
     return f"top-1 agreement {np.mean(reference.argmax(1) == candidate.argmax(1)):.3f}, cosine {cosine:.4f}"
 
@@ -78,19 +98,22 @@ def _accuracy(reference: np.ndarray, candidate: np.ndarray) -> str:
 def bench(label: str, model_path: Path, data: tuple[str, np.ndarray, np.ndarray], args: argparse.Namespace,
           folder: Path) -> None:
     name, calib, held_out = data
+    extra = {"mask": np.ones(calib.shape[:2], np.float32)} if name == "tokens" else {}
     ours, theirs = folder / f"{label}.onnxq.onnx", folder / f"{label}.ort.onnx"
     config = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU)
-    onnxq.save_model(onnxq.quantize(model_path, onnxq.FeedsSource([{name: calib}]), config).model, ours)
-    ortq.quantize_static(str(model_path), str(theirs), _Reader(name, calib), quant_format=ortq.QuantFormat.QDQ,
+    onnxq.save_model(onnxq.quantize(model_path, onnxq.FeedsSource([{name: calib, **extra}]), config).model, ours)
+    ortq.quantize_static(str(model_path), str(theirs), _Reader(name, calib, extra), quant_format=ortq.QuantFormat.QDQ,
                          per_channel=True, activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
                          calibrate_method=ortq.CalibrationMethod.MinMax)
     sessions = [_session(p, args.threads) for p in (model_path, ours, theirs)]
-    outputs = [s.run(None, {name: held_out})[0] for s in sessions]
+    held_extra = {k: np.ones(held_out.shape[:2], np.float32) for k in extra}
+    outputs = [s.run(None, {name: held_out, **held_extra})[0] for s in sessions]
     print(f"\n{label}: accuracy vs float on {len(held_out)} held-out samples")
     print(f"  onnxq ort-cpu            {_accuracy(outputs[0], outputs[1])}")
     print(f"  ORT quantize_static u8s8 {_accuracy(outputs[0], outputs[2])}")
     for batch in args.batches:
-        times = _interleaved(sessions, {name: held_out[:batch]}, args.runs)
+        times = _interleaved(sessions, {name: held_out[:batch], **{k: v[:batch] for k, v in held_extra.items()}},
+                             args.runs)
         base = np.median(times[0])
         print(f"{label} batch {batch}: median / p90 ms over {args.runs} interleaved runs")
         for tag, spent in zip(("float", "onnxq ort-cpu", "ORT quantize_static u8s8"), times):
@@ -109,6 +132,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench("EfficientNet-Lite0", ROOT / "models" / "efficientnet_lite0.onnx", _lite0_data(), args, Path(tmp))
         bench("PP-OCR classifier", ROOT / "models" / "ppocr_mobile_v2_cls.onnx", _ppocr_data(), args, Path(tmp))
+        encoder_path, encoder_data = _encoder()
+        bench("BERT-small-sized encoder", encoder_path, encoder_data, args, Path(tmp))
 
 
 if __name__ == "__main__":
