@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from models import builders
+from models.builders_outliers import build_outlier_encoder
 
 __all__ = ["BUILDERS", "DEFAULT_SYMBOLIC_DIM", "light_model_paths", "random_feeds"]
 
@@ -27,6 +28,7 @@ BUILDERS: Mapping[str, Callable[..., onnx.ModelProto]] = {
     "transformer_encoder": builders.build_transformer_encoder,
     "conv_bn_constant_weights": builders.build_conv_bn_constant_weights,
     "concat_branches": builders.build_concat_branches,
+    "outlier_encoder": build_outlier_encoder,
 }
 
 DEFAULT_SYMBOLIC_DIM = 16
