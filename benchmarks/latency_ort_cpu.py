@@ -69,6 +69,8 @@ class _Reader(ortq.CalibrationDataReader):
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    # The sessions take turns: idle threads of one must not spin on the cores the next one needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
