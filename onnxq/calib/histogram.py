@@ -129,31 +129,22 @@ class Histogram:
     def update(self, values: np.ndarray) -> Histogram:
         """This histogram with `values` (any shape) added; `self` is unchanged.
 
-        Cost: a min and a max over the input (no copy), then, chunk by chunk in a cache-sized buffer,
-        |x|, an exact scale, an int cast and `np.bincount`. Batches holding NaN/Inf/sentinels take
-        one extra filtering pass.
+        Cost: one pass over the input in cache-sized chunks; per chunk a min and a max, |x|, an exact
+        scale, an int cast and `np.bincount`. A chunk that raises the range coarsens the counts so far
+        (exact, see the module docstring), so chunking changes nothing in the result. Chunks holding
+        NaN/Inf/sentinels take one extra filtering pass.
         """
         data = np.asarray(values)
         if data.size == 0:
             return self
         flat = _flat_float(data)
-        low, high = flat.min(), flat.max()
-        nan = inf = sentinels = 0
-        if not (high < SENTINEL_ABS and -low < SENTINEL_ABS):  # NaN fails every comparison
-            flat, nan, inf, sentinels = _drop_unbinnable(flat)
-            low, high = (flat.min(), flat.max()) if flat.size else (0.0, 0.0)
-        peak = float(max(high, -low))
-        amax = max(self.amax, peak)
-        exponent = _exponent_for(amax, self.num_bins)
-        counts = _coarsen(self.counts, self.exponent, exponent)
-        zeros = flat.size  # when peak == 0 every kept value is a zero
-        if peak > 0:
-            batch, zeros = _bin_counts(flat, exponent, self.num_bins)
-            counts = counts + batch
-        return replace(self, counts=counts, exponent=exponent, zeros=self.zeros + zeros, amax=amax,
-                       nan_count=self.nan_count + nan, inf_count=self.inf_count + inf,
-                       sentinel_count=self.sentinel_count + sentinels,
-                       low=min(self.low, float(low)), high=max(self.high, float(high)))
+        running = _Running.of(self)
+        buffer = np.empty(min(_CHUNK, flat.size), flat.dtype)
+        for start in range(0, flat.size, _CHUNK):
+            running.fold(flat[start:start + _CHUNK], buffer, self.num_bins)
+        return replace(self, counts=running.counts, exponent=running.exponent, zeros=running.zeros,
+                       amax=running.amax, nan_count=running.nan, inf_count=running.inf,
+                       sentinel_count=running.sentinels, low=running.low, high=running.high)
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets: exactly what one pass over all of their values gives."""
@@ -207,6 +198,42 @@ class Histogram:
         result = cls(counts, exponent, amax=amax, num_bins=counts.size, low=low, high=high, **ints)
         _check_consistent(result)
         return result
+
+
+class _Running:
+    """The mutable state of one `update` call (never escapes it)."""
+
+    def __init__(self, h: Histogram) -> None:
+        self.counts = np.array(h.counts, dtype=np.int64)  # a writable copy
+        self.exponent, self.amax, self.zeros = h.exponent, h.amax, h.zeros
+        self.low, self.high = h.low, h.high
+        self.nan, self.inf, self.sentinels = h.nan_count, h.inf_count, h.sentinel_count
+
+    @classmethod
+    def of(cls, h: Histogram) -> _Running:
+        return cls(h)
+
+    def fold(self, chunk: np.ndarray, buffer: np.ndarray, num_bins: int) -> None:
+        low, high = chunk.min(), chunk.max()
+        if not (high < SENTINEL_ABS and -low < SENTINEL_ABS):  # NaN fails every comparison
+            chunk, nan, inf, sentinels = _drop_unbinnable(chunk)
+            self.nan, self.inf, self.sentinels = self.nan + nan, self.inf + inf, self.sentinels + sentinels
+            if chunk.size == 0:
+                return
+            low, high = chunk.min(), chunk.max()
+        self.low, self.high = min(self.low, float(low)), max(self.high, float(high))
+        peak = float(max(high, -low))
+        if peak > self.amax:
+            self.amax = peak
+            exponent = _exponent_for(peak, num_bins)
+            self.counts = _coarsen(self.counts, self.exponent, exponent)
+            self.exponent = exponent
+        if peak == 0.0 or self.exponent is None:
+            self.zeros += chunk.size
+            return
+        counts, zeros = _bin_counts(chunk, self.exponent, num_bins, buffer)
+        self.counts += counts
+        self.zeros += zeros
 
 
 def empty_histogram(num_bins: int = DEFAULT_NUM_BINS) -> Histogram:
@@ -270,7 +297,8 @@ def _drop_unbinnable(flat: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     return kept, nan, inf, mags.size - kept.size - nan - inf
 
 
-def _bin_counts(flat: np.ndarray, exponent: int, num_bins: int) -> tuple[np.ndarray, int]:
+def _bin_counts(flat: np.ndarray, exponent: int, num_bins: int,
+                buffer: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """(counts of floor(|x| * 2**-exponent) without the exact zeros, #exact zeros).
 
     Works through `flat` in chunks of `_CHUNK` values so the float and intp temporaries stay in cache
@@ -278,7 +306,8 @@ def _bin_counts(flat: np.ndarray, exponent: int, num_bins: int) -> tuple[np.ndar
     """
     scale = flat.dtype.type(math.ldexp(1.0, -exponent))  # exact: a power of two, normal in float32
     as_int = np.int32 if flat.dtype.itemsize == 4 else np.int64  # |x| == 0 iff its bits are 0
-    buffer = np.empty(min(_CHUNK, flat.size), flat.dtype)
+    if buffer is None or buffer.dtype != flat.dtype or buffer.size < min(_CHUNK, flat.size):
+        buffer = np.empty(min(_CHUNK, flat.size), flat.dtype)
     counts = np.zeros(num_bins, np.int64)
     zeros = 0
     for start in range(0, flat.size, _CHUNK):
