@@ -108,15 +108,16 @@ def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="Samples per calibration run (models with a fixed batch size use theirs).")(fn)
 
 
-def quant_config(selection: Selection, method: str, target: str, high_precision: str,
-                 batch_size: int, providers: tuple[str, ...], percentile: float = 99.99) -> QuantConfig:
+def quant_config(selection: Selection, method: str, target: str, high_precision: str, batch_size: int,
+                 providers: tuple[str, ...], percentile: float = 99.99, smoothquant: float | None = None) -> QuantConfig:
     """Build the typed QuantConfig from the quantize command's raw option values."""
     from onnxq.calib.session import resolve_providers
 
     calib = CalibConfig(method=parse_enum(CalibMethod, method, "--method"), batch_size=batch_size,
                         providers=resolve_providers(_split(providers) or ("cpu",)), percentile=percentile)
     return QuantConfig(selection=selection, calib=calib, target=parse_enum(Target, target, "--target"),
-                       high_precision=parse_enum(HighPrecision, high_precision, "--high-precision"))
+                       high_precision=parse_enum(HighPrecision, high_precision, "--high-precision"),
+                       smoothquant=smoothquant)
 
 
 def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx",

@@ -9,7 +9,7 @@ import click
 from onnxq.api import quantize
 from onnxq.calib.data import input_specs, open_source
 from onnxq.calib.images import ImagePreprocess
-from onnxq.config import Selection
+from onnxq.config import AccuracyTarget, Selection
 from onnxq.io import load_model, save_model
 from onnxq.summary import plan_counts
 from onnxq.verify import compare_models, format_metrics
@@ -17,6 +17,7 @@ from onnxq.verify import compare_models, format_metrics
 from .build import build_and_save, check_engine_build, require_engine_build
 from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
 from .progress import Progress, plural
+from .summary import RunProgress, accuracy_lines, accuracy_options, write_run_report
 
 
 @click.command("quantize", no_args_is_help=True)
@@ -40,23 +41,35 @@ from .progress import Progress, plural
               help="Held-out data to compare the float and INT8 models on, in any --calib format.")
 @click.option("--engine", metavar="OUT.plan", type=click.Path(dir_okay=False, path_type=Path),
               help="Also build a TensorRT engine from the INT8 model and write its plan here (needs onnxq[trt]).")
+@accuracy_options
+@click.option("--smoothquant", type=float, is_flag=False, flag_value=0.5, default=None, metavar="[ALPHA]",
+              help="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights before "
+                   "calibrating (LayerNorm and linear producers); ALPHA is the migration strength (default 0.5).")
+@click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Write report.json and report.md (and sensitivity.png with onnxq[report]) into DIR.")
 @image_options
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
                  batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
+                 accuracy: AccuracyTarget | None, smoothquant: float | None, report_dir: Path | None,
                  preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
+
+    With --min-cosine or --max-sqnr-drop, every layer's sensitivity is measured on held-back data and
+    the fewest layers stay in float that meet the target; without a model that meets it, nothing is
+    written and the exit code is 1 (unless --write-anyway).
 
     \b
     Examples:
       onnxq quantize model.onnx --calib calib/ -o model.int8.onnx --eval eval/
       onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
+      onnxq quantize model.onnx --calib calib/ --eval eval/ --min-cosine 0.99
     """
     if (calib_path is None) == (stats_path is None):
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
     if engine is not None:  # a missing TensorRT or GPU must fail before any calibration
         require_engine_build()
-    config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile)
+    config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile, smoothquant)
     model = load_model(model_path)
     destination = output_path(model_path, output, protected=(calib_path, eval_path, stats_path))
     plan_path = (check_engine_build(model_path, engine, model, {}, protected=(calib_path, eval_path, stats_path))
@@ -65,8 +78,9 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         raise click.UsageError(f"--engine {engine} names the output model")
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
     evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
-    with Progress("calibrating") as progress:
-        result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress)
+    with Progress("calibrating") as progress, RunProgress(progress) as runs:
+        result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
+                          accuracy=accuracy, eval_source=evaluation, on_accuracy_progress=runs)
     save_model(result.model, destination)
     engine_summary = build_and_save(destination, plan_path, {}) if plan_path is not None else None
     calib = result.calibration
@@ -81,11 +95,17 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if missing:
         click.echo(f"  note         {', '.join(missing)} requested but could not be loaded: "
                    f"calibration ran on {', '.join(calib.providers)}")
+    for line in accuracy_lines(result.sensitivity, result.fallback):
+        click.echo(line)
+    metrics = ()
     if evaluation is not None:
         metrics = compare_models(model, result.model, evaluation.batches(config.calib.batch_size),
                                  config.calib.providers)
         click.echo(f"  float vs int8 on {evaluation.describe()}:")
         click.echo("    " + format_metrics(metrics).replace("\n", "\n    "))
+    if report_dir is not None:
+        written = write_run_report(result, metrics, report_dir, config, model_path.stem)
+        click.echo(f"  report       {', '.join(map(str, written))}")
     if engine_summary is not None:
         click.echo(f"  engine       {plan_path} built in {engine_summary.seconds:.1f} s; {engine_summary.log}; "
                    f"layers {engine_summary.layers}")

@@ -19,13 +19,13 @@ from .errors import CalibrationError, ConfigError, InternalError, ModelError, On
 from .io import check_model, from_graph, load_model, save_model, to_graph
 from .passes.insert_qdq import insert_qdq
 from .quant.plan import ActivationTarget, NodeDecision, QuantPlan, WeightTarget, plan_quantization
-from .compare import CompareConfig, CompareResult, compare
+from .compare import CompareConfig, CompareResult
 from .verify import OutputMetrics, compare_models
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationTarget", "CompareConfig", "CompareResult", "compare", "Histogram", "StatsFile", "collect_stats", "load_stats", "merge_stats", "save_stats", "CalibConfig", "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult",
+    "ActivationTarget", "CompareConfig", "CompareResult", "Histogram", "StatsFile", "collect_stats", "load_stats", "merge_stats", "save_stats", "CalibConfig", "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult",
     "ColorOrder", "ConfigError", "FeedsSource", "HighPrecision", "ImagePreprocess", "InputSpec",
     "InternalError", "Layout", "ModelError", "NodeDecision", "OnnxqError", "OutputMetrics", "QuantConfig",
     "QuantPlan", "QuantResult", "Selection", "Target", "WeightTarget", "__version__", "calibrate",

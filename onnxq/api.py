@@ -11,21 +11,26 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calib.calibrate import CalibrationResult, ProgressCallback, calibrate
+from .calib.calibrate import CalibrationResult, ProgressCallback, calibrate, model_batch_size
 from .calib.data import CalibSource, input_specs, open_source
 from .calib.images import ImagePreprocess
+from .calib.channel_absmax import channel_absmax
 from .calib.histogram import Histogram
 from .calib.ranges import activation_params, group_amax
 from .calib.stats_file import StatsFile, load_stats, model_digest
-from .config import HighPrecision, QuantConfig, Selection, Target
+from .config import AccuracyTarget, HighPrecision, QuantConfig, Selection, Target
 from .errors import CalibrationError, ConfigError, ModelError
+from .fallback import FallbackResult, run_accuracy
 from .io import check_model, from_graph, load_model, to_graph
 from .passes import PREPARE, GraphPass, run
+from .passes.gate_qdq import LayerMap
 from .passes.insert_qdq import insert_qdq
 from .passes.name_nodes import name_nodes
+from .passes.smoothquant import smoothquant, smoothquant_targets
 from .passes.to_fp16 import FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from .passes.upgrade_opset import upgrade_opset
 from .quant.plan import QuantPlan, plan_quantization
+from .sensitivity import SensitivityResult, held_back_sources
 
 __all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "group_amax"]
 
@@ -36,13 +41,15 @@ _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLin
 
 @dataclass(frozen=True)
 class QuantResult:
-    """The quantized model and how it was made."""
+    """The quantized model and how it was made (`sensitivity`, `fallback`: with an accuracy target)."""
 
     model: onnx.ModelProto
     plan: QuantPlan
     calibration: CalibrationResult
     group_amax: Mapping[str, float]
     seconds: float
+    sensitivity: SensitivityResult | None = None
+    fallback: FallbackResult | None = None
 
 
 def _as_model(model: ModelLike) -> onnx.ModelProto:
@@ -90,10 +97,33 @@ def _stats_as_calibration(stats: StatsFile | str | os.PathLike[str], model: onnx
     return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
 
 
+def _smooth(graph: gs.Graph, source: CalibSource | None, config: QuantConfig) -> gs.Graph:
+    """SmoothQuant: per-input-channel ranges of the smoothable MatMul/Gemm inputs, then the rewrite."""
+    if source is None or config.smoothquant is None:
+        raise ConfigError("--smoothquant needs --calib: a statistics file holds no per-channel ranges")
+    names = [t.tensor_name for t in smoothquant_targets(graph) if t.smoothable]
+    if not names:
+        return graph
+    return smoothquant(graph, channel_absmax(graph, names, source, config.calib), alpha=config.smoothquant)
+
+
+def _build(graph: gs.Graph, plan: QuantPlan, calibration: CalibrationResult, config: QuantConfig,
+           template: onnx.ModelProto) -> onnx.ModelProto:
+    """The checked INT8 model of `plan` with the calibrated statistics: insert_qdq, fp16, export, check."""
+    graph = insert_qdq(graph, plan, activation_params(plan, calibration.stats, config.calib, config.target))
+    if config.high_precision is HighPrecision.FP16:
+        graph = to_fp16(upgrade_graph_opset(graph, FP16_MIN_OPSET))
+    quantized = from_graph(graph, template=template)
+    check_model(quantized, "the quantized model")
+    return quantized
+
+
 def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | None = None,
              config: QuantConfig = QuantConfig(), *, stats: StatsFile | str | os.PathLike[str] | None = None,
              preprocess: ImagePreprocess = ImagePreprocess(), on_progress: ProgressCallback | None = None,
-             user_passes: Sequence[GraphPass] = ()) -> QuantResult:
+             user_passes: Sequence[GraphPass] = (), accuracy: AccuracyTarget | None = None,
+             eval_source: CalibSource | str | os.PathLike[str] | None = None,
+             on_accuracy_progress: ProgressCallback | None = None) -> QuantResult:
     """Quantize `model` to INT8 Q/DQ for TensorRT, calibrating on `calib` or reusing `stats`.
 
     Args:
@@ -106,6 +136,14 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         preprocess: how images are turned into tensors, when `calib` is a folder of images.
         on_progress: called after each calibration batch with (samples done, total or None).
         user_passes: your own graph passes, run in order after the prepare stage and before planning.
+        accuracy: measure every layer's sensitivity on held-back samples and leave the fewest layers
+            in float that meet the target (see `onnxq.fallback`); the result's `sensitivity` and
+            `fallback` say what was measured and what fell back. Raises `TargetNotMetError` when no
+            model with a quantized layer meets it, unless `accuracy.write_anyway`.
+        eval_source: the held-back samples for `accuracy` (its first `accuracy.samples`); without
+            it every fourth calibration sample is held back and not used for calibration.
+        on_accuracy_progress: called after each pass over the held-back samples with (runs done,
+            runs planned or None).
     """
     started = time.perf_counter()
     if (calib is None) == (stats is None):
@@ -114,17 +152,30 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         raise ConfigError("--high-precision fp16 is for --target trt; ONNX Runtime's CPU kernels run float32")
     model = _as_model(model)
     graph = run(prepare(model), user_passes)
+    source = None if calib is None else _open(calib, model, preprocess)
+    held_back = layers = None
+    if accuracy is not None:
+        evaluation = None if eval_source is None else _open(eval_source, model, preprocess)
+        source, held_back = held_back_sources(source, evaluation, accuracy.samples)
+    if config.smoothquant is not None:
+        graph = _smooth(graph, source, config)
     plan = plan_quantization(graph, config.selection, config.target)
+    if accuracy is not None:
+        layers = LayerMap(graph, plan, config.selection, config.target)  # falling back may quantize more tensors
     if stats is not None:
         calibration = _stats_as_calibration(stats, model)
     else:
-        assert calib is not None
-        calibration = calibrate(graph, plan.activation_names, _open(calib, model, preprocess), config.calib,
-                                on_progress)
-    amax = group_amax(plan, calibration.stats, config.calib)
-    graph = insert_qdq(graph, plan, activation_params(plan, calibration.stats, config.calib, config.target))
-    if config.high_precision is HighPrecision.FP16:
-        graph = to_fp16(upgrade_graph_opset(graph, FP16_MIN_OPSET))
-    quantized = from_graph(graph, template=model)
-    check_model(quantized, "the quantized model")
-    return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started)
+        assert source is not None
+        names = plan.activation_names if layers is None else layers.calibrated_names
+        calibration = calibrate(graph, names, source, config.calib, on_progress)
+    if held_back is None or layers is None or accuracy is None:
+        quantized = _build(graph, plan, calibration, config, model)
+        return QuantResult(quantized, plan, calibration, group_amax(plan, calibration.stats, config.calib),
+                           time.perf_counter() - started)
+    outcome = run_accuracy(
+        layers.restricted(calibration.stats), calibration.stats, model, held_back,
+        lambda final_plan: _build(graph, final_plan, calibration, config, model), accuracy, config.calib,
+        fixed_batch=model_batch_size(graph), on_progress=on_accuracy_progress)
+    return QuantResult(outcome.model, outcome.plan, calibration,
+                       group_amax(outcome.plan, calibration.stats, config.calib), time.perf_counter() - started,
+                       outcome.sensitivity, outcome.fallback)

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
@@ -30,6 +29,7 @@ import onnx
 from .calib.data import CalibSource, InputSpec, input_specs, open_source
 from .calib.images import ImagePreprocess
 from .calib.session import CPU_PROVIDER, open_session, resolve_providers
+from .atomic import write_atomic
 from .errors import CalibrationError, ConfigError, MissingDependencyError, ModelError, OnnxqError
 from .io import load_model
 from .latency import LatencyStats, Timer, speedup, time_interleaved, wall_clock_timer
@@ -381,18 +381,5 @@ def write_json(result: CompareResult, path: str | os.PathLike[str]) -> Path:
     """
     target = Path(path)
     text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
-    try:
-        handle, staged = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as err:
-        raise OnnxqError(f"{target}: cannot write the report ({err.strerror or err})") from None
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(staged, target)
-    except OSError as err:
-        Path(staged).unlink(missing_ok=True)
-        raise OnnxqError(f"{target}: cannot write the report ({err.strerror or err})") from None
-    except BaseException:  # Ctrl-C: leave nothing behind either
-        Path(staged).unlink(missing_ok=True)
-        raise
+    write_atomic(target, text.encode("utf-8"), "the report")
     return target

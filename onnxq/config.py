@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ __all__ = [
     "Selection",
     "CalibConfig",
     "QuantConfig",
+    "AccuracyTarget",
     "parse_enum",
 ]
 
@@ -134,3 +136,50 @@ class QuantConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     target: Target = Target.TRT
     high_precision: HighPrecision = HighPrecision.FP32
+    smoothquant: float | None = None  # migration strength alpha in (0, 1); None: no SmoothQuant
+
+    def __post_init__(self) -> None:
+        if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
+            raise ConfigError(f"--smoothquant: alpha must be between 0 and 1 (exclusive), got {self.smoothquant}")
+
+
+@dataclass(frozen=True)
+class AccuracyTarget:
+    """How close to the float model the INT8 model must stay; layers fall back to float until it is.
+
+    Both thresholds apply to every graph output, measured on held-back samples against the float
+    model. Without either, only the per-layer sensitivity is measured and nothing falls back.
+
+    Attributes:
+        min_cosine: the lowest output cosine similarity accepted (e.g. 0.99).
+        max_sqnr_drop_db: how far the quantization noise may rise towards the signal: the output's
+            signal-to-quantization-noise ratio 10*log10(sum(ref^2) / sum((ref-int8)^2)) must stay at
+            or above this many dB (e.g. 20: the noise energy at most 1% of the signal's).
+        write_anyway: return a model even when the target is not met (the fully quantized one when
+            no model with a quantized layer meets it) instead of raising `TargetNotMetError`.
+        samples: at most this many held-back samples; each measurement is a pass over them.
+    """
+
+    min_cosine: float | None = None
+    max_sqnr_drop_db: float | None = None
+    write_anyway: bool = False
+    samples: int = 32
+
+    def __post_init__(self) -> None:
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"--min-cosine must be in [-1, 1], got {self.min_cosine}")
+        if self.max_sqnr_drop_db is not None and not math.isfinite(self.max_sqnr_drop_db):
+            raise ConfigError(f"--max-sqnr-drop must be a finite number of dB, got {self.max_sqnr_drop_db}")
+        if self.samples < 1:
+            raise ConfigError(f"the accuracy target needs at least 1 held-back sample, got {self.samples}")
+
+    @property
+    def has_threshold(self) -> bool:
+        """Whether a threshold is set (otherwise: sensitivity only)."""
+        return self.min_cosine is not None or self.max_sqnr_drop_db is not None
+
+    def describe(self) -> str:
+        """E.g. "cosine >= 0.99 and SQNR >= 20 dB"."""
+        parts = [] if self.min_cosine is None else [f"cosine >= {self.min_cosine:g}"]
+        parts += [] if self.max_sqnr_drop_db is None else [f"SQNR >= {self.max_sqnr_drop_db:g} dB"]
+        return " and ".join(parts) or "no threshold"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -31,6 +30,7 @@ from .api import QuantResult
 from .calib.histogram import Histogram
 from .calib.ranges import AMAX_METHODS, group_amax
 from .config import CalibConfig, CalibMethod
+from .atomic import write_atomic
 from .errors import OnnxqError
 from .quant.plan import ActivationTarget, NodeDecision, QuantPlan
 from .report_chart import CHART_FILE, LayerRow, SensitivityRow, available, rank_layers, sensitivity_png
@@ -358,19 +358,7 @@ def to_markdown(report: QuantReport, *, chart: str | None = None, chart_note: st
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    staged = None
-    try:
-        handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(staged, path)
-    except BaseException as err:  # Ctrl-C too: leave nothing half-written behind
-        if staged is not None:
-            Path(staged).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OnnxqError(f"{path}: cannot write the report ({err.strerror or err})") from None
-        raise
-    return path
+    return write_atomic(path, data, "the report")
 
 
 def write_report(report: QuantReport, folder: str | os.PathLike[str]) -> tuple[Path, ...]:

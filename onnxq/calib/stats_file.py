@@ -11,9 +11,9 @@ merging or quantizing with statistics of another model is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..atomic import write_atomic
 from ..errors import CalibrationError
 from .histogram import Histogram
 
@@ -67,14 +68,9 @@ def save_stats(stats: StatsFile, path: str | os.PathLike[str]) -> Path:
     for i, name in enumerate(names):
         for field, values in stats.histograms[name].to_arrays().items():
             arrays[f"t{i}/{field}"] = values
-    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(staged, path)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue(), "the statistics file", CalibrationError)
     return path
 
 

@@ -31,8 +31,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from typing import Any
 import onnx
 from google.protobuf.message import DecodeError
 
+from ..atomic import write_atomic
 from ..errors import ConfigError, ModelError
 from .runtime import require_gpu, require_tensorrt, summarize_log, tensorrt_logger, version_of
 
@@ -374,25 +373,12 @@ def build_engine(model_path: str | os.PathLike[str], config: BuildConfig = Build
 
 
 def save_plan(plan: bytes, path: str | os.PathLike[str]) -> Path:
-    """Write `plan` to `path` atomically: into a temporary folder beside it, then renamed into place.
+    """Write `plan` to `path` atomically (a temporary file beside it, then renamed into place).
 
     Raises:
         ModelError: the folder does not exist or the file cannot be written.
     """
     path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise ModelError(f"{path}: the folder {folder} does not exist")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
-    except OSError as err:
-        raise ModelError(f"{path}: cannot write the engine ({err.strerror or err})") from None
-    try:
-        staged = staging / path.name
-        staged.write_bytes(plan)
-        os.replace(staged, path)
-    except OSError as err:
-        raise ModelError(f"{path}: cannot write the engine ({err.strerror or err})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    if not path.parent.is_dir():
+        raise ModelError(f"{path}: the folder {path.parent} does not exist")
+    return write_atomic(path, plan, "the engine", ModelError)

@@ -1,0 +1,161 @@
+"""The accuracy-target options of `onnxq quantize` and the summary lines of their results."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from pathlib import Path
+
+from onnxq.api import QuantResult
+from onnxq.config import AccuracyTarget, QuantConfig
+from onnxq.fallback import FallbackResult
+from onnxq.sensitivity import SensitivityResult, worst
+from onnxq.verify import OutputMetrics
+
+from .progress import Progress, plural
+
+DEFAULT_HELD_BACK = AccuracyTarget().samples
+
+
+def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --min-cosine, --max-sqnr-drop, --write-anyway, --held-back; the command gets `accuracy`."""
+
+    @click.option("--min-cosine", type=float, metavar="C",
+                  help="Accuracy target: leave the fewest layers in float (most sensitive first) so that every "
+                       "output's cosine to the float model on held-back data is at least C, e.g. 0.99.")
+    @click.option("--max-sqnr-drop", type=float, metavar="DB",
+                  help="Accuracy target: quantization noise stays at least DB dB below each output's signal "
+                       "(SQNR >= DB on held-back data).")
+    @click.option("--write-anyway", is_flag=True,
+                  help="Write a model even when the target is not met (the fully quantized one when no model "
+                       "with a quantized layer meets it); exit 0.")
+    @click.option("--held-back", type=click.IntRange(min=1), default=DEFAULT_HELD_BACK, show_default=True,
+                  metavar="N", help="Held-back samples for the target: the first N of --eval, else every 4th "
+                                    "calibration sample (then not used for calibration), up to N.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, min_cosine: float | None, max_sqnr_drop: float | None, write_anyway: bool,
+                held_back: int, **kwargs: Any) -> Any:
+        accuracy = None
+        if min_cosine is not None or max_sqnr_drop is not None:
+            accuracy = AccuracyTarget(min_cosine=min_cosine, max_sqnr_drop_db=max_sqnr_drop,
+                                      write_anyway=write_anyway, samples=held_back)
+        elif write_anyway:
+            raise click.UsageError("--write-anyway needs an accuracy target: --min-cosine or --max-sqnr-drop")
+        return fn(*args, accuracy=accuracy, **kwargs)
+
+    return wrapper
+
+
+class RunProgress:
+    """Progress bars for the accuracy stage: one for the sensitivity runs, one for the search.
+
+    Args:
+        before: the calibration bar, closed when the first run reports.
+    """
+
+    def __init__(self, before: Progress | None = None) -> None:
+        self.before = before
+        self.bar: Progress | None = None
+        self.total: int | None = -1
+        self.offset = 0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.before is not None:  # the calibration bar is finished by now
+            self.before.close()
+            self.before.bar, self.before = None, None
+        if total != self.total:
+            self.close()
+            self.bar = _RunBar("sensitivity" if total is not None else "fallback")
+            self.total, self.offset = total, done - 1
+        assert self.bar is not None
+        self.bar(done - self.offset, None if total is None else total - self.offset)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> RunProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _RunBar(Progress):
+    def _rate(self, _: object) -> str:
+        return f"{(time.perf_counter() - self.started) / max(self.done, 1):.1f} s/run"
+
+
+def _figures(metrics: Sequence[OutputMetrics]) -> tuple[str, str]:
+    cosine, sqnr = worst(metrics)
+    return f"{cosine:.5f}", "nan" if math.isnan(sqnr) else f"{sqnr:.2f}"
+
+
+def sensitivity_lines(result: SensitivityResult) -> list[str]:
+    """The held-back data and the cost and headline of the sensitivity measurements."""
+    cosine, sqnr = _figures(result.float_vs_int8)
+    lines = [f"  held back    {plural(result.samples, 'sample')}: {result.data}",
+             f"  sensitivity  {plural(len(result.layers), 'layer')}: {result.runs} runs (1 + 2 per layer) in "
+             f"{result.seconds:.1f} s; fully INT8: cosine {cosine}, SQNR {sqnr} dB"]
+    if result.layers:
+        top = result.layers[0]
+        lines.append(f"               most sensitive: {top.node_name} (alone in float: cosine "
+                     f"{top.recovered_cosine:.5f}, SQNR {top.recovered_sqnr_db:.2f} dB)")
+    return lines
+
+
+def fallback_lines(result: FallbackResult, layer_count: int) -> list[str]:
+    """The outcome of the fallback search and a table of the layers left in float."""
+    before, after = _figures(result.before), _figures(result.after)
+    cost = f"{plural(result.runs, 'run')}, {result.seconds:.1f} s"
+    target = result.target.describe()
+    if not result.met:
+        kept = "the fully quantized model" if not result.float_layers else "this model"
+        return [f"  fallback     {target}: NOT met ({cost}); {result.note}",
+                f"               wrote {kept} anyway (--write-anyway): cosine {after[0]}, SQNR {after[1]} dB"]
+    if not result.float_layers:
+        return [f"  fallback     {target}: met with every layer quantized ({cost}); cosine {after[0]}, "
+                f"SQNR {after[1]} dB"]
+    lines = [f"  fallback     {target}: met with {len(result.float_layers)} of {layer_count} layers in float "
+             f"({cost}); cosine {before[0]} -> {after[0]}, SQNR {before[1]} -> {after[1]} dB "
+             "(measured on the written model)"]
+    if result.note:
+        lines.append(f"               note: {result.note}")
+    width = max(len(layer.node_name) for layer in result.float_layers)
+    lines.append(f"    {'left float':<{width}}  {'op':<8} why")
+    for layer in result.float_layers:
+        lines.append(f"    {layer.node_name:<{width}}  {layer.op_type:<8} {layer.reason}")
+    return lines
+
+
+def accuracy_lines(sensitivity: SensitivityResult | None, fallback: FallbackResult | None) -> list[str]:
+    """The summary lines of the accuracy stage; none without an accuracy target."""
+    lines = [] if sensitivity is None else sensitivity_lines(sensitivity)
+    if fallback is not None:
+        lines += fallback_lines(fallback, 0 if sensitivity is None else len(sensitivity.layers))
+    return lines
+
+
+def write_run_report(result: QuantResult, metrics: Sequence[OutputMetrics], folder: Path, config: QuantConfig,
+                     model_name: str) -> tuple[Path, ...]:
+    """`--report DIR`: the plan, ranges, metrics (before/after fallback when it ran), sensitivity, fallback."""
+    from onnxq.report import build_report, write_report
+
+    sets: dict[str, Sequence[OutputMetrics]] = {}
+    if result.fallback is not None:
+        sets = {"before_fallback": result.fallback.before, "after_fallback": result.fallback.after}
+    if metrics:
+        sets["int8_on_eval"] = metrics
+    layers = result.sensitivity.layers if result.sensitivity is not None else ()
+    fallen = tuple((layer.node_name, layer.reason) for layer in result.fallback.float_layers) if result.fallback else ()
+    report = build_report(result, metrics=sets, sensitivity=layers, fallback=fallen,
+                          percentile=config.calib.percentile, method=config.calib.method,
+                          target=config.target.value, model_name=model_name)
+    return write_report(report, folder)
