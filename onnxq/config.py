@@ -71,10 +71,13 @@ class Selection:
     Attributes:
         exclude_node_patterns: regular expressions; a node whose name matches any (re.search) stays float.
         exclude_op_types: ONNX op types that stay float.
+        quantize_attention: also quantize the attention MatMuls next to a Softmax (float by default,
+            like the Softmax, LayerNorm and attention-mask arithmetic around them).
     """
 
     exclude_node_patterns: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
+    quantize_attention: bool = False
 
     def __post_init__(self) -> None:
         for pattern in self.exclude_node_patterns:

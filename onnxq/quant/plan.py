@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import Selection, Target
 from ..graph.query import GraphIndex, is_constant, is_float
-from .residual import is_silu_mul, residual_skip_input
+from .residual import feeds_softmax, is_silu_mul, residual_skip_input
 from .rules import DEFAULT_FLOAT_REASON, FLOAT_REASONS, PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
 from .scale_groups import scale_groups
 
@@ -103,6 +103,7 @@ class PlanDraft:
     edges: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)  # tensor -> {(node, i): why}
     weights: list[WeightTarget] = field(default_factory=list)
     biases: list[BiasTarget] = field(default_factory=list)
+    quantize_attention: bool = False
     decisions: dict[str, NodeDecision] = field(default_factory=dict)
 
     def quantize_input(self, node: gs.Node, input_index: int, reason: str) -> None:
@@ -111,6 +112,19 @@ class PlanDraft:
 
     def decide(self, node: gs.Node, quantized: bool, reason: str) -> None:
         self.decisions[node.name] = NodeDecision(node.name, node.op, quantized, reason)
+
+
+def _on_softmax_path(node: gs.Node, index: GraphIndex) -> bool:
+    """An attention BMM: its output feeds a Softmax (through scaling/masking), or an input comes from one."""
+    if feeds_softmax(node.outputs[0], index):
+        return True
+    for tensor in node.inputs:
+        producer = index.producer(tensor)
+        while producer is not None and producer.op in ("Cast", "Reshape", "Transpose", "Identity"):
+            producer = index.producer(producer.inputs[0])
+        if producer is not None and producer.op == "Softmax":
+            return True
+    return False
 
 
 def _plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
@@ -125,6 +139,9 @@ def _plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
         return f"input '{activation.name}' is a constant"
     if not is_constant(weight):
         if node.op == "MatMul" and is_float(weight):
+            if not draft.quantize_attention and _on_softmax_path(node, draft.index):
+                return ("attention MatMul on the Softmax path: kept float by default, like Softmax itself "
+                        "(--quantize-attention quantizes it)")
             draft.quantize_input(node, 0, "activation x activation MatMul: both inputs per-tensor")
             draft.quantize_input(node, 1, "activation x activation MatMul: both inputs per-tensor")
             return None
@@ -182,7 +199,7 @@ def plan_quantization(graph: gs.Graph, selection: Selection = Selection(), targe
 
 
 def _plan_trt(graph: gs.Graph, selection: Selection) -> QuantPlan:
-    draft = PlanDraft(GraphIndex.build(graph))
+    draft = PlanDraft(GraphIndex.build(graph), quantize_attention=selection.quantize_attention)
     nodes = list(graph.nodes)
     for node in nodes:
         excluded = selection.excluded_by(node.name, node.op)

@@ -105,8 +105,16 @@ def test_transformer_mask_path_stays_float() -> None:
         assert not mask_add.quantized and "mask" in mask_add.reason
         assert not plan.decision(f"{layer}/attn/softmax").quantized
         readers = _readers(plan)
-        assert (f"{layer}/attn/scores", 0) in readers and (f"{layer}/attn/scores", 1) in readers
+        # Transformer-aware default: the attention BMMs next to the Softmax stay float too ...
+        for bmm in ("scores", "context"):
+            decision = plan.decision(f"{layer}/attn/{bmm}")
+            assert not decision.quantized and "Softmax" in decision.reason
+            assert (f"{layer}/attn/{bmm}", 0) not in readers
         assert _weight_axes(plan)[f"{layer}/attn/q_proj/matmul"] == 1
+    # ... unless asked: then both inputs of each are quantized per-tensor.
+    asked = _readers(_plan("transformer_encoder", Selection(quantize_attention=True)))
+    assert ("layer1/attn/scores", 0) in asked and ("layer1/attn/scores", 1) in asked
+    assert ("layer1/attn/context", 0) in asked
 
 
 def test_every_node_has_a_decision_with_a_reason() -> None:
