@@ -14,7 +14,9 @@ from .calib.histogram import Histogram
 from .calib.ranges import group_amax
 from .calib.stats_file import StatsFile, load_stats, merge_stats, save_stats
 from .calib.images import ColorOrder, ImagePreprocess, Layout
-from .config import CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target
+from .config import AccuracyTarget, CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target
+from .fallback import FallbackResult, TargetNotMetError
+from .sensitivity import SensitivityResult
 from .errors import CalibrationError, ConfigError, InternalError, ModelError, OnnxqError
 from .io import check_model, from_graph, load_model, save_model, to_graph
 from .passes.insert_qdq import insert_qdq
@@ -25,7 +27,7 @@ from .verify import OutputMetrics, compare_models
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationTarget", "CompareConfig", "CompareResult", "Histogram", "StatsFile", "collect_stats", "load_stats", "merge_stats", "save_stats", "CalibConfig", "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult",
+    "AccuracyTarget", "FallbackResult", "SensitivityResult", "TargetNotMetError", "ActivationTarget", "CompareConfig", "CompareResult", "Histogram", "StatsFile", "collect_stats", "load_stats", "merge_stats", "save_stats", "CalibConfig", "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult",
     "ColorOrder", "ConfigError", "FeedsSource", "HighPrecision", "ImagePreprocess", "InputSpec",
     "InternalError", "Layout", "ModelError", "NodeDecision", "OnnxqError", "OutputMetrics", "QuantConfig",
     "QuantPlan", "QuantResult", "Selection", "Target", "WeightTarget", "__version__", "calibrate",
