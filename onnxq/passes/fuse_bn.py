@@ -26,6 +26,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph.names import unique_name
 from .core import graph_pass
 
 __all__ = ["fuse_bn", "FUSABLE_CONV_OPS"]
@@ -134,9 +135,9 @@ def _fold_bn_into_conv(bn: gs.Node, conv: gs.Node, names: set[str]) -> None:
     new_bias = (old_bias - mean) * scale + beta
     bias_dtype = weight.dtype if bias is None else bias.dtype
     prefix = conv.name or weight.name
-    fused_weight = gs.Constant(_unique(f"{prefix}_bn_fused_weight", names),
+    fused_weight = gs.Constant(unique_name(f"{prefix}_bn_fused_weight", names),
                                new_weight.astype(weight.dtype))
-    fused_bias = gs.Constant(_unique(f"{prefix}_bn_fused_bias", names), new_bias.astype(bias_dtype))
+    fused_bias = gs.Constant(unique_name(f"{prefix}_bn_fused_bias", names), new_bias.astype(bias_dtype))
     conv.inputs[1] = fused_weight
     if len(conv.inputs) > 2:
         conv.inputs[2] = fused_bias
@@ -146,12 +147,3 @@ def _fold_bn_into_conv(bn: gs.Node, conv: gs.Node, names: set[str]) -> None:
     bn.outputs.clear()
     bn.inputs.clear()
     conv.outputs[0] = bn_output
-
-
-def _unique(name: str, names: set[str]) -> str:
-    """`name`, or `name_<n>` for the first n that is free; the result is added to `names`."""
-    candidate, index = name, 1
-    while candidate in names:
-        candidate, index = f"{name}_{index}", index + 1
-    names.add(candidate)
-    return candidate

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph.names import unique_name
 from ..config import Selection, Target
 from ..errors import InternalError
 from ..quant.plan import ActivationTarget, QuantPlan, plan_quantization
@@ -76,15 +77,6 @@ def gate_slots(plan: QuantPlan) -> tuple[GateSlot, ...]:
     return tuple(slots)
 
 
-def _free_name(taken: set[str], base: str) -> str:
-    name, suffix = base, 1
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    taken.add(name)
-    return name
-
-
 def _float_source(slot: GateSlot, tensors: dict[str, gs.Tensor], originals: Mapping[str, gs.Tensor]) -> gs.Tensor:
     """The float tensor a slot reads with its gate off, re-created as a constant if cleanup dropped it."""
     if slot.tensor_name in tensors:
@@ -100,12 +92,12 @@ def _float_source(slot: GateSlot, tensors: dict[str, gs.Tensor], originals: Mapp
 
 def _gate(graph: gs.Graph, gates: gs.Variable, index: int, taken: set[str],
           quantized: gs.Tensor, floating: gs.Tensor) -> gs.Variable:
-    position = gs.Constant(_free_name(taken, f"{gates.name}_index_{index}"), np.array(index, dtype=np.int64))
-    gate = gs.Variable(_free_name(taken, f"{gates.name}_{index}"), dtype=np.bool_, shape=())
-    graph.nodes.append(gs.Node("Gather", _free_name(taken, f"{gates.name}_Gather_{index}"), {"axis": 0},
+    position = gs.Constant(unique_name(f"{gates.name}_index_{index}", taken), np.array(index, dtype=np.int64))
+    gate = gs.Variable(unique_name(f"{gates.name}_{index}", taken), dtype=np.bool_, shape=())
+    graph.nodes.append(gs.Node("Gather", unique_name(f"{gates.name}_Gather_{index}", taken), {"axis": 0},
                                inputs=[gates, position], outputs=[gate]))
-    chosen = gs.Variable(_free_name(taken, f"{quantized.name}_gated"), dtype=quantized.dtype, shape=quantized.shape)
-    graph.nodes.append(gs.Node("Where", _free_name(taken, f"{quantized.name}_Where_{index}"),
+    chosen = gs.Variable(unique_name(f"{quantized.name}_gated", taken), dtype=quantized.dtype, shape=quantized.shape)
+    graph.nodes.append(gs.Node("Where", unique_name(f"{quantized.name}_Where_{index}", taken),
                                inputs=[gate, quantized, floating], outputs=[chosen]))
     return chosen
 
@@ -127,7 +119,7 @@ def gate_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, float 
     slots = gate_slots(plan)
     tensors = quantized.tensors()
     taken = set(tensors) | {node.name for node in quantized.nodes}
-    gates = gs.Variable(_free_name(taken, GATES_INPUT), dtype=np.bool_, shape=(len(slots),))
+    gates = gs.Variable(unique_name(GATES_INPUT, taken), dtype=np.bool_, shape=(len(slots),))
     nodes = {node.name: node for node in quantized.nodes}
     originals = graph.tensors()
     for index, slot in enumerate(slots):

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph.names import NameSource
 from ..errors import InternalError
 from ..quant.plan import ActivationTarget, BiasTarget, QuantPlan, WeightTarget
 from ..quant.scales import ActivationParams, quantize_bias, quantize_weight, symmetric_int8, weight_scales
@@ -23,29 +24,14 @@ from .core import graph_pass
 __all__ = ["insert_qdq"]
 
 
-class _Names:
-    """Deterministic, collision-free names for inserted tensors and nodes."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, suffix = base, 1
-        while name in self.taken:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self.taken.add(name)
-        return name
-
-
-def _scale_and_zero_point(names: _Names, base: str, scale: np.ndarray,
+def _scale_and_zero_point(names: NameSource, base: str, scale: np.ndarray,
                           zero_point: np.ndarray | None = None) -> tuple[gs.Constant, gs.Constant]:
     if zero_point is None:
         zero_point = np.zeros(scale.shape, dtype=np.int8)
     return (gs.Constant(names(f"{base}_scale"), scale), gs.Constant(names(f"{base}_zero_point"), zero_point))
 
 
-def _dequantize(graph: gs.Graph, names: _Names, source: gs.Tensor, params: tuple[gs.Constant, gs.Constant],
+def _dequantize(graph: gs.Graph, names: NameSource, source: gs.Tensor, params: tuple[gs.Constant, gs.Constant],
                 like: gs.Tensor, axis: int | None) -> gs.Variable:
     out = gs.Variable(names(f"{like.name}_dequantized"), dtype=like.dtype, shape=like.shape)
     attrs = {} if axis is None else {"axis": axis}
@@ -54,7 +40,7 @@ def _dequantize(graph: gs.Graph, names: _Names, source: gs.Tensor, params: tuple
     return out
 
 
-def _insert_activation(graph: gs.Graph, names: _Names, nodes: Mapping[str, gs.Node],
+def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node],
                        tensor: gs.Tensor, target: ActivationTarget, activation: ActivationParams) -> None:
     dtype = np.float16 if tensor.dtype == np.float16 else np.float32
     params = _scale_and_zero_point(names, tensor.name, np.asarray(activation.scale, dtype=dtype),
@@ -67,7 +53,7 @@ def _insert_activation(graph: gs.Graph, names: _Names, nodes: Mapping[str, gs.No
         nodes[node_name].inputs[index] = dequantized
 
 
-def _insert_weight(graph: gs.Graph, names: _Names, weight: gs.Constant,
+def _insert_weight(graph: gs.Graph, names: NameSource, weight: gs.Constant,
                    targets: list[WeightTarget], nodes: Mapping[str, gs.Node]) -> np.ndarray:
     values = np.asarray(weight.values)
     axis = targets[0].axis
@@ -80,7 +66,7 @@ def _insert_weight(graph: gs.Graph, names: _Names, weight: gs.Constant,
     return scales
 
 
-def _insert_bias(graph: gs.Graph, names: _Names, nodes: Mapping[str, gs.Node], bias: gs.Constant,
+def _insert_bias(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node], bias: gs.Constant,
                  target: BiasTarget, input_scale: np.float32, weight_scale: np.ndarray) -> None:
     values = np.asarray(bias.values)
     if weight_scale.size != values.size:
@@ -107,7 +93,7 @@ def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, floa
         plan: where Q/DQ goes.
         group_params: per activation group, its parameters, or an amax for symmetric INT8 (s = amax/127).
     """
-    names = _Names(graph)
+    names = NameSource(graph)
     nodes = {node.name: node for node in graph.nodes}
     tensors = graph.tensors()
     activation_params: dict[str, ActivationParams] = {}

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph.names import unique_name
 from ..errors import CalibrationError, ConfigError
 from .core import graph_pass
 
@@ -290,16 +291,6 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def _unique(base: str, taken: set[str]) -> str:
-    """`base`, or `base_<n>` for the first free n >= 2; the result is added to `taken`."""
-    name, suffix = base, 1
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    taken.add(name)
-    return name
-
-
 def _rescaled(values: np.ndarray, scales: np.ndarray, axis: int, divide: bool) -> np.ndarray:
     """`values` divided (or multiplied) by `scales` along `axis`, size-1 or scalar axes broadcast first."""
     data = np.asarray(values, dtype=np.float64)
@@ -313,7 +304,7 @@ def _rescaled(values: np.ndarray, scales: np.ndarray, axis: int, divide: bool) -
 
 def _replace_constant(node: gs.Node, index: int, values: np.ndarray, names: set[str]) -> None:
     base = re.sub(r"_smoothed(_\d+)?$", "", node.inputs[index].name)  # smoothed twice: w_smoothed_2
-    node.inputs[index] = gs.Constant(_unique(f"{base}_smoothed", names), values)
+    node.inputs[index] = gs.Constant(unique_name(f"{base}_smoothed", names), values)
 
 
 def _weight_amax(plan: _Plan) -> np.ndarray:
@@ -328,13 +319,13 @@ def _weight_amax(plan: _Plan) -> np.ndarray:
 def _restore(graph: gs.Graph, plan: _Plan, scales: np.ndarray, names: set[str]) -> None:
     """Make the producer write a new X', give it to the linear readers, and Mul(X', s) -> X for the rest."""
     tensor, producer = plan.tensor, plan.tensor.inputs[0]
-    smoothed = gs.Variable(_unique(f"{tensor.name}_smoothed", names), dtype=tensor.dtype, shape=tensor.shape)
+    smoothed = gs.Variable(unique_name(f"{tensor.name}_smoothed", names), dtype=tensor.dtype, shape=tensor.shape)
     producer.outputs[0] = smoothed
     for node, _ in plan.readers:
         node.inputs[0] = smoothed
     dtype = tensor.dtype if tensor.dtype is not None else np.float32
-    scale = gs.Constant(_unique(f"{tensor.name}_smooth_scale", names), scales.astype(dtype))
-    graph.nodes.append(gs.Node("Mul", _unique(f"{producer.name}/smoothquant_restore", names),
+    scale = gs.Constant(unique_name(f"{tensor.name}_smooth_scale", names), scales.astype(dtype))
+    graph.nodes.append(gs.Node("Mul", unique_name(f"{producer.name}/smoothquant_restore", names),
                                inputs=[smoothed, scale], outputs=[tensor]))
 
 

@@ -48,6 +48,7 @@ import onnx
 import onnx.defs
 import onnx_graphsurgeon as gs
 
+from ..graph.names import NameSource
 from ..errors import ModelError
 from ..io import from_graph, to_graph
 from .core import graph_pass
@@ -194,22 +195,7 @@ def _plan_types(graph: gs.Graph, keep: frozenset[str]) -> _TypePlan:
     return plan
 
 
-class _Names:
-    """Fresh tensor and node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
-
-    def __call__(self, base: str) -> str:
-        name, suffix = base, 1
-        while name in self.taken:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self.taken.add(name)
-        return name
-
-
-def _cast(graph: gs.Graph, names: _Names, source: gs.Tensor, dtype: np.dtype, name: str) -> gs.Variable:
+def _cast(graph: gs.Graph, names: NameSource, source: gs.Tensor, dtype: np.dtype, name: str) -> gs.Variable:
     out = gs.Variable(name, dtype=dtype, shape=source.shape)
     to = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     graph.nodes.append(gs.Node("Cast", names(f"{source.name}_Cast_{dtype.name}"), {"to": to},
@@ -217,7 +203,7 @@ def _cast(graph: gs.Graph, names: _Names, source: gs.Tensor, dtype: np.dtype, na
     return out
 
 
-def _retype_variables(graph: gs.Graph, plan: _TypePlan, names: _Names) -> None:
+def _retype_variables(graph: gs.Graph, plan: _TypePlan, names: NameSource) -> None:
     """Give Variables their new types and Cast the inputs whose type differs from the demand."""
     for node in graph.nodes:
         for tensor in node.outputs:
@@ -277,7 +263,7 @@ def _is_scale(uses: Iterable[tuple[gs.Node, int]]) -> bool:
     return any(n.op in ("QuantizeLinear", "DequantizeLinear") and i == _QDQ_SCALE_INPUT for n, i in uses)
 
 
-def _convert_constants(plan: _TypePlan, names: _Names) -> dict[int, np.ndarray]:
+def _convert_constants(plan: _TypePlan, names: NameSource) -> dict[int, np.ndarray]:
     """Float16 versions of the float32 initializers read in float16; returns replaced scales.
 
     A constant read only in float16 is converted in place (it keeps its name); one also read in
@@ -312,7 +298,7 @@ def _convert_constants(plan: _TypePlan, names: _Names) -> dict[int, np.ndarray]:
     return replaced_scales
 
 
-def _requantize_weights(graph: gs.Graph, replaced_scales: Mapping[int, np.ndarray], names: _Names) -> None:
+def _requantize_weights(graph: gs.Graph, replaced_scales: Mapping[int, np.ndarray], names: NameSource) -> None:
     """Re-quantize INT8 weights whose per-channel scale changed when rounded to float16."""
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or id(node.inputs[_QDQ_SCALE_INPUT]) not in replaced_scales:
@@ -333,7 +319,7 @@ def _requantize_weights(graph: gs.Graph, replaced_scales: Mapping[int, np.ndarra
             node.inputs[0] = gs.Constant(names(f"{weights.name}_float16_scale"), requantized)
 
 
-def _restore_output_types(graph: gs.Graph, original: Mapping[str, np.dtype | None], names: _Names) -> None:
+def _restore_output_types(graph: gs.Graph, original: Mapping[str, np.dtype | None], names: NameSource) -> None:
     """Graph outputs computed in float16 get a Cast back to their original name and float32 type."""
     for position, output in enumerate(graph.outputs):
         wanted, actual = original[output.name], _dtype(output)
@@ -379,7 +365,7 @@ def to_fp16(graph: gs.Graph, *, keep_fp32_ops: frozenset[str] = DEFAULT_KEEP_FP3
     graph.toposort()
     original_outputs = {t.name: _dtype(t) for t in graph.outputs}
     plan = _plan_types(graph, frozenset(keep_fp32_ops))
-    names = _Names(graph)
+    names = NameSource(graph)
     _retype_variables(graph, plan, names)
     replaced_scales = _convert_constants(plan, names)
     _requantize_weights(graph, replaced_scales, names)
