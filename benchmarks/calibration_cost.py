@@ -106,12 +106,14 @@ def _float_inference(model: str, data: np.ndarray, variant: str, batch: int) -> 
     """
     import onnxruntime as ort
 
-    import onnxq
-
     options = ort.SessionOptions()
     level = ort.GraphOptimizationLevel
     options.graph_optimization_level = level.ORT_ENABLE_ALL if variant == "on" else level.ORT_DISABLE_ALL
-    source = onnxq.from_graph(onnxq.prepare(model)).SerializeToString() if variant == "prepared" else model
+    source: str | bytes = model
+    if variant == "prepared":
+        import onnxq  # already imported by `child` before the clock started
+
+        source = onnxq.from_graph(onnxq.prepare(model)).SerializeToString()
     session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     for start in range(0, len(data), batch):
@@ -120,6 +122,7 @@ def _float_inference(model: str, data: np.ndarray, variant: str, batch: int) -> 
 
 def _ort_quantize(model: str, data: np.ndarray, method: str, batch: int) -> None:
     """ORT quantize_static, QDQ, per-channel, symmetric INT8 activations and weights."""
+    import onnx
     from onnxruntime import quantization as ortq
 
     class Reader(ortq.CalibrationDataReader):
@@ -128,8 +131,6 @@ def _ort_quantize(model: str, data: np.ndarray, method: str, batch: int) -> None
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
-
-    import onnx
 
     input_name = onnx.load(model, load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
@@ -310,8 +311,8 @@ def _print_growth(key: str, configs: list[Config], low: int, high: int, results:
             ours = growth(config)
             excess = None if ours is None or floor is None or floor.bound else Figure(ours.value - floor.value,
                                                                                        ours.bound)
-            line += (f"   {_mib(excess) if excess is None or excess.value < 0 else '+' + _mib(excess):>6} vs the"
-                     f" floor: {verdict(excess, at_most=RSS_ALLOWANCE)}")
+            signed = "-" if excess is None else f"{excess.bound}{round(excess.value / MIB):+d}"
+            line += f"   {signed:>6} vs the floor: {verdict(excess, at_most=RSS_ALLOWANCE)}"
         print(line)
 
 
@@ -385,6 +386,7 @@ def main() -> None:
         for key in keys:
             results = {(config, n): best_of(attempts[key, config, n]) for config in configs for n in counts}
             print_model(key, configs, counts, results, sets)
+
 
 if __name__ == "__main__":
     main()
