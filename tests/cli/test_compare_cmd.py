@@ -4,58 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
-import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper
-from onnx_graphsurgeon.logger import G_LOGGER
 
 import onnxq
-from onnxq_cli.main import run
+from tests.cli.test_cli import assert_one_line_error, invoke
 
 REPO = Path(__file__).parents[2]
 PPOCR = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
 TEXTLINES = REPO / "models" / "data" / "textlines"
 EVAL = TEXTLINES / "ppocr_cls_eval.npz"
 FAST = ("--warmup", "1", "--iterations", "3")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def invoke(*args: str | os.PathLike[str]) -> Outcome:
-    """Run `onnxq ARGS` in-process; the global logging state is restored afterwards."""
-    root = logging.getLogger()
-    handlers, level, severity = root.handlers[:], root.level, G_LOGGER.severity
-    try:
-        with CliRunner().isolation() as (stdout, stderr, _):
-            code = run([os.fspath(arg) for arg in args])
-            sys.stdout.flush()
-            sys.stderr.flush()
-            return Outcome(code, stdout.getvalue().decode(), stderr.getvalue().decode())
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        G_LOGGER.severity = severity
-
-
-def assert_one_line_error(outcome: Outcome, code: int, *fragments: str) -> None:
-    assert outcome.code == code, outcome
-    assert outcome.stdout == ""
-    lines = outcome.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), outcome.stderr
-    assert all(fragment in lines[0] for fragment in fragments), lines[0]
 
 
 @pytest.fixture(scope="module")
