@@ -108,9 +108,13 @@ def _smooth(graph: gs.Graph, source: CalibSource | None, config: QuantConfig) ->
 
 
 def _build(graph: gs.Graph, plan: QuantPlan, calibration: CalibrationResult, config: QuantConfig,
-           template: onnx.ModelProto) -> onnx.ModelProto:
-    """The checked INT8 model of `plan` with the calibrated statistics: insert_qdq, fp16, export, check."""
-    graph = insert_qdq(graph, plan, activation_params(plan, calibration.stats, config.calib, config.target))
+           template: onnx.ModelProto, amax: Mapping[str, float] | None = None) -> onnx.ModelProto:
+    """The checked INT8 model of `plan` with the calibrated statistics: insert_qdq, fp16, export, check.
+
+    `amax`: the plan's group amaxes if already computed (else computed here).
+    """
+    params = activation_params(plan, calibration.stats, config.calib, config.target, amax)
+    graph = insert_qdq(graph, plan, params)
     if config.high_precision is HighPrecision.FP16:
         graph = to_fp16(upgrade_graph_opset(graph, FP16_MIN_OPSET))
     quantized = from_graph(graph, template=template)
@@ -169,9 +173,9 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         names = plan.activation_names if layers is None else layers.calibrated_names
         calibration = calibrate(graph, names, source, config.calib, on_progress)
     if held_back is None or layers is None or accuracy is None:
-        quantized = _build(graph, plan, calibration, config, model)
-        return QuantResult(quantized, plan, calibration, group_amax(plan, calibration.stats, config.calib),
-                           time.perf_counter() - started)
+        amax = group_amax(plan, calibration.stats, config.calib)
+        quantized = _build(graph, plan, calibration, config, model, amax)
+        return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started)
     outcome = run_accuracy(
         layers.restricted(calibration.stats), calibration.stats, model, held_back,
         lambda final_plan: _build(graph, final_plan, calibration, config, model), accuracy, config.calib,

@@ -52,13 +52,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from ..errors import InternalError
 
-__all__ = ["DEFAULT_NUM_BINS", "MIN_EXPONENT", "SENTINEL_ABS", "Histogram", "empty_histogram"]
+try:  # the compiled one-pass kernel (_binning.c); optional, the numpy path below gives the same counts
+    from . import _binning
+except ImportError:  # pragma: no cover - depends on whether the install had a C compiler
+    _binning = None
+
+__all__ = ["DEFAULT_NUM_BINS", "MIN_EXPONENT", "SENTINEL_ABS", "Histogram", "HistogramAccumulator",
+           "binning_kernel", "empty_histogram"]
 
 DEFAULT_NUM_BINS = 2048
 SENTINEL_ABS = 2.0**99
@@ -129,22 +135,17 @@ class Histogram:
     def update(self, values: np.ndarray) -> Histogram:
         """This histogram with `values` (any shape) added; `self` is unchanged.
 
-        Cost: one pass over the input in cache-sized chunks; per chunk a min and a max, |x|, an exact
-        scale, an int cast and `np.bincount`. A chunk that raises the range coarsens the counts so far
-        (exact, see the module docstring), so chunking changes nothing in the result. Chunks holding
-        NaN/Inf/sentinels take one extra filtering pass.
+        Cost: one pass over the input in cache-sized chunks; per chunk a min and a max, then one pass
+        of the compiled kernel (`_binning.c`; or numpy's |x|, exact scale, int cast and `np.bincount`).
+        A chunk that raises the range coarsens the counts so far (exact, see the module docstring), so
+        chunking changes nothing in the result. Chunks holding NaN/Inf/sentinels take one extra
+        filtering pass. Calibration uses `HistogramAccumulator`, which saves the copy of the counts.
         """
-        data = np.asarray(values)
-        if data.size == 0:
+        if np.asarray(values).size == 0:
             return self
-        flat = _flat_float(data)
-        running = _Running.of(self)
-        buffer = np.empty(min(_CHUNK, flat.size), flat.dtype)
-        for start in range(0, flat.size, _CHUNK):
-            running.fold(flat[start:start + _CHUNK], buffer, self.num_bins)
-        return replace(self, counts=running.counts, exponent=running.exponent, zeros=running.zeros,
-                       amax=running.amax, nan_count=running.nan, inf_count=running.inf,
-                       sentinel_count=running.sentinels, low=running.low, high=running.high)
+        accumulator = HistogramAccumulator(self)
+        accumulator.add(values)
+        return accumulator.freeze()
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets: exactly what one pass over all of their values gives."""
@@ -200,20 +201,34 @@ class Histogram:
         return result
 
 
-class _Running:
-    """The mutable state of one `update` call (never escapes it)."""
+class HistogramAccumulator:
+    """A running histogram that is updated in place: `add` batch after batch, `freeze` at the end.
 
-    def __init__(self, h: Histogram) -> None:
+    Same result as chaining `Histogram.update`, without copying the counts on every batch (calibration
+    adds one batch per tensor per step, so that copy is a fixed cost per tensor and batch).
+    """
+
+    def __init__(self, start: Histogram | None = None, num_bins: int = DEFAULT_NUM_BINS) -> None:
+        h = empty_histogram(num_bins) if start is None else start
+        self.num_bins = h.num_bins
         self.counts = np.array(h.counts, dtype=np.int64)  # a writable copy
         self.exponent, self.amax, self.zeros = h.exponent, h.amax, h.zeros
         self.low, self.high = h.low, h.high
         self.nan, self.inf, self.sentinels = h.nan_count, h.inf_count, h.sentinel_count
+        self._buffer: np.ndarray | None = None
 
-    @classmethod
-    def of(cls, h: Histogram) -> _Running:
-        return cls(h)
+    def add(self, values: np.ndarray) -> None:
+        """Fold `values` (any shape) in: one pass in cache-sized chunks (see `Histogram.update`)."""
+        flat = _flat_float(np.asarray(values))
+        for start in range(0, flat.size, _CHUNK):
+            self._fold(flat[start:start + _CHUNK])
 
-    def fold(self, chunk: np.ndarray, buffer: np.ndarray, num_bins: int) -> None:
+    def freeze(self) -> Histogram:
+        """The histogram so far (the accumulator stays usable)."""
+        return Histogram(self.counts.copy(), self.exponent, self.zeros, self.amax, self.nan, self.inf,
+                         self.sentinels, self.num_bins, self.low, self.high)
+
+    def _fold(self, chunk: np.ndarray) -> None:
         low, high = chunk.min(), chunk.max()
         if not (high < SENTINEL_ABS and -low < SENTINEL_ABS):  # NaN fails every comparison
             chunk, nan, inf, sentinels = _drop_unbinnable(chunk)
@@ -225,15 +240,33 @@ class _Running:
         peak = float(max(high, -low))
         if peak > self.amax:
             self.amax = peak
-            exponent = _exponent_for(peak, num_bins)
+            exponent = _exponent_for(peak, self.num_bins)
             self.counts = _coarsen(self.counts, self.exponent, exponent)
             self.exponent = exponent
         if peak == 0.0 or self.exponent is None:
             self.zeros += chunk.size
             return
-        counts, zeros = _bin_counts(chunk, self.exponent, num_bins, buffer)
+        self.zeros += self._add_bins(chunk)
+
+    def _add_bins(self, chunk: np.ndarray) -> int:
+        """Add floor(|x| * 2**-exponent) of the non-zero values to `counts`; return #exact zeros."""
+        if _binning is not None and chunk.dtype == np.float32 and chunk.flags.c_contiguous:
+            try:
+                zeros = _binning.bin_abs_f32(chunk, math.ldexp(1.0, -self.exponent), self.counts)
+            except ValueError as exc:
+                raise InternalError(f"{exc} (exponent {self.exponent}, {self.num_bins} bins)") from exc
+            self.counts[0] -= zeros
+            return zeros
+        if self._buffer is None or self._buffer.dtype != chunk.dtype or self._buffer.size < chunk.size:
+            self._buffer = np.empty(min(_CHUNK, max(chunk.size, 1)), chunk.dtype)
+        counts, zeros = _bin_counts(chunk, self.exponent, self.num_bins, self._buffer)
         self.counts += counts
-        self.zeros += zeros
+        return zeros
+
+
+def binning_kernel() -> str:
+    """Which binning code runs: "compiled" (the C kernel built at install) or "numpy" (no compiler)."""
+    return "numpy" if _binning is None else "compiled"
 
 
 def empty_histogram(num_bins: int = DEFAULT_NUM_BINS) -> Histogram:
@@ -299,7 +332,10 @@ def _drop_unbinnable(flat: np.ndarray) -> tuple[np.ndarray, int, int, int]:
 
 def _bin_counts(flat: np.ndarray, exponent: int, num_bins: int,
                 buffer: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """(counts of floor(|x| * 2**-exponent) without the exact zeros, #exact zeros).
+    """(counts of floor(|x| * 2**-exponent) without the exact zeros, #exact zeros): the numpy reference.
+
+    `_binning.bin_abs_f32` computes the same counts in one pass; this is what runs for float64 input,
+    non-contiguous chunks, or when the C kernel was not built.
 
     Works through `flat` in chunks of `_CHUNK` values so the float and intp temporaries stay in cache
     and peak memory does not grow with the tensor.

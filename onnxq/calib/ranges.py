@@ -53,18 +53,23 @@ def group_amax(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibC
     return {group: _amax(group, merged, config) for group, merged in _grouped(plan, stats).items()}
 
 
-def group_ranges(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig) -> dict[str, tuple[float, float]]:
-    """One signed range [low, high] (holding 0) per group: the seen range, clipped to +-amax of the method."""
+def group_ranges(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig,
+                 amax: Mapping[str, float] | None = None) -> dict[str, tuple[float, float]]:
+    """One signed range [low, high] (holding 0) per group: the seen range, clipped to +-amax of the method.
+
+    `amax`: the groups' amax if already computed by `group_amax` (the entropy and MSE searches are not free).
+    """
     ranges = {}
     for group, merged in _grouped(plan, stats).items():
-        amax = _amax(group, merged, config)
-        ranges[group] = (max(merged.low, -amax), min(merged.high, amax))
+        limit = amax[group] if amax is not None else _amax(group, merged, config)
+        ranges[group] = (max(merged.low, -limit), min(merged.high, limit))
     return ranges
 
 
 def activation_params(plan: QuantPlan, stats: Mapping[str, TensorStats], config: CalibConfig,
-                      target: Target) -> dict[str, float | ActivationParams]:
+                      target: Target, amax: Mapping[str, float] | None = None) -> dict[str, float | ActivationParams]:
     """What insert_qdq needs per group: an amax (TensorRT, symmetric INT8) or uint8 parameters (ORT CPU)."""
     if target is Target.TRT:
-        return dict(group_amax(plan, stats, config))
-    return {group: asymmetric_uint8(group, low, high) for group, (low, high) in group_ranges(plan, stats, config).items()}
+        return dict(group_amax(plan, stats, config) if amax is None else amax)
+    ranges = group_ranges(plan, stats, config, amax)
+    return {group: asymmetric_uint8(group, low, high) for group, (low, high) in ranges.items()}

@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from ..errors import CalibrationError
-from .histogram import SENTINEL_ABS, Histogram, empty_histogram
+from .histogram import SENTINEL_ABS, Histogram, HistogramAccumulator, empty_histogram
 
-__all__ = ["MaxStats", "TensorStats", "new_stats", "check_stats", "merge_all"]
+__all__ = ["MaxStats", "TensorStats", "StatsAccumulator", "new_stats", "new_accumulator", "check_stats",
+           "merge_all"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,33 @@ class MaxStats:
 TensorStats = MaxStats | Histogram
 
 
+class StatsAccumulator(Protocol):
+    """Running statistics of one tensor, updated in place batch by batch."""
+
+    def add(self, values: np.ndarray) -> None: ...
+
+    def freeze(self) -> TensorStats: ...
+
+
+class MaxAccumulator:
+    """`MaxStats` updated in place (a MaxStats is a handful of scalars: nothing to save by mutating it)."""
+
+    def __init__(self) -> None:
+        self.stats = MaxStats()
+
+    def add(self, values: np.ndarray) -> None:
+        self.stats = self.stats.update(values)
+
+    def freeze(self) -> MaxStats:
+        return self.stats
+
+
 def new_stats(histogram: bool, num_bins: int) -> TensorStats:
     return empty_histogram(num_bins) if histogram else MaxStats()
+
+
+def new_accumulator(histogram: bool, num_bins: int) -> StatsAccumulator:
+    return HistogramAccumulator(num_bins=num_bins) if histogram else MaxAccumulator()
 
 
 def merge_all(stats: list[TensorStats]) -> TensorStats:
