@@ -220,6 +220,8 @@ class HistogramAccumulator:
     def add(self, values: np.ndarray) -> None:
         """Fold `values` (any shape) in: one pass in cache-sized chunks (see `Histogram.update`)."""
         flat = _flat_float(np.asarray(values))
+        if flat.size == 0 or self._fold_compiled(flat):
+            return
         for start in range(0, flat.size, _CHUNK):
             self._fold(flat[start:start + _CHUNK])
 
@@ -227,6 +229,23 @@ class HistogramAccumulator:
         """The histogram so far (the accumulator stays usable)."""
         return Histogram(self.counts.copy(), self.exponent, self.zeros, self.amax, self.nan, self.inf,
                          self.sentinels, self.num_bins, self.low, self.high)
+
+    def _fold_compiled(self, flat: np.ndarray) -> bool:
+        """Fold all of `flat` in one pass of the C kernel; False (nothing changed) where it does not apply:
+        no kernel, no range yet, not contiguous float32, or a value outside the current range (or NaN/Inf)."""
+        if _binning is None or self.exponent is None or flat.dtype != np.float32 or not flat.flags.c_contiguous:
+            return False
+        try:
+            folded = _binning.fold_f32(flat, math.ldexp(1.0, -self.exponent), self.counts)
+        except ValueError as exc:
+            raise InternalError(f"{exc} (exponent {self.exponent}, {self.num_bins} bins)") from exc
+        if folded is None:
+            return False
+        zeros, low, high = folded
+        self.zeros += zeros
+        self.low, self.high = min(self.low, low), max(self.high, high)
+        self.amax = max(self.amax, high, -low)  # inside the range: the exponent stays
+        return True
 
     def _fold(self, chunk: np.ndarray) -> None:
         low, high = chunk.min(), chunk.max()
@@ -246,17 +265,11 @@ class HistogramAccumulator:
         if peak == 0.0 or self.exponent is None:
             self.zeros += chunk.size
             return
-        self.zeros += self._add_bins(chunk)
+        if not self._fold_compiled(chunk):  # every value is inside the range now: refused only without the kernel
+            self.zeros += self._add_bins(chunk)
 
     def _add_bins(self, chunk: np.ndarray) -> int:
-        """Add floor(|x| * 2**-exponent) of the non-zero values to `counts`; return #exact zeros."""
-        if _binning is not None and chunk.dtype == np.float32 and chunk.flags.c_contiguous:
-            try:
-                zeros = _binning.bin_abs_f32(chunk, math.ldexp(1.0, -self.exponent), self.counts)
-            except ValueError as exc:
-                raise InternalError(f"{exc} (exponent {self.exponent}, {self.num_bins} bins)") from exc
-            self.counts[0] -= zeros
-            return zeros
+        """numpy: add floor(|x| * 2**-exponent) of the non-zero values to `counts`; return #exact zeros."""
         if self._buffer is None or self._buffer.dtype != chunk.dtype or self._buffer.size < chunk.size:
             self._buffer = np.empty(min(_CHUNK, max(chunk.size, 1)), chunk.dtype)
         counts, zeros = _bin_counts(chunk, self.exponent, self.num_bins, self._buffer)

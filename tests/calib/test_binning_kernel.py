@@ -21,8 +21,10 @@ needs_kernel = pytest.mark.skipif(histogram._binning is None,
 
 def kernel_counts(values: np.ndarray, exponent: int, num_bins: int = 2048) -> tuple[np.ndarray, int]:
     counts = np.zeros(num_bins, np.int64)
-    zeros = histogram._binning.bin_abs_f32(values, math.ldexp(1.0, -exponent), counts)
-    counts[0] -= zeros
+    if values.size == 0:
+        return counts, 0
+    zeros, low, high = histogram._binning.fold_f32(values, math.ldexp(1.0, -exponent), counts)
+    assert (low, high) == (float(values.min()), float(values.max()))
     return counts, zeros
 
 
@@ -70,23 +72,32 @@ def test_kernel_bins_subnormals_at_the_smallest_width() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("bad", [64.0, np.nan, np.inf])
-def test_kernel_refuses_values_past_the_last_bin_and_leaves_counts_alone(bad: float) -> None:
-    values = np.array([1.0, 2.0, bad, 3.0], np.float32)
+@pytest.mark.parametrize("bad", [8.0, -64.0, np.nan, np.inf, -np.inf, float(np.finfo(np.float32).min)])
+def test_kernel_declines_values_past_the_last_bin_and_leaves_counts_alone(bad: float) -> None:
+    values = np.array([1.0, 2.0, bad, 3.0] + [0.5] * 9000, np.float32)  # past the first stage too
     counts = np.full(8, 5, np.int64)
-    with pytest.raises(ValueError, match="past the last histogram bin"):
-        histogram._binning.bin_abs_f32(values, 1.0, counts)
+    assert histogram._binning.fold_f32(values, 1.0, counts) is None
     assert np.array_equal(counts, np.full(8, 5))
+
+
+@needs_kernel
+@pytest.mark.parametrize("values", [[-0.0, 0.0], [-3.5, 2.0, -0.0], [7.99, -7.99], [-1e-45, 1e-45]])
+def test_kernel_reports_signed_min_and_max(values: list[float]) -> None:
+    data = np.array(values, np.float32)
+    zeros, low, high = histogram._binning.fold_f32(data, 1.0, np.zeros(8, np.int64))
+    assert (low, high) == (float(data.min()), float(data.max())) and zeros == int(np.sum(data == 0))
 
 
 @needs_kernel
 def test_kernel_refuses_buffers_of_the_wrong_kind() -> None:
     with pytest.raises(ValueError, match="float32 values"):
-        histogram._binning.bin_abs_f32(np.zeros(3, np.float32), 1.0, np.zeros(0, np.int64))
+        histogram._binning.fold_f32(np.zeros(3, np.float32), 1.0, np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="non-empty"):
+        histogram._binning.fold_f32(np.zeros(0, np.float32), 1.0, np.zeros(4, np.int64))
     with pytest.raises(TypeError):  # read-only counts
-        histogram._binning.bin_abs_f32(np.zeros(3, np.float32), 1.0, b"\0" * 32)
+        histogram._binning.fold_f32(np.zeros(3, np.float32), 1.0, b"\0" * 32)
     with pytest.raises(ValueError, match="contiguous"):  # strided values
-        histogram._binning.bin_abs_f32(np.zeros(6, np.float32)[::2], 1.0, np.zeros(4, np.int64))
+        histogram._binning.fold_f32(np.zeros(6, np.float32)[::2], 1.0, np.zeros(4, np.int64))
 
 
 def test_accumulator_equals_chained_updates_and_stays_usable() -> None:
@@ -134,9 +145,25 @@ def test_numpy_path_runs_when_the_kernel_is_missing(monkeypatch) -> None:
 def test_kernel_errors_surface_as_internal_errors(monkeypatch) -> None:
     class Broken:
         @staticmethod
-        def bin_abs_f32(values, scale, counts):
-            raise ValueError("a value fell past the last histogram bin")
+        def fold_f32(values, scale, counts):
+            raise ValueError("fold_f32 needs non-empty float32 values")
 
     monkeypatch.setattr(histogram, "_binning", Broken)
-    with pytest.raises(InternalError, match="past the last histogram bin"):
+    with pytest.raises(InternalError, match="fold_f32 needs"):
         histogram.empty_histogram().update(np.ones(4, np.float32))
+
+
+@needs_kernel
+def test_growing_ranges_mix_both_paths_and_match_numpy(monkeypatch) -> None:
+    """Batches alternately inside the range (kernel) and past it (widen, then kernel) == numpy only."""
+    rng = np.random.default_rng(11)
+    batches = [rng.standard_normal(3000).astype(np.float32) * scale for scale in (1, 0.5, 4, 2, 16, 3, 0.1)]
+    batches[4][5] = np.nan
+    compiled = HistogramAccumulator()
+    for batch in batches:
+        compiled.add(batch)
+    monkeypatch.setattr(histogram, "_binning", None)
+    reference = HistogramAccumulator()
+    for batch in batches:
+        reference.add(batch)
+    assert compiled.freeze() == reference.freeze()
