@@ -3,7 +3,9 @@
 For EfficientNet-Lite0, the PP-OCR classifier and a BERT-small-sized synthetic encoder (hidden 384,
 6 heads, FFN 1536, sequence 128, random inputs), calibrated on the same data:
   - the float model,
-  - onnxq --target ort-cpu,
+  - for reference, the float model after onnxq's prepare passes (BatchNorm, Pad and bias folding,
+    hard-swish fusion): how much of a speed-up is graph clean-up rather than INT8,
+  - onnxq --target ort-cpu, without and with --latency-search,
   - ONNX Runtime's own quantize_static (QDQ, u8 activations, s8 per-channel weights, MinMax),
 all with graph optimisations on, timed interleaved (float, onnxq, ORT, float, ...) so machine noise
 hits all three alike; median and p90 per run, and the speed-up over float. Also prints how each
@@ -102,25 +104,39 @@ def bench(label: str, model_path: Path, data: tuple[str, np.ndarray, np.ndarray]
     name, calib, held_out = data
     extra = {"mask": np.ones(calib.shape[:2], np.float32)} if name == "tokens" else {}
     ours, theirs = folder / f"{label}.onnxq.onnx", folder / f"{label}.ort.onnx"
+    prepared, searched = folder / f"{label}.prepared.onnx", folder / f"{label}.searched.onnx"
     config = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU)
-    onnxq.save_model(onnxq.quantize(model_path, onnxq.FeedsSource([{name: calib, **extra}]), config).model, ours)
+    calib_source = onnxq.FeedsSource([{name: calib[i:i + 8], **{k: v[i:i + 8] for k, v in extra.items()}}
+                                      for i in range(0, len(calib), 8)])
+    onnxq.save_model(onnxq.quantize(model_path, calib_source, config).model, ours)
+    float_model = onnxq.load_model(model_path)
+    onnxq.save_model(onnxq.from_graph(onnxq.prepare(float_model), template=float_model), prepared)
+    search = onnxq.quantize(model_path, calib_source, config, latency=onnxq.LatencySearchConfig())
+    onnxq.save_model(search.model, searched)
+    print(f"\n{label}: --latency-search on one batch of 8: float {search.latency.float_model_ms:.2f} ms, "
+          f"full plan {search.latency.start_ms:.2f} ms, chosen {search.latency.final_ms:.2f} ms")
+    for trial in search.latency.trials:
+        print(f"  {'int8 ' if trial.kept_int8 else 'float'} {trial.layer_class} ({len(trial.nodes)}): {trial.reason}")
     ortq.quantize_static(str(model_path), str(theirs), _Reader(name, calib, extra), quant_format=ortq.QuantFormat.QDQ,
                          per_channel=True, activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
                          calibrate_method=ortq.CalibrationMethod.MinMax)
-    sessions = [_session(p, args.threads) for p in (model_path, ours, theirs)]
+    sessions = [_session(p, args.threads) for p in (model_path, prepared, ours, searched, theirs)]
     held_extra = {k: np.ones(held_out.shape[:2], np.float32) for k in extra}
     outputs = [s.run(None, {name: held_out, **held_extra})[0] for s in sessions]
     print(f"\n{label}: accuracy vs float on {len(held_out)} held-out samples")
-    print(f"  onnxq ort-cpu            {_accuracy(outputs[0], outputs[1])}")
-    print(f"  ORT quantize_static u8s8 {_accuracy(outputs[0], outputs[2])}")
+    print(f"  onnxq ort-cpu            {_accuracy(outputs[0], outputs[2])}")
+    print(f"  onnxq --latency-search   {_accuracy(outputs[0], outputs[3])}")
+    print(f"  ORT quantize_static u8s8 {_accuracy(outputs[0], outputs[4])}")
     for batch in args.batches:
         times = _interleaved(sessions, {name: held_out[:batch], **{k: v[:batch] for k, v in held_extra.items()}},
                              args.runs)
         base = np.median(times[0])
         print(f"{label} batch {batch}: median / p90 ms over {args.runs} interleaved runs")
-        for tag, spent in zip(("float", "onnxq ort-cpu", "ORT quantize_static u8s8"), times):
+        tags = ("float", "float, onnxq-prepared (ref.)", "onnxq ort-cpu", "onnxq ort-cpu --latency-search",
+                "ORT quantize_static u8s8")
+        for tag, spent in zip(tags, times):
             median, p90 = np.median(spent), np.percentile(spent, 90)
-            print(f"  {tag:26s} {median:8.2f} / {p90:8.2f}   speed-up over float {base / median:5.2f}x")
+            print(f"  {tag:32s} {median:8.2f} / {p90:8.2f}   speed-up over float {base / median:5.2f}x")
 
 
 def main() -> None:

@@ -18,11 +18,12 @@ class Progress:
     Drawn only when stderr is a terminal and `-q` was not given, so logs and pipes stay clean.
     """
 
-    def __init__(self, label: str, quiet: bool | None = None) -> None:
+    def __init__(self, label: str, quiet: bool | None = None, unit: str = "samples") -> None:
         if quiet is None:
             context = click.get_current_context(silent=True)
             quiet = bool(context and context.find_root().params.get("quiet"))
         self.label, self.bar, self.done, self.started = label, None, 0, time.perf_counter()
+        self.unit = unit
         self.stream = sys.stderr
         self.hidden = quiet or self.stream is None or not self.stream.isatty()  # None: no console (pythonw)
 
@@ -39,7 +40,7 @@ class Progress:
         self.bar.update(step)
 
     def _rate(self, _: object) -> str:
-        return f"{self.done / max(time.perf_counter() - self.started, 1e-9):.1f} samples/s"
+        return f"{self.done / max(time.perf_counter() - self.started, 1e-9):.1f} {self.unit}/s"
 
     def close(self) -> None:
         if self.bar is not None:

@@ -10,6 +10,7 @@ from onnxq.api import quantize
 from onnxq.calib.data import input_specs, open_source
 from onnxq.calib.images import ImagePreprocess
 from onnxq.config import AccuracyTarget, Selection
+from onnxq.latency_search import LatencySearchConfig
 from onnxq.io import load_model, save_model
 from onnxq.summary import plan_counts
 from onnxq.verify import compare_models, format_metrics
@@ -17,7 +18,7 @@ from onnxq.verify import compare_models, format_metrics
 from .build import build_and_save, check_engine_build, require_engine_build
 from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
 from .progress import Progress, plural
-from .summary import RunProgress, accuracy_lines, accuracy_options, write_run_report
+from .summary import RunProgress, accuracy_lines, accuracy_options, latency_lines, write_run_report
 
 
 @click.command("quantize", no_args_is_help=True)
@@ -45,14 +46,18 @@ from .summary import RunProgress, accuracy_lines, accuracy_options, write_run_re
 @click.option("--smoothquant", type=float, is_flag=False, flag_value=0.5, default=None, metavar="[ALPHA]",
               help="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights before "
                    "calibrating (LayerNorm and linear producers); ALPHA is the migration strength (default 0.5).")
+@click.option("--latency-search", is_flag=True,
+              help="--target ort-cpu: time each class of quantized layers (e.g. 5x5 depthwise Convs) in INT8 "
+                   "and in float on one calibration batch on this machine, and keep in float the classes ORT "
+                   "runs faster in float. Makes the output depend on the machine it ran on.")
 @click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.json and report.md (and sensitivity.png with onnxq[report]) into DIR.")
 @image_options
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
                  batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
-                 accuracy: AccuracyTarget | None, smoothquant: float | None, report_dir: Path | None,
-                 preprocess: ImagePreprocess) -> None:
+                 accuracy: AccuracyTarget | None, smoothquant: float | None, latency_search: bool,
+                 report_dir: Path | None, preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
     With --min-cosine or --max-sqnr-drop, every layer's sensitivity is measured on held-back data and
@@ -64,6 +69,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
       onnxq quantize model.onnx --calib calib/ -o model.int8.onnx --eval eval/
       onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
       onnxq quantize model.onnx --calib calib/ --eval eval/ --min-cosine 0.99
+      onnxq quantize model.onnx --calib calib/ --target ort-cpu --latency-search
     """
     if (calib_path is None) == (stats_path is None):
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
@@ -78,9 +84,12 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         raise click.UsageError(f"--engine {engine} names the output model")
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
     evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
-    with Progress("calibrating") as progress, RunProgress(progress) as runs:
+    latency = LatencySearchConfig(providers=config.calib.providers) if latency_search else None
+    with Progress("calibrating") as progress, RunProgress(progress) as runs, \
+            Progress("timing layer classes", unit="classes") as timing:
         result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
-                          accuracy=accuracy, eval_source=evaluation, on_accuracy_progress=runs)
+                          accuracy=accuracy, eval_source=evaluation, on_accuracy_progress=runs,
+                          latency=latency, on_latency_progress=timing)
     save_model(result.model, destination)
     engine_summary = build_and_save(destination, plan_path, {}) if plan_path is not None else None
     calib = result.calibration
@@ -95,7 +104,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if missing:
         click.echo(f"  note         {', '.join(missing)} requested but could not be loaded: "
                    f"calibration ran on {', '.join(calib.providers)}")
-    for line in accuracy_lines(result.sensitivity, result.fallback):
+    for line in accuracy_lines(result.sensitivity, result.fallback) + latency_lines(result.latency):
         click.echo(line)
     metrics = ()
     if evaluation is not None:

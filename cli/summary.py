@@ -15,6 +15,7 @@ from pathlib import Path
 from onnxq.api import QuantResult
 from onnxq.config import AccuracyTarget, QuantConfig
 from onnxq.fallback import FallbackResult
+from onnxq.latency_search import LatencySearch
 from onnxq.sensitivity import SensitivityResult, worst
 from onnxq.verify import OutputMetrics
 
@@ -140,6 +141,21 @@ def accuracy_lines(sensitivity: SensitivityResult | None, fallback: FallbackResu
     lines = [] if sensitivity is None else sensitivity_lines(sensitivity)
     if fallback is not None:
         lines += fallback_lines(fallback, 0 if sensitivity is None else len(sensitivity.layers))
+    return lines
+
+
+def latency_lines(search: LatencySearch | None) -> list[str]:
+    """The summary lines of `--latency-search`; none without it."""
+    if search is None:
+        return []
+    kept = sum(trial.kept_int8 for trial in search.trials)
+    verdict = "INT8 faster" if search.speedup > 1.0 else "INT8 NOT faster than float on this machine"
+    lines = [f"  latency      float {search.float_model_ms:.2f} ms, full INT8 plan {search.start_ms:.2f} ms, "
+             f"chosen {search.final_ms:.2f} ms on one batch ({search.speedup:.2f}x: {verdict}); "
+             f"{kept} of {len(search.trials)} layer classes kept INT8"]
+    for trial in search.trials:
+        where = "int8 " if trial.kept_int8 else "float"
+        lines.append(f"    {where} {trial.layer_class} ({plural(len(trial.nodes), 'node')}): {trial.reason}")
     return lines
 
 

@@ -17,6 +17,7 @@ from .calib.images import ColorOrder, ImagePreprocess, Layout
 from .config import AccuracyTarget, CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target
 from .fallback import FallbackResult, TargetNotMetError
 from .sensitivity import SensitivityResult
+from .latency_search import LatencySearch, LatencySearchConfig
 from .errors import CalibrationError, ConfigError, InternalError, ModelError, OnnxqError
 from .io import check_model, from_graph, load_model, save_model, to_graph
 from .passes.insert_qdq import insert_qdq
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyTarget", "FallbackResult", "SensitivityResult", "TargetNotMetError", "ActivationTarget", "CompareConfig", "CompareResult", "Histogram", "StatsFile", "collect_stats", "load_stats", "merge_stats", "save_stats", "CalibConfig", "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult",
     "ColorOrder", "ConfigError", "FeedsSource", "HighPrecision", "ImagePreprocess", "InputSpec",
-    "InternalError", "Layout", "ModelError", "NodeDecision", "OnnxqError", "OutputMetrics", "QuantConfig",
+    "InternalError", "LatencySearch", "LatencySearchConfig", "Layout", "ModelError", "NodeDecision", "OnnxqError", "OutputMetrics", "QuantConfig",
     "QuantPlan", "QuantResult", "Selection", "Target", "WeightTarget", "__version__", "calibrate",
     "check_model", "compare_models", "from_graph", "group_amax", "input_specs", "insert_qdq", "inspect",
     "load_model", "open_source", "passes", "plan_quantization", "prepare", "quantize", "save_model", "to_graph",

@@ -30,6 +30,7 @@ from .passes.smoothquant import smoothquant, smoothquant_targets
 from .passes.to_fp16 import FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from .passes.upgrade_opset import upgrade_opset
 from .quant.plan import QuantPlan, plan_quantization
+from .latency_search import LatencySearch, LatencySearchConfig, search_latency
 from .sensitivity import SensitivityResult, held_back_sources
 
 __all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "group_amax"]
@@ -50,6 +51,7 @@ class QuantResult:
     seconds: float
     sensitivity: SensitivityResult | None = None
     fallback: FallbackResult | None = None
+    latency: LatencySearch | None = None
 
 
 def _as_model(model: ModelLike) -> onnx.ModelProto:
@@ -127,7 +129,9 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
              preprocess: ImagePreprocess = ImagePreprocess(), on_progress: ProgressCallback | None = None,
              user_passes: Sequence[GraphPass] = (), accuracy: AccuracyTarget | None = None,
              eval_source: CalibSource | str | os.PathLike[str] | None = None,
-             on_accuracy_progress: ProgressCallback | None = None) -> QuantResult:
+             on_accuracy_progress: ProgressCallback | None = None,
+             latency: LatencySearchConfig | None = None,
+             on_latency_progress: ProgressCallback | None = None) -> QuantResult:
     """Quantize `model` to INT8 Q/DQ for TensorRT, calibrating on `calib` or reusing `stats`.
 
     Args:
@@ -148,12 +152,23 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
             it every fourth calibration sample is held back and not used for calibration.
         on_accuracy_progress: called after each pass over the held-back samples with (runs done,
             runs planned or None).
+        latency: `--target ort-cpu` only: time each class of quantized layers in INT8 and in float on
+            the first calibration batch and leave in float those ORT runs faster in float (see
+            `onnxq.latency_search`); the result's `latency` holds the measurements. Needs `calib`.
+        on_latency_progress: called after each class timed with (classes done, classes total).
     """
     started = time.perf_counter()
     if (calib is None) == (stats is None):
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
     if config.high_precision is HighPrecision.FP16 and config.target is not Target.TRT:
         raise ConfigError("--high-precision fp16 is for --target trt; ONNX Runtime's CPU kernels run float32")
+    if latency is not None:
+        if config.target is not Target.ORT_CPU:
+            raise ConfigError("--latency-search is for --target ort-cpu: TensorRT times its own kernel choices")
+        if calib is None:
+            raise ConfigError("--latency-search needs calibration data (--calib): it times the model on one batch")
+        if accuracy is not None:
+            raise ConfigError("--latency-search cannot be combined with an accuracy target yet")
     model = _as_model(model)
     graph = run(prepare(model), user_passes)
     source = None if calib is None else _open(calib, model, preprocess)
@@ -173,6 +188,15 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         names = plan.activation_names if layers is None else layers.calibrated_names
         calibration = calibrate(graph, names, source, config.calib, on_progress)
     if held_back is None or layers is None or accuracy is None:
+        if latency is not None:
+            assert source is not None
+            feed = next(iter(source.batches(config.calib.batch_size)))
+            plan, quantized, searched = search_latency(
+                graph, plan, config.selection, calibration.stats,
+                lambda candidate: _build(graph, candidate, calibration, config, model), model, feed,
+                latency, on_latency_progress)
+            return QuantResult(quantized, plan, calibration, group_amax(plan, calibration.stats, config.calib),
+                               time.perf_counter() - started, latency=searched)
         amax = group_amax(plan, calibration.stats, config.calib)
         quantized = _build(graph, plan, calibration, config, model, amax)
         return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started)

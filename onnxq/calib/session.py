@@ -194,8 +194,8 @@ def open_session(
     Args:
         model: a model, or the path of an .onnx file (its external data is found next to it).
         providers: provider aliases or full names in order of preference; CPU is always added last.
-        optimize: apply all ONNX Runtime graph optimizations. Leave False for calibration, which
-            must see the unfused graph.
+        optimize: apply all ONNX Runtime graph optimizations (they never remove a graph output, so a
+            calibration session whose measured tensors are outputs may use them).
         intra_op_threads: threads per operator; ONNX Runtime's default when None.
         spin: let idle worker threads busy-wait after a run (ORT's default). Turn it off when two
             sessions take turns, or one session's spinning threads steal the other's cores.

@@ -30,7 +30,8 @@ from ..quant.plan import ActivationTarget, QuantPlan, plan_quantization
 from ..quant.scales import ActivationParams
 from .insert_qdq import insert_qdq
 
-__all__ = ["GATES_INPUT", "GateSlot", "GatedGraph", "gate_slots", "gate_qdq", "exclude_nodes", "Layer", "LayerMap"]
+__all__ = ["GATES_INPUT", "GateSlot", "GatedGraph", "gate_slots", "gate_qdq", "exclude_nodes", "restrict_plan", "Layer",
+           "LayerMap"]
 
 Key = tuple[str, int]
 
@@ -161,8 +162,10 @@ class Layer:
     tensors: tuple[str, ...]
 
 
-def _restrict(plan: QuantPlan, allowed: Container[Key]) -> QuantPlan:
-    """`plan` without the slots outside `allowed` (a node left with none is marked float)."""
+def restrict_plan(plan: QuantPlan, allowed: Container[Key],
+                  why: str = "after the fallback its Q/DQ would need a placement the accuracy measurements "
+                             "did not cover") -> QuantPlan:
+    """`plan` without the slots outside `allowed` (a node left with none is marked float, saying `why`)."""
     activations = []
     for target in plan.activations:
         consumers = tuple(c for c in target.consumers if c in allowed)
@@ -172,8 +175,7 @@ def _restrict(plan: QuantPlan, allowed: Container[Key]) -> QuantPlan:
     biases = tuple(b for b in plan.biases if (b.consumer, b.input_index) in allowed)
     kept = {slot.consumer for slot in gate_slots(QuantPlan(tuple(activations), weights, (), biases))}
     before = {slot.consumer for slot in gate_slots(plan)}
-    decisions = tuple(replace(d, quantized=False, reason="kept float: after the fallback its Q/DQ would need a "
-                              "placement the accuracy measurements did not cover")
+    decisions = tuple(replace(d, quantized=False, reason=f"kept float: {why}")
                       if d.quantized and d.node_name in before - kept else d for d in plan.decisions)
     return replace(plan, activations=tuple(activations), weights=weights, decisions=decisions, biases=biases)
 
@@ -236,7 +238,7 @@ class LayerMap:
 
     def final_plan(self, float_layers: Iterable[str]) -> QuantPlan:
         """`plan_without`, minus any slot the gated graph lacks (rare: interactions of several exclusions)."""
-        return _restrict(self.plan_without(float_layers), self._allowed)
+        return restrict_plan(self.plan_without(float_layers), self._allowed)
 
     def gates(self, float_layers: Iterable[str]) -> np.ndarray:
         """The gate vector that reproduces `final_plan(float_layers)`."""

@@ -1,0 +1,113 @@
+"""--latency-search: layer classes, the keep/float decisions, and a real run on the PP-OCR classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxq
+from onnxq import latency_search
+from onnxq.api import prepare
+from onnxq.calib.session import open_session
+from onnxq.errors import ConfigError
+from onnxq.latency_search import LatencySearchConfig, layer_classes
+from onnxq.quant.plan import plan_quantization
+
+MODELS = Path(__file__).parents[1] / "models"
+PPOCR = MODELS / "ppocr_mobile_v2_cls.onnx"
+TEXTLINES = MODELS / "data" / "textlines"
+
+
+@pytest.fixture(scope="module")
+def ppocr() -> onnx.ModelProto:
+    return onnxq.load_model(PPOCR)
+
+
+@pytest.fixture(scope="module")
+def calib() -> onnxq.FeedsSource:
+    x = np.load(TEXTLINES / "ppocr_cls_calib.npz")["x"][:16]
+    return onnxq.FeedsSource([{"x": x[:8]}, {"x": x[8:]}])
+
+
+def _ort_cpu() -> onnxq.QuantConfig:
+    return onnxq.QuantConfig(target=onnxq.Target.ORT_CPU)
+
+
+def test_layer_classes_of_the_ppocr_classifier(ppocr: onnx.ModelProto) -> None:
+    graph = prepare(ppocr)
+    plan = plan_quantization(graph, target=onnxq.Target.ORT_CPU)
+    classes = layer_classes(graph, plan)
+    assert len(classes["Conv depthwise 5x5"]) == 8 and len(classes["Conv depthwise 3x3"]) == 3
+    assert list(classes)[0] == "Conv 1x1"  # largest class first
+    members = [node for nodes in classes.values() for node in nodes]
+    assert sorted(members) == sorted(d.node_name for d in plan.quantized_nodes)
+
+
+def _int8_depthwise_5x5(model: onnx.ModelProto) -> int:
+    """How many 5x5 depthwise Convs read an INT8 weight (through a DequantizeLinear)."""
+    produced_by_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    kernels = {n.name: [a.ints for a in n.attribute if a.name == "kernel_shape"] for n in model.graph.node}
+    return sum(1 for n in model.graph.node if n.op_type == "Conv" and n.input[1] in produced_by_dq
+               and any(list(k) == [5, 5] for k in kernels[n.name])
+               and any(a.name == "group" and a.i > 1 for a in n.attribute))
+
+
+def test_decisions_follow_the_measured_times(monkeypatch, ppocr: onnx.ModelProto, calib: onnxq.FeedsSource) -> None:
+    """A stand-in clock on which only INT8 5x5 depthwise Convs cost time: exactly that class goes float."""
+
+    def medians(self, models: list[onnx.ModelProto]) -> list[float]:
+        return [5.0 + 1.0 * _int8_depthwise_5x5(model) for model in models]
+
+    monkeypatch.setattr(latency_search._Timer, "medians", medians)
+    result = onnxq.quantize(ppocr, calib, _ort_cpu(), latency=LatencySearchConfig(runs=3))
+    search = result.latency
+    assert search is not None and search.start_ms == 13.0 and search.final_ms == 5.0
+    by_class = {trial.layer_class: trial for trial in search.trials}
+    assert not by_class["Conv depthwise 5x5"].kept_int8
+    assert "float is 61.5% faster" in by_class["Conv depthwise 5x5"].reason
+    assert all(trial.kept_int8 for name, trial in by_class.items() if name != "Conv depthwise 5x5")
+    assert "INT8 kept: float would be 0.0% slower" in by_class["Conv 1x1"].reason
+    assert sorted(search.float_nodes) == sorted(by_class["Conv depthwise 5x5"].nodes)
+    assert _int8_depthwise_5x5(result.model) == 0
+    for node in search.float_nodes:
+        assert not result.plan.decision(node).quantized
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_real_search_on_the_ppocr_classifier(ppocr: onnx.ModelProto, calib: onnxq.FeedsSource) -> None:
+    """Real timings (too few runs to trust the figures): the chosen model is valid and still agrees with float."""
+    config = LatencySearchConfig(runs=3, warmup=1)
+    progress: list[tuple[int, int | None]] = []
+    result = onnxq.quantize(ppocr, calib, _ort_cpu(), latency=config,
+                            on_latency_progress=lambda done, total: progress.append((done, total)))
+    search = result.latency
+    assert search is not None
+    classes = layer_classes(prepare(ppocr), plan_quantization(prepare(ppocr), target=onnxq.Target.ORT_CPU))
+    assert [trial.layer_class for trial in search.trials] == list(classes)
+    assert progress == [(i, len(classes)) for i in range(1, len(classes) + 1)]
+    assert min(search.float_model_ms, search.start_ms, search.final_ms) > 0
+    for trial in search.trials:
+        assert trial.kept_int8 == (trial.nodes[0] not in search.float_nodes)
+        if not trial.kept_int8:  # (a kept class can still lose nodes: an Add whose producers went float)
+            assert not any(result.plan.decision(node).quantized for node in trial.nodes)
+    onnx.checker.check_model(result.model, full_check=True)
+    x = np.load(TEXTLINES / "ppocr_cls_eval.npz")["x"][:32]
+    with open_session(ppocr) as reference, open_session(result.model) as candidate:
+        (want,), (got,) = reference.run({"x": x}).values(), candidate.run({"x": x}).values()
+    assert np.mean(want.argmax(1) == got.argmax(1)) >= 0.9
+
+
+def test_latency_search_is_refused_where_it_cannot_run(ppocr: onnx.ModelProto, calib: onnxq.FeedsSource,
+                                                       tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--latency-search is for --target ort-cpu"):
+        onnxq.quantize(ppocr, calib, onnxq.QuantConfig(), latency=LatencySearchConfig())
+    stats, _ = onnxq.collect_stats(ppocr, calib)
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        onnxq.quantize(ppocr, config=_ort_cpu(), stats=stats, latency=LatencySearchConfig())
+    with pytest.raises(ConfigError, match="at least 3 runs|>= 3 runs"):
+        LatencySearchConfig(runs=1)
+    with pytest.raises(ConfigError, match="min_gain"):
+        LatencySearchConfig(min_gain=1.5)
