@@ -190,7 +190,7 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
     if held_back is None or layers is None or accuracy is None:
         if latency is not None:
             assert source is not None
-            feed = next(iter(source.batches(config.calib.batch_size)))
+            feed = next(iter(source.batches(model_batch_size(graph) or config.calib.batch_size)))
             plan, quantized, searched = search_latency(
                 graph, plan, config.selection, calibration.stats,
                 lambda candidate: _build(graph, candidate, calibration, config, model), model, feed,

@@ -10,7 +10,8 @@ for every machine, so this measures:
 2. Each class in turn (largest first) is put in float: the plan is re-made with its nodes excluded,
    the model built with the same calibration statistics, and it is timed against the current best,
    interleaved, on one calibration batch, with ORT's graph optimisations on. The class stays float when
-   that is faster by more than `min_gain` in two separate rounds; otherwise it stays INT8.
+   that is faster by more than `min_gain` in two separate rounds; otherwise it stays INT8. When any
+   class went float, a second sweep retries the classes still INT8 (their neighbours have changed).
 3. The chosen model is timed against the float model once more. The result records every trial
    (times and decision) and that final ratio, so a user sees what was measured and why each class
    ended where it did. Nothing guarantees INT8 beats float: when no class pays off the result says so.
@@ -37,6 +38,11 @@ from .passes.gate_qdq import exclude_nodes, gate_slots, restrict_plan
 from .quant.plan import QuantPlan, plan_quantization
 
 __all__ = ["LatencySearchConfig", "ClassTrial", "LatencySearch", "layer_classes", "search_latency"]
+
+# Sweeps over the classes: putting one class in float changes its neighbours' Q/DQ and layouts, so a
+# class that lost while everything around it was INT8 may win once they are float. A second sweep
+# retries the classes still INT8, when the first changed anything.
+_SWEEPS = 2
 
 ProgressCallback = Callable[[int, int | None], None]
 
@@ -94,7 +100,7 @@ class LatencySearch:
         start_ms: the INT8 model of the full plan, median.
         final_ms: the chosen model, median (timed beside the float model once more when it differs
             from the full plan's).
-        trials: every class tried, in order.
+        trials: every class tried, in order (a class tried again in the second sweep appears twice).
         float_nodes: the nodes left in float for speed.
     """
 
@@ -171,7 +177,7 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats
         float_model: the float model as given, for the reference latency.
         feed: one calibration batch to time on.
         config: runs, warm-up, min_gain, providers.
-        on_progress: called after each class with (classes done, classes total).
+        on_progress: called after each trial with (trials done, trials planned so far).
 
     Returns:
         The chosen plan, its model, and what was measured.
@@ -182,28 +188,39 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats
     float_ms, start_ms = timer.medians([float_model, best_model])
     best_ms = start_ms
     float_nodes: list[str] = []
-    trials = []
-    for done, (name, members) in enumerate(classes.items(), start=1):
-        candidate_plan = _calibrated(
-            plan_quantization(graph, exclude_nodes(selection, [*float_nodes, *members]), Target.ORT_CPU), stats)
-        candidate = build(candidate_plan)
-        int8_ms, as_float_ms = timer.medians([best_model, candidate])
-        gain = 1.0 - as_float_ms / int8_ms
-        if gain > config.min_gain:
-            int8_ms, as_float_ms = timer.medians([best_model, candidate])  # confirm in a second round
-            gain = min(gain, 1.0 - as_float_ms / int8_ms)
-        if gain > config.min_gain:
-            float_nodes.extend(members)
-            best_plan, best_model, best_ms = candidate_plan, candidate, as_float_ms
-            reason = f"float is {100 * gain:.1f}% faster ({as_float_ms:.2f} vs {int8_ms:.2f} ms, two rounds)"
-        else:
-            best_ms = int8_ms
-            reason = (f"INT8 kept: float would be {abs(100 * gain):.1f}% slower" if gain <= 0 else
-                      f"INT8 kept: float only {100 * gain:.1f}% faster (< {100 * config.min_gain:.0f}%)")
-            reason += f" ({int8_ms:.2f} vs {as_float_ms:.2f} ms)"
-        trials.append(ClassTrial(name, members, int8_ms, as_float_ms, gain <= config.min_gain, reason))
-        if on_progress is not None:
-            on_progress(done, len(classes))
+    trials: list[ClassTrial] = []
+    pending = dict(classes)
+    total = len(classes)
+    for sweep in range(_SWEEPS):
+        changed = False
+        for name, members in list(pending.items()):
+            candidate_plan = _calibrated(
+                plan_quantization(graph, exclude_nodes(selection, [*float_nodes, *members]), Target.ORT_CPU), stats)
+            candidate = build(candidate_plan)
+            int8_ms, as_float_ms = timer.medians([best_model, candidate])
+            gain = 1.0 - as_float_ms / int8_ms
+            if gain > config.min_gain:
+                int8_ms, as_float_ms = timer.medians([best_model, candidate])  # confirm in a second round
+                gain = min(gain, 1.0 - as_float_ms / int8_ms)
+            if gain > config.min_gain:
+                float_nodes.extend(members)
+                del pending[name]
+                changed = True
+                best_plan, best_model, best_ms = candidate_plan, candidate, as_float_ms
+                reason = f"float is {100 * gain:.1f}% faster ({as_float_ms:.2f} vs {int8_ms:.2f} ms, two rounds)"
+            else:
+                best_ms = int8_ms
+                reason = (f"INT8 kept: float would be {abs(100 * gain):.1f}% slower" if gain <= 0 else
+                          f"INT8 kept: float only {100 * gain:.1f}% faster (< {100 * config.min_gain:.0f}%)")
+                reason += f" ({int8_ms:.2f} vs {as_float_ms:.2f} ms)"
+            if sweep > 0:
+                reason += f" [sweep {sweep + 1}]"
+            trials.append(ClassTrial(name, members, int8_ms, as_float_ms, gain <= config.min_gain, reason))
+            if on_progress is not None:
+                on_progress(len(trials), total)
+        if not changed or not pending:
+            break
+        total = len(trials) + len(pending)  # a second sweep over the classes still INT8
     if float_nodes:  # the chosen model against the float model, in one more interleaved round
         float_ms, final_ms = timer.medians([float_model, best_model])
     else:
