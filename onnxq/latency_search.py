@@ -162,6 +162,26 @@ class _Timer:
                 session.close()
 
 
+def _trial(timer: _Timer, best: onnx.ModelProto, candidate: onnx.ModelProto, name: str, members: tuple[str, ...],
+           config: LatencySearchConfig, sweep: int) -> ClassTrial:
+    """Time the best model so far against `candidate` (the class in float); a win must repeat."""
+    int8_ms, float_ms = timer.medians([best, candidate])
+    gain = 1.0 - float_ms / int8_ms
+    if gain > config.min_gain:
+        int8_ms, float_ms = timer.medians([best, candidate])  # confirm in a second round
+        gain = min(gain, 1.0 - float_ms / int8_ms)
+    if gain > config.min_gain:
+        reason = f"float is {100 * gain:.1f}% faster ({float_ms:.2f} vs {int8_ms:.2f} ms, two rounds)"
+    elif gain <= 0:
+        reason = f"INT8 kept: float would be {abs(100 * gain):.1f}% slower ({int8_ms:.2f} vs {float_ms:.2f} ms)"
+    else:
+        reason = (f"INT8 kept: float only {100 * gain:.1f}% faster (< {100 * config.min_gain:.0f}%) "
+                  f"({int8_ms:.2f} vs {float_ms:.2f} ms)")
+    if sweep > 0:
+        reason += f" [sweep {sweep + 1}]"
+    return ClassTrial(name, members, int8_ms, float_ms, gain <= config.min_gain, reason)
+
+
 def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats: Mapping[str, TensorStats],
                    build: Callable[[QuantPlan], onnx.ModelProto], float_model: onnx.ModelProto,
                    feed: Mapping[str, np.ndarray], config: LatencySearchConfig = LatencySearchConfig(),
@@ -186,7 +206,6 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats
     classes = layer_classes(graph, plan)
     best_plan, best_model = plan, build(plan)
     float_ms, start_ms = timer.medians([float_model, best_model])
-    best_ms = start_ms
     float_nodes: list[str] = []
     trials: list[ClassTrial] = []
     pending = dict(classes)
@@ -197,25 +216,13 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats
             candidate_plan = _calibrated(
                 plan_quantization(graph, exclude_nodes(selection, [*float_nodes, *members]), Target.ORT_CPU), stats)
             candidate = build(candidate_plan)
-            int8_ms, as_float_ms = timer.medians([best_model, candidate])
-            gain = 1.0 - as_float_ms / int8_ms
-            if gain > config.min_gain:
-                int8_ms, as_float_ms = timer.medians([best_model, candidate])  # confirm in a second round
-                gain = min(gain, 1.0 - as_float_ms / int8_ms)
-            if gain > config.min_gain:
+            trial = _trial(timer, best_model, candidate, name, members, config, sweep)
+            if not trial.kept_int8:
                 float_nodes.extend(members)
                 del pending[name]
                 changed = True
-                best_plan, best_model, best_ms = candidate_plan, candidate, as_float_ms
-                reason = f"float is {100 * gain:.1f}% faster ({as_float_ms:.2f} vs {int8_ms:.2f} ms, two rounds)"
-            else:
-                best_ms = int8_ms
-                reason = (f"INT8 kept: float would be {abs(100 * gain):.1f}% slower" if gain <= 0 else
-                          f"INT8 kept: float only {100 * gain:.1f}% faster (< {100 * config.min_gain:.0f}%)")
-                reason += f" ({int8_ms:.2f} vs {as_float_ms:.2f} ms)"
-            if sweep > 0:
-                reason += f" [sweep {sweep + 1}]"
-            trials.append(ClassTrial(name, members, int8_ms, as_float_ms, gain <= config.min_gain, reason))
+                best_plan, best_model = candidate_plan, candidate
+            trials.append(trial)
             if on_progress is not None:
                 on_progress(len(trials), total)
         if not changed or not pending:
