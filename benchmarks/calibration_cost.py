@@ -118,6 +118,7 @@ def _float_inference(model: str, data: np.ndarray, variant: str, batch: int) -> 
     options = ort.SessionOptions()
     level = ort.GraphOptimizationLevel
     options.graph_optimization_level = level.ORT_DISABLE_ALL if variant == "off" else level.ORT_ENABLE_ALL
+    options.enable_mem_pattern = variant != "exposed"  # as onnxq's calibration session
     source: str | bytes = model
     if variant in ("prepared", "exposed"):
         import onnxq  # already imported by `child` before the clock started

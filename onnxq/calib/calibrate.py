@@ -6,7 +6,8 @@ is dropped as soon as it is folded in, so at most one batch of activations is al
 The session runs with ONNX Runtime's graph optimisations on: every measured tensor is a graph output,
 which ORT's fusions never remove, so the statistics are those of the unfused graph up to the float
 rounding of reordered arithmetic (amax within 1e-6 relative on EfficientNet-Lite0 and the PP-OCR
-classifier), and calibration runs 15-30% faster than with optimisations off.
+classifier), and calibration runs 15-30% faster than with optimisations off. ORT's memory pattern is
+off: with many outputs it over-allocates (see `open_session`).
 
 Folding runs between ONNX Runtime's runs, not beside them: ORT already keeps every physical core busy,
 so folding batch k while ORT ran batch k+1 only slowed `Session.run` down and kept a second batch of
@@ -135,7 +136,8 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
     samples = batches = 0
     total = source.num_samples()
     threads = _fold_threads()
-    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, optimize=True) as session, \
+    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, optimize=True,
+                      memory_pattern=False) as session, \
             ThreadPoolExecutor(threads, thread_name_prefix="onnxq-fold") if threads > 1 else nullcontext() as pool:
         for feed in _full_batches(source, fixed or config.batch_size, fixed is not None):
             outputs = session.run(feed, exposed)

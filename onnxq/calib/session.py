@@ -188,6 +188,7 @@ def open_session(
     optimize: bool = False,
     intra_op_threads: int | None = None,
     spin: bool = True,
+    memory_pattern: bool = True,
 ) -> Session:
     """Create an ONNX Runtime session for `model`.
 
@@ -199,6 +200,9 @@ def open_session(
         intra_op_threads: threads per operator; ONNX Runtime's default when None.
         spin: let idle worker threads busy-wait after a run (ORT's default). Turn it off when two
             sessions take turns, or one session's spinning threads steal the other's cores.
+        memory_pattern: let ORT pre-plan one block for every intermediate tensor (its default). Off
+            for calibration: with dozens of tensors exposed as outputs the plan over-allocates
+            (EfficientNet-Lite0, 64 samples: peak 731 -> 574 MiB, no slower).
 
     Returns:
         The session. A requested provider that could not be loaded is logged as a warning and is
@@ -220,6 +224,7 @@ def open_session(
     options = _session_options(optimize, intra_op_threads)
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_mem_pattern = memory_pattern
     source, temp_dir = _session_source(model)
     try:
         ort_session = onnxruntime.InferenceSession(source, sess_options=options, providers=ort_providers)
