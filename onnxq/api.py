@@ -188,6 +188,7 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         names = plan.activation_names if layers is None else layers.calibrated_names
         calibration = calibrate(graph, names, source, config.calib, on_progress)
     if held_back is None or layers is None or accuracy is None:
+        searched = None
         if latency is not None:
             assert source is not None
             feed = next(iter(source.batches(model_batch_size(graph) or config.calib.batch_size)))
@@ -195,11 +196,10 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
                 graph, plan, config.selection, calibration.stats,
                 lambda candidate: _build(graph, candidate, calibration, config, model), model, feed,
                 latency, on_latency_progress)
-            return QuantResult(quantized, plan, calibration, group_amax(plan, calibration.stats, config.calib),
-                               time.perf_counter() - started, latency=searched)
         amax = group_amax(plan, calibration.stats, config.calib)
-        quantized = _build(graph, plan, calibration, config, model, amax)
-        return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started)
+        if searched is None:
+            quantized = _build(graph, plan, calibration, config, model, amax)
+        return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started, latency=searched)
     outcome = run_accuracy(
         layers.restricted(calibration.stats), calibration.stats, model, held_back,
         lambda final_plan: _build(graph, final_plan, calibration, config, model), accuracy, config.calib,

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .calib.calibrate import ProgressCallback
 from .calib.session import open_session
 from .calib.stats import TensorStats
 from .config import Selection, Target
@@ -43,9 +44,6 @@ __all__ = ["LatencySearchConfig", "ClassTrial", "LatencySearch", "layer_classes"
 # class that lost while everything around it was INT8 may win once they are float. A second sweep
 # retries the classes still INT8, when the first changed anything.
 _SWEEPS = 2
-
-ProgressCallback = Callable[[int, int | None], None]
-
 
 @dataclass(frozen=True)
 class LatencySearchConfig:

@@ -176,7 +176,8 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
             if _splittable(feed, fixed is not None):
                 rest = feed
                 if bytes_per_sample is None:  # the first sample alone tells how large a sample's activations are
-                    head, rest = _slices(feed, 1)[0], {name: array[1:] for name, array in feed.items()}
+                    head = {name: array[:1] for name, array in feed.items()}
+                    rest = {name: array[1:] for name, array in feed.items()}
                     bytes_per_sample = run_and_fold(head)
                 parts = _slices(rest, _run_size(bytes_per_sample))
             for part in parts:

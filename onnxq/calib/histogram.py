@@ -215,7 +215,6 @@ class HistogramAccumulator:
         self.exponent, self.amax, self.zeros = h.exponent, h.amax, h.zeros
         self.low, self.high = h.low, h.high
         self.nan, self.inf, self.sentinels = h.nan_count, h.inf_count, h.sentinel_count
-        self._buffer: np.ndarray | None = None
 
     def add(self, values: np.ndarray) -> None:
         """Fold `values` (any shape) in: one pass in cache-sized chunks (see `Histogram.update`)."""
@@ -270,9 +269,7 @@ class HistogramAccumulator:
 
     def _add_bins(self, chunk: np.ndarray) -> int:
         """numpy: add floor(|x| * 2**-exponent) of the non-zero values to `counts`; return #exact zeros."""
-        if self._buffer is None or self._buffer.dtype != chunk.dtype or self._buffer.size < chunk.size:
-            self._buffer = np.empty(min(_CHUNK, max(chunk.size, 1)), chunk.dtype)
-        counts, zeros = _bin_counts(chunk, self.exponent, self.num_bins, self._buffer)
+        counts, zeros = _bin_counts(chunk, self.exponent, self.num_bins)
         self.counts += counts
         return zeros
 

@@ -15,10 +15,9 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import CalibrationError
-from .histogram import SENTINEL_ABS, Histogram, HistogramAccumulator, empty_histogram
+from .histogram import SENTINEL_ABS, Histogram, HistogramAccumulator
 
-__all__ = ["MaxStats", "TensorStats", "StatsAccumulator", "new_stats", "new_accumulator", "check_stats",
-           "merge_all"]
+__all__ = ["MaxStats", "TensorStats", "StatsAccumulator", "new_accumulator", "check_stats", "merge_all"]
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +85,6 @@ class MaxAccumulator:
 
     def freeze(self) -> MaxStats:
         return self.stats
-
-
-def new_stats(histogram: bool, num_bins: int) -> TensorStats:
-    return empty_histogram(num_bins) if histogram else MaxStats()
 
 
 def new_accumulator(histogram: bool, num_bins: int) -> StatsAccumulator:
