@@ -83,6 +83,23 @@ class MaxAccumulator:
     def add(self, values: np.ndarray) -> None:
         self.stats = self.stats.update(values)
 
+    def add_maxima(self, maxima: np.ndarray, num_values: int) -> bool:
+        """Fold the channel maxima of a tensor that cannot be negative and holds `num_values` values.
+
+        Returns False, folding nothing, when a maximum is NaN, Inf or a sentinel: the caller then adds
+        the whole tensor, so those values are counted and left out as `update` does.
+        """
+        data = np.asarray(maxima)
+        if data.size == 0:
+            return num_values == 0
+        high = max(float(data.max()), 0.0)
+        if not (np.isfinite(high) and high < SENTINEL_ABS):  # also catches a NaN maximum
+            return False
+        s = self.stats
+        self.stats = MaxStats(max(s.amax, high), s.num_values + num_values, s.nan_count, s.inf_count,
+                              s.sentinel_count, min(s.low, 0.0), max(s.high, high))
+        return True
+
     def freeze(self) -> MaxStats:
         return self.stats
 
