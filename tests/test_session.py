@@ -152,6 +152,28 @@ def test_optimize_flag_sets_the_graph_optimization_level(
     assert options.intra_op_num_threads == 1
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "allow_spinning", "force_stop", "arena"),
+    [
+        ({}, "", "", True),
+        ({"spin": False}, "0", "", True),
+        ({"spin_after_run": False, "arena": False}, "", "1", False),
+    ],
+)
+def test_spinning_and_arena_options_reach_onnxruntime(kwargs: dict, allow_spinning: str, force_stop: str,
+                                                      arena: bool) -> None:
+    options = open_session(passthrough_model(), **kwargs).ort_session.get_session_options()
+
+    def entry(key: str) -> str:
+        try:
+            return options.get_session_config_entry(key)
+        except Exception:  # onnxruntime raises for a key that was never set
+            return ""
+    assert entry("session.intra_op.allow_spinning") == allow_spinning
+    assert entry("session.force_spinning_stop") == force_stop
+    assert options.enable_cpu_mem_arena is arena
+
+
 def test_names_and_outputs() -> None:
     session = open_session(passthrough_model())
     assert session.input_names == ("x",)

@@ -195,7 +195,7 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
     # tensors' sizes (once per input shape) and for the rare re-read: no arena kept, no spinning beside it.
     rare = bool(max_outputs)
     with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, optimize=True,
-                      memory_pattern=False, arena=not rare, spin=not rare) as session, \
+                      memory_pattern=False, arena=not rare, spin=not rare, spin_after_run=False) as session, \
             _reduced_session(graph, whole, max_outputs, config) as reduced, \
             ThreadPoolExecutor(threads, thread_name_prefix="onnxq-fold") if threads > 1 else nullcontext() as pool:
         values_per_run: dict[tuple, dict[str, int]] = {}  # in-graph tensors' sizes, by the runs' input shapes
@@ -259,4 +259,5 @@ def _reduced_session(graph: gs.Graph, whole: list[str], max_outputs: Mapping[str
     if not max_outputs:
         return nullcontext()
     reading = expose_channel_max(expose_tensors(graph, whole), max_outputs)
-    return open_session(from_graph(reading), config.providers, optimize=True, memory_pattern=False)
+    return open_session(from_graph(reading), config.providers, optimize=True, memory_pattern=False,
+                        spin_after_run=False)

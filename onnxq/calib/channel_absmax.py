@@ -61,7 +61,7 @@ def channel_absmax(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSo
     running: dict[str, np.ndarray] = {}
     ignored = dict.fromkeys(names, 0)
     samples = 0
-    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers) as session:
+    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, spin_after_run=False) as session:
         for feed in _batches(source, graph, config):
             outputs = session.run(feed, exposed) if exposed else {}
             outputs.update({n: feed[n] for n in names if n in input_names})
