@@ -26,6 +26,7 @@ from .passes import PREPARE, GraphPass, run
 from .passes.gate_qdq import LayerMap
 from .passes.insert_qdq import insert_qdq
 from .passes.name_nodes import name_nodes
+from .passes.shuffle_to_gather import shuffle_to_gather
 from .passes.smoothquant import smoothquant, smoothquant_targets
 from .passes.to_fp16 import FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from .passes.upgrade_opset import upgrade_opset
@@ -58,18 +59,24 @@ def _as_model(model: ModelLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(Path(model))
 
 
-def prepare(model: ModelLike) -> gs.Graph:
-    """Upgrade to opset >= 13, import, move Constant weights to initializers, fold constants and BN."""
+# Rewrites that pay off on one target's runtime only (see each pass's measurements).
+TARGET_PREPARE: dict[Target, tuple[GraphPass, ...]] = {Target.ORT_CPU: (shuffle_to_gather,)}
+
+
+def prepare(model: ModelLike, target: Target | None = None) -> gs.Graph:
+    """Upgrade to opset >= 13, import, move Constant weights to initializers, fold constants and BN;
+    then the rewrites for `target`'s runtime, if any."""
     model = _as_model(model)
     already = sorted({n.op_type for n in model.graph.node} & _QDQ_OPS)
     if already:
         raise ModelError(f"the model is already quantized (contains {', '.join(already)})")
-    return run(to_graph(upgrade_opset(model)), (*PREPARE, name_nodes))
+    target_passes = TARGET_PREPARE.get(target, ()) if target is not None else ()
+    return run(to_graph(upgrade_opset(model)), (*PREPARE, *target_passes, name_nodes))
 
 
 def inspect(model: ModelLike, selection: Selection = Selection(), target: Target = Target.TRT) -> QuantPlan:
     """The quantization plan for `model`, without calibrating."""
-    return plan_quantization(prepare(model), selection, target)
+    return plan_quantization(prepare(model, target), selection, target)
 
 
 def _open(calib: CalibSource | str | os.PathLike[str], model: onnx.ModelProto,
@@ -83,7 +90,7 @@ def collect_stats(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
                   user_passes: Sequence[GraphPass] = ()) -> tuple[StatsFile, CalibrationResult]:
     """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later."""
     model = _as_model(model)
-    graph = run(prepare(model), user_passes)
+    graph = run(prepare(model, config.target), user_passes)
     plan = plan_quantization(graph, config.selection, config.target)
     calibration = calibrate(graph, plan.activation_names, _open(calib, model, preprocess), config.calib,
                             on_progress, histograms=True)
@@ -170,7 +177,7 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         if accuracy is not None:
             raise ConfigError("--latency-search cannot be combined with an accuracy target yet")
     model = _as_model(model)
-    graph = run(prepare(model), user_passes)
+    graph = run(prepare(model, config.target), user_passes)
     source = None if calib is None else _open(calib, model, preprocess)
     held_back = layers = None
     if accuracy is not None:

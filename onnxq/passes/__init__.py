@@ -4,7 +4,8 @@
 Constant nodes lowered to initializers, constant subgraphs folded, and BatchNormalization folded
 into the convolutions before it, zero Pads into the Convs after them and constant Adds into Conv biases, so every weight is a `gs.Constant` feeding its Conv, ConvTranspose,
 Gemm or MatMul directly; element-wise hard-sigmoid/hard-swish chains become single ops (opset 14 when
-needed), one float op between Q/DQ instead of four. The order matters: `constants_to_initializers` comes first because gs's
+needed), one float op between Q/DQ instead of four; two-input Sums become Adds (the residual rules and
+ORT's QLinearAdd know Add). The order matters: `constants_to_initializers` comes first because gs's
 own lowering inside `fold_constants` gives `value_float(s)` the wrong dtype (float64), and so that
 Constant-node weights become initializers even when folding fails; `fuse_bn` comes last because
 conv weights and BN parameters computed by constant chains are only constants once folded.
@@ -19,6 +20,7 @@ from .fold_bias_add import fold_bias_add
 from .fold_pad import fold_pad
 from .fuse_bn import fuse_bn
 from .fuse_hardswish import fuse_hardswish
+from .sum_to_add import sum_to_add
 from .upgrade_opset import upgrade_opset
 
 __all__ = [
@@ -32,9 +34,10 @@ __all__ = [
     "fold_pad",
     "fold_bias_add",
     "fuse_hardswish",
+    "sum_to_add",
     "PREPARE",
 ]
 
 #: The passes that prepare a float graph for quantization, in the order they must run.
 PREPARE: tuple[GraphPass, ...] = (constants_to_initializers, fold_constants, fuse_bn, fold_pad, fold_bias_add,
-                                  fuse_hardswish)
+                                  fuse_hardswish, sum_to_add)

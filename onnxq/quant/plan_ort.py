@@ -33,7 +33,7 @@ QLINEAR_OPS = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", 
 ELEMENTWISE_OPS = frozenset({"Add", "Mul"})
 # Ops whose DQ -> op -> Q ORT drops when both sides share one scale and zero point. (MaxPool is left
 # out: ORT's uint8 MaxPool measured 5x slower than its float one on PP-OCR.)
-SAME_SCALE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize"})
+SAME_SCALE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Gather"})
 # Activations ORT folds into the following Q (their range contains the Q's range).
 ABSORBED_OPS = frozenset({"Relu", "Clip"})
 # Outputs quantized only when an integer kernel reads them.
