@@ -9,7 +9,7 @@ import click
 from onnxq.api import quantize
 from onnxq.calib.data import input_specs, open_source
 from onnxq.calib.images import ImagePreprocess
-from onnxq.config import AccuracyTarget, Selection
+from onnxq.config import AccuracyTarget, Selection, Target
 from onnxq.latency_search import LatencySearchConfig
 from onnxq.io import load_model, save_model
 from onnxq.summary import plan_counts
@@ -46,17 +46,18 @@ from .summary import RunProgress, accuracy_lines, accuracy_options, latency_line
 @click.option("--smoothquant", type=float, is_flag=False, flag_value=0.5, default=None, metavar="[ALPHA]",
               help="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights before "
                    "calibrating (LayerNorm and linear producers); ALPHA is the migration strength (default 0.5).")
-@click.option("--latency-search", is_flag=True,
-              help="--target ort-cpu: time each class of quantized layers (e.g. 5x5 depthwise Convs) in INT8 "
-                   "and in float on one calibration batch on this machine, and keep in float the classes ORT "
-                   "runs faster in float. Makes the output depend on the machine it ran on.")
+@click.option("--latency-search/--no-latency-search", default=None,
+              help="--target ort-cpu (on by default there when --calib is given): time each class of quantized "
+                   "layers (e.g. 5x5 depthwise Convs) in INT8 and in float on one calibration batch on this "
+                   "machine, and keep in float the classes ORT runs faster in float. The output then depends on "
+                   "the machine it ran on; --no-latency-search gives the rule-based plan alone.")
 @click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.json and report.md (and sensitivity.png with onnxq[report]) into DIR.")
 @image_options
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
                  batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
-                 accuracy: AccuracyTarget | None, smoothquant: float | None, latency_search: bool,
+                 accuracy: AccuracyTarget | None, smoothquant: float | None, latency_search: bool | None,
                  report_dir: Path | None, preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
@@ -69,7 +70,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
       onnxq quantize model.onnx --calib calib/ -o model.int8.onnx --eval eval/
       onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
       onnxq quantize model.onnx --calib calib/ --eval eval/ --min-cosine 0.99
-      onnxq quantize model.onnx --calib calib/ --target ort-cpu --latency-search
+      onnxq quantize model.onnx --calib calib/ --target ort-cpu --no-latency-search
     """
     if (calib_path is None) == (stats_path is None):
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
@@ -84,7 +85,8 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         raise click.UsageError(f"--engine {engine} names the output model")
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
     evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
-    latency = LatencySearchConfig(providers=config.calib.providers) if latency_search else None
+    search, skipped = _latency_search(latency_search, config.target, stats_path is not None, accuracy is not None)
+    latency = LatencySearchConfig(providers=config.calib.providers) if search else None
     with Progress("calibrating") as progress, RunProgress(progress) as runs, \
             Progress("timing layer classes", unit="classes") as timing:
         result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
@@ -104,6 +106,8 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if missing:
         click.echo(f"  note         {', '.join(missing)} requested but could not be loaded: "
                    f"calibration ran on {', '.join(calib.providers)}")
+    if skipped is not None:
+        click.echo(f"  note         {skipped}")
     for line in accuracy_lines(result.sensitivity, result.fallback) + latency_lines(result.latency):
         click.echo(line)
     metrics = ()
@@ -119,3 +123,18 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         click.echo(f"  engine       {plan_path} built in {engine_summary.seconds:.1f} s; {engine_summary.log}; "
                    f"layers {engine_summary.layers}")
     click.echo(f"  total        {result.seconds:.1f} s")
+
+
+def _latency_search(flag: bool | None, target: Target, from_stats: bool, accuracy: bool) -> tuple[bool, str | None]:
+    """Whether to run the latency search, and why the ort-cpu default was skipped (None if it was not).
+
+    An explicit --latency-search is passed on (the library refuses what it cannot combine); left unsaid,
+    it is on for --target ort-cpu, whose point is speed on this machine, when there is a batch to time.
+    """
+    if flag is not None or target is not Target.ORT_CPU:
+        return bool(flag), None
+    if from_stats:
+        return False, "no latency search: --stats holds no batch to time (give --calib for one)"
+    if accuracy:
+        return False, "no latency search: it cannot be combined with an accuracy target yet"
+    return True, None

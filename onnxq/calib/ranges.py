@@ -43,7 +43,7 @@ def _grouped(plan: QuantPlan, stats: Mapping[str, TensorStats]) -> dict[str, Ten
         if target.tensor_name not in stats:
             raise CalibrationError(
                 f"no calibration statistics for tensor '{target.tensor_name}'. Hint: statistics files must "
-                "be collected for this model (onnxq calibrate) with the same or fewer exclusions")
+                "be collected for this model and --target (onnxq calibrate) with the same or fewer exclusions")
         members.setdefault(target.group, []).append(stats[target.tensor_name])
     return {group: merge_all(group_stats) for group, group_stats in members.items()}
 
