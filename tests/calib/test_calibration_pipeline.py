@@ -153,19 +153,20 @@ def test_all_zero_and_tiny_tensors_get_a_positive_scale(method: str) -> None:
 def test_batches_run_in_slices_within_the_activation_budget(monkeypatch, budget: int, runs: int) -> None:
     """6 batches of 3: the first sample alone, then slices within the budget; statistics unchanged."""
     from onnxq.calib import calibrate as calibration
+    from onnxq.calib import readout
 
     model = models.BUILDERS["residual_cnn"]()
     feeds = _feeds(model, count=6, batch=3)
     reference, _ = onnxq.collect_stats(model, onnxq.FeedsSource(feeds), _config("entropy", batch_size=3))
     folds: list[int] = []
-    real_fold = calibration._fold
+    real_fold = readout.fold
 
     def counting_fold(accumulators, outputs, pool) -> None:
         folds.append(next(iter(outputs.values())).shape[0])
         real_fold(accumulators, outputs, pool)
 
     monkeypatch.setattr(calibration, "RUN_BUDGET_BYTES", budget)
-    monkeypatch.setattr(calibration, "_fold", counting_fold)
+    monkeypatch.setattr(readout, "fold", counting_fold)
     sliced, result = onnxq.collect_stats(model, onnxq.FeedsSource(feeds), _config("entropy", batch_size=3))
     assert len(folds) == runs and sum(folds) == 18 and result.samples == 18
     assert sliced.histograms.keys() == reference.histograms.keys()
