@@ -82,11 +82,13 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                   help="Keep nodes whose name matches REGEX in float (repeatable).")
     @click.option("--exclude-op-types", "exclude_op_types", multiple=True, metavar="T,...",
                   help="Keep these op types in float, e.g. Gemm,MatMul (repeatable).")
-    @click.option("--quantize-attention", is_flag=True,
-                  help="Also quantize attention MatMuls next to a Softmax (float by default).")
+    @click.option("--quantize-attention/--no-quantize-attention", default=None,
+                  help="Quantize the attention MatMuls next to a Softmax, or keep them float. Default: float for "
+                       "--target trt, quantized for ort-cpu (ORT's integer kernels; measured: the encoder's "
+                       "cosine to float 0.99958 -> 0.99948, 4-6% faster at batch 8).")
     @functools.wraps(fn)
     def wrapper(*args: Any, exclude_nodes: tuple[str, ...], exclude_op_types: tuple[str, ...],
-                quantize_attention: bool, **kwargs: Any) -> Any:
+                quantize_attention: bool | None, **kwargs: Any) -> Any:
         selection = Selection(exclude_node_patterns=exclude_nodes, exclude_op_types=_split(exclude_op_types),
                               quantize_attention=quantize_attention)
         return fn(*args, selection=selection, **kwargs)

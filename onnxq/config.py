@@ -71,13 +71,15 @@ class Selection:
     Attributes:
         exclude_node_patterns: regular expressions; a node whose name matches any (re.search) stays float.
         exclude_op_types: ONNX op types that stay float.
-        quantize_attention: also quantize the attention MatMuls next to a Softmax (float by default,
-            like the Softmax, LayerNorm and attention-mask arithmetic around them).
+        quantize_attention: quantize the attention MatMuls next to a Softmax (True) or keep them float
+            like the Softmax, LayerNorm and attention-mask arithmetic around them (False). None: the
+            target's default, float for TensorRT, quantized for ORT's CPU provider (its integer MatMul
+            is where ORT's speed-up on transformers comes from; ORT's quantize_static does the same).
     """
 
     exclude_node_patterns: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
-    quantize_attention: bool = False
+    quantize_attention: bool | None = None
 
     def __post_init__(self) -> None:
         for pattern in self.exclude_node_patterns:

@@ -199,7 +199,7 @@ def plan_quantization(graph: gs.Graph, selection: Selection = Selection(), targe
 
 
 def _plan_trt(graph: gs.Graph, selection: Selection) -> QuantPlan:
-    draft = PlanDraft(GraphIndex.build(graph), quantize_attention=selection.quantize_attention)
+    draft = PlanDraft(GraphIndex.build(graph), quantize_attention=selection.quantize_attention is True)
     nodes = list(graph.nodes)
     for node in nodes:
         excluded = selection.excluded_by(node.name, node.op)

@@ -132,7 +132,8 @@ def _plan_qlinear(node: gs.Node, draft: PlanDraft) -> str | None:
 
 def plan_ort_cpu(graph: gs.Graph, selection: Selection = Selection()) -> QuantPlan:
     """Plan uint8-activation / int8-weight Q/DQ that ONNX Runtime's CPU provider fuses."""
-    draft = PlanDraft(GraphIndex.build(graph), quantize_attention=selection.quantize_attention)
+    # Attention MatMuls are quantized unless the user said otherwise (see Selection.quantize_attention).
+    draft = PlanDraft(GraphIndex.build(graph), quantize_attention=selection.quantize_attention is not False)
     groups = _Groups()
     nodes = list(graph.nodes)
     for node in nodes:

@@ -57,3 +57,7 @@ def test_quantize_attention_flag_changes_the_plan(tmp_path) -> None:
     row = lambda out: next(line for line in out.splitlines() if line.startswith("layer1/attn/scores "))  # noqa: E731
     assert " no " in row(default.stdout) and "Softmax" in row(default.stdout)
     assert " yes " in row(asked.stdout)
+    ort_cpu = invoke("inspect", tmp_path / "tr.onnx", "--target", "ort-cpu")
+    ort_cpu_float = invoke("inspect", tmp_path / "tr.onnx", "--target", "ort-cpu", "--no-quantize-attention")
+    assert " yes " in row(ort_cpu.stdout)  # ORT's CPU provider: quantized by default
+    assert " no " in row(ort_cpu_float.stdout)

@@ -74,7 +74,8 @@ def test_written_parameters_follow_the_u8s8_scheme() -> None:
     ("residual_cnn", {"QLinearConv": 6, "QLinearAdd": 2, "QGemm": 1}),
     ("concat_branches", {"QLinearConv": 5, "QLinearConcat": 1, "QGemm": 1}),
     ("yolo_neck_head", {"QLinearConv": 9, "QLinearConcat": 3}),
-    ("transformer_encoder", {"QLinearMatMul": 12, "Softmax": 2}),  # attention BMMs stay float by default
+    # attention: Q.K^T feeds the float Softmax (MatMulIntegerToFloat), P.V the integer output projection
+    ("transformer_encoder", {"QLinearMatMul": 14, "MatMulIntegerToFloat": 2, "Softmax": 2}),
 ])
 def test_synthetic_models_fuse_and_stay_close_to_float(name: str, fused: dict[str, int], tmp_path: Path) -> None:
     model = models.BUILDERS[name]()
@@ -92,3 +93,11 @@ def test_attention_mask_stays_float_on_ort() -> None:
     plan = onnxq.inspect(models.BUILDERS["transformer_encoder"](), target=onnxq.Target.ORT_CPU)
     assert not any(name.startswith("mask/") for name in plan.activation_names)
     assert "mask" in plan.decision("layer1/attn/add_mask").reason
+
+
+def test_attention_stays_float_for_ort_cpu_when_asked(tmp_path: Path) -> None:
+    model = models.BUILDERS["transformer_encoder"]()
+    feeds = [models.random_feeds(model, batch=4, seed=s) for s in range(3)]
+    config = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU, selection=onnxq.Selection(quantize_attention=False))
+    _, ops = _optimized(onnxq.quantize(model, onnxq.FeedsSource(feeds), config).model, tmp_path)
+    assert ops["QLinearMatMul"] == 12 and ops["MatMulIntegerToFloat"] == 0, ops
