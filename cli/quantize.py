@@ -108,6 +108,11 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                    f"calibration ran on {', '.join(calib.providers)}")
     if skipped is not None:
         click.echo(f"  note         {skipped}")
+    if not result.plan.quantized_nodes:
+        nested = sorted({n.op_type for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")})
+        where = (f"; the model computes inside {'/'.join(nested)} subgraphs, which onnxq does not quantize yet"
+                 if nested else "")
+        click.echo(f"  note         nothing was quantized: the output computes what the float model does{where}")
     for line in accuracy_lines(result.sensitivity, result.fallback) + latency_lines(result.latency):
         click.echo(line)
     metrics = ()

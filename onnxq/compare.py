@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .calib.data import CalibSource, InputSpec, input_specs, open_source
+from .calib.data import CalibSource, InputSpec, input_specs, open_source, sample_axes, samples_in
 from .calib.images import ImagePreprocess
 from .calib.session import CPU_PROVIDER, open_session, resolve_providers
 from .atomic import write_atomic
@@ -268,8 +268,6 @@ def _trt_runner(path: Path, shapes: Mapping[str, tuple[int, ...]], stack: ExitSt
                    tuple(sorted(built.layer_precisions.items())))
 
 
-def _samples_in(feed: Feed) -> int:
-    return max((np.shape(array)[0] for array in feed.values() if np.ndim(array) > 0), default=1)
 
 
 def _shapes(feed: Feed) -> dict[str, tuple[int, ...]]:
@@ -278,19 +276,19 @@ def _shapes(feed: Feed) -> dict[str, tuple[int, ...]]:
 
 def _fixed_batch(specs: Iterable[InputSpec]) -> int | None:
     """The batch size every batched input fixes, or None when any leaves it free."""
-    firsts = {spec.shape[0] for spec in specs if spec.batched}
+    firsts = {spec.shape[spec.sample_axis] for spec in specs if spec.sample_axis is not None}
     return firsts.pop() if len(firsts) == 1 and None not in firsts else None
 
 
 def _measure(reference: _Runner, candidate: _Runner, names: tuple[str, ...], feeds: Iterable[Feed],
-             locked: Mapping[str, tuple[int, ...]] | None, total: int | None,
+             locked: Mapping[str, tuple[int, ...]] | None, total: int | None, axes: Mapping[str, int],
              on_progress: ProgressCallback | None) -> tuple[tuple[OutputMetrics, ...], int, int, int]:
     """Run both models on every feed; return the metrics, samples, batches and samples skipped."""
     accumulators = {name: MetricsAccumulator() for name in names}
     samples = batches = skipped = 0
     for feed in feeds:
         if locked is not None and _shapes(feed) != locked:
-            skipped += _samples_in(feed)
+            skipped += samples_in(feed, axes)
             continue
         ref_outputs, cand_outputs = reference.run(feed), candidate.run(feed)
         for name in names:
@@ -299,7 +297,7 @@ def _measure(reference: _Runner, candidate: _Runner, names: tuple[str, ...], fee
                 raise ModelError(f"output '{name}': the float model returns shape {np.shape(ref)} but the "
                                  f"quantized model returns {np.shape(cand)}")
             accumulators[name] = accumulators[name].update(ref, cand)
-        samples += _samples_in(feed)
+        samples += samples_in(feed, axes)
         batches += 1
         if on_progress is not None:
             on_progress(samples, total)
@@ -309,14 +307,15 @@ def _measure(reference: _Runner, candidate: _Runner, names: tuple[str, ...], fee
     return tuple(accumulators[name].result(name) for name in names), samples, batches, skipped
 
 
-def _first_batch(source: CalibSource, batch_size: int, fixed: int | None) -> tuple[Feed, Iterable[Feed]]:
+def _first_batch(source: CalibSource, batch_size: int, fixed: int | None,
+                 axes: Mapping[str, int]) -> tuple[Feed, Iterable[Feed]]:
     feeds = iter(source.batches(batch_size))
     first = next(feeds, None)
     if first is None:
         raise CalibrationError(f"{source.describe()}: no samples to compare the models on")
-    if fixed is not None and _samples_in(first) != fixed:
+    if fixed is not None and samples_in(first, axes) != fixed:
         raise CalibrationError(f"{source.describe()}: the models take batches of exactly {fixed} samples, "
-                               f"the data holds only {_samples_in(first)}")
+                               f"the data holds only {samples_in(first, axes)}")
     return first, feeds
 
 
@@ -350,8 +349,9 @@ def compare(reference: str | os.PathLike[str], candidate: str | os.PathLike[str]
     del ref_model, cand_model  # the sessions load the files themselves
     source = data if isinstance(data, CalibSource) else open_source(data, specs, preprocess)
     fixed = _fixed_batch(specs)
+    axes = sample_axes(specs)
     batch_size = fixed or config.batch_size
-    first, rest = _first_batch(source, batch_size, fixed)
+    first, rest = _first_batch(source, batch_size, fixed, axes)
     paths = (Path(reference), Path(candidate))
     with ExitStack() as stack:
         if config.backend is Backend.TRT:
@@ -360,7 +360,7 @@ def compare(reference: str | os.PathLike[str], candidate: str | os.PathLike[str]
             ref_runner, cand_runner = (_ort_runner(path, config, stack) for path in paths)
         locked = _shapes(first) if config.backend is Backend.TRT or fixed is not None else None
         metrics, samples, batches, skipped = _measure(ref_runner, cand_runner, names, itertools.chain([first], rest),
-                                                      locked, source.num_samples(), on_progress)
+                                                      locked, source.num_samples(), axes, on_progress)
         timers = (ref_runner.timer(first), cand_runner.timer(first))
         latencies = time_interleaved(timers, config.warmup, config.iterations)
     runs = [ModelRun(os.fspath(path), runner.runtime, runner.requested, runner.providers, latency,
@@ -368,7 +368,7 @@ def compare(reference: str | os.PathLike[str], candidate: str | os.PathLike[str]
             for path, runner, latency in zip(paths, (ref_runner, cand_runner), latencies)]
     return CompareResult(backend=config.backend, data=source.describe(), batch_size=batch_size, samples=samples,
                          batches=batches, skipped_samples=skipped, metrics=metrics, reference=runs[0],
-                         candidate=runs[1], timed_batch=_samples_in(first), warmup=config.warmup,
+                         candidate=runs[1], timed_batch=samples_in(first, axes), warmup=config.warmup,
                          iterations=config.iterations, intra_op_threads=config.intra_op_threads,
                          seconds=time.perf_counter() - started)
 

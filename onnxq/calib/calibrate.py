@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import CalibConfig
 from ..errors import CalibrationError
-from .data import CalibSource
+from .data import CalibSource, sample_axis_of, samples_in
 from .readout import ActivationReader
 from .stats import TensorStats, check_stats, new_accumulator
 
@@ -67,20 +67,24 @@ class CalibrationResult:
 def model_batch_size(graph: gs.Graph) -> int | None:
     """The fixed batch size of the model's inputs, or None when the batch dimension is free."""
     fixed = set()
-    for tensor in graph.inputs:
-        shape = tensor.shape or ()
-        if len(shape) == 0:
-            continue
-        first = shape[0]
-        if not isinstance(first, int) or first <= 0:
+    shapes = {tensor.name: tensor.shape or () for tensor in graph.inputs}
+    for name, axis in graph_sample_axes(graph).items():
+        size = shapes[name][axis]
+        if not isinstance(size, int) or size <= 0:
             return None
-        fixed.add(first)
+        fixed.add(size)
     return fixed.pop() if len(fixed) == 1 else None
 
 
-def _samples_in(feed: Mapping[str, np.ndarray]) -> int:
-    sizes = [a.shape[0] for a in feed.values() if a.ndim > 0]
-    return max(sizes) if sizes else 1
+def graph_sample_axes(graph: gs.Graph) -> dict[str, int]:
+    """Input name -> the axis its samples are stacked along (see data.sample_axis_of)."""
+    axes = {}
+    for tensor in graph.inputs:
+        if tensor.shape is not None:
+            axis = sample_axis_of([d if isinstance(d, int) and d > 0 else None for d in tensor.shape])
+            if axis is not None:
+                axes[tensor.name] = axis
+    return axes
 
 
 def _fold_threads() -> int:
@@ -98,15 +102,16 @@ def _fold_threads() -> int:
 RUN_BUDGET_BYTES = 128 << 20
 
 
-def _splittable(feed: Mapping[str, np.ndarray], fixed: bool) -> bool:
+def _splittable(feed: Mapping[str, np.ndarray], fixed: bool, axes: Mapping[str, int]) -> bool:
     """True if every input of `feed` has the batch on axis 0 and the model takes any batch size."""
-    samples = _samples_in(feed)
-    return not fixed and samples > 1 and all(a.ndim > 0 and a.shape[0] == samples for a in feed.values())
+    samples = samples_in(feed, axes)
+    return (not fixed and samples > 1 and all(axes.get(name) == 0 for name in feed)
+            and all(a.ndim > 0 and a.shape[0] == samples for a in feed.values()))
 
 
 def _slices(feed: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
-    """`feed` cut along the batch axis into runs of at most `size` samples (views, no copies)."""
-    samples = _samples_in(feed)
+    """`feed` (every input batched on axis 0) cut into runs of at most `size` samples (views, no copies)."""
+    samples = next(iter(feed.values())).shape[0]
     return [{name: array[start:start + size] for name, array in feed.items()} for start in range(0, samples, size)]
 
 
@@ -115,11 +120,12 @@ def _run_size(bytes_per_sample: float) -> int:
     return max(1, int(RUN_BUDGET_BYTES // max(bytes_per_sample, 1.0)))
 
 
-def _full_batches(source: CalibSource, batch_size: int, fixed: bool) -> Iterable[Mapping[str, np.ndarray]]:
+def _full_batches(source: CalibSource, batch_size: int, fixed: bool,
+                  axes: Mapping[str, int]) -> Iterable[Mapping[str, np.ndarray]]:
     for feed in source.batches(batch_size):
-        if fixed and _samples_in(feed) != batch_size:
+        if fixed and samples_in(feed, axes) != batch_size:
             log.warning("the model takes batches of exactly %d; the last %d samples are left out",
-                        batch_size, _samples_in(feed))
+                        batch_size, samples_in(feed, axes))
             continue
         yield feed
 
@@ -142,6 +148,7 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
     started = time.perf_counter()
     names = tuple(dict.fromkeys(tensor_names))
     fixed = model_batch_size(graph)
+    axes = graph_sample_axes(graph)
     use_histograms = config.method.needs_histogram if histograms is None else histograms
     accumulators = {n: new_accumulator(use_histograms, config.num_bins) for n in names}
     samples = batches = 0
@@ -150,9 +157,9 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
     with ThreadPoolExecutor(threads, thread_name_prefix="onnxq-fold") if threads > 1 else nullcontext() as pool, \
             ActivationReader(graph, names, accumulators, config, pool, in_graph_max=in_graph_max) as reader:
         bytes_per_sample: float | None = None
-        for feed in _full_batches(source, fixed or config.batch_size, fixed is not None):
+        for feed in _full_batches(source, fixed or config.batch_size, fixed is not None, axes):
             parts: list[Mapping[str, np.ndarray]] = [feed]
-            if _splittable(feed, fixed is not None):
+            if _splittable(feed, fixed is not None, axes):
                 rest = feed
                 if bytes_per_sample is None:  # the first sample alone tells how large a sample's activations are
                     head = {name: array[:1] for name, array in feed.items()}
@@ -161,7 +168,7 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
                 parts = _slices(rest, _run_size(bytes_per_sample))
             for part in parts:
                 reader.fold(part)
-            samples += _samples_in(feed)
+            samples += samples_in(feed, axes)
             batches += 1
             if on_progress is not None:
                 on_progress(samples, total)

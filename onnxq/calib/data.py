@@ -33,6 +33,18 @@ _ArrayHeaders = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 _SCRIPT_REFERENCE = re.compile(r"^(?P<script>.+\.py)(?::(?P<function>[^:/\\]*))?$", re.IGNORECASE)
 
 
+def sample_axis_of(shape: Sequence[int | None]) -> int | None:
+    """The axis an input's samples are stacked along: None for a rank-0 input; else 0, except when axis 0
+    has a fixed size other than 1 and a later axis is symbolic, as in recurrent states [layers, N, hidden]:
+    then the first symbolic axis."""
+    if not shape:
+        return None
+    first = shape[0]
+    if first is not None and first != 1:
+        return next((axis for axis, dim in enumerate(shape) if dim is None), 0)
+    return 0
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """One graph input the calibration data must feed.
@@ -40,7 +52,7 @@ class InputSpec:
     Attributes:
         name: the input's name.
         dtype: the numpy dtype of its ONNX element type.
-        shape: its dims; None marks a symbolic or unknown dim. Axis 0 is the sample axis when rank >= 1.
+        shape: its dims; None marks a symbolic or unknown dim. See `sample_axis` for the sample axis.
     """
 
     name: str
@@ -52,9 +64,15 @@ class InputSpec:
         """Whether the input has a sample axis; rank-0 inputs are passed whole with every batch."""
         return len(self.shape) > 0
 
+    @property
+    def sample_axis(self) -> int | None:
+        """The axis samples are stacked along (see `sample_axis_of`)."""
+        return sample_axis_of(self.shape)
+
     def shape_text(self) -> str:
         """The shape as messages show it: N for the sample axis, ? for other symbolic dims."""
-        dims = ["N" if axis == 0 else "?" if dim is None else str(dim) for axis, dim in enumerate(self.shape)]
+        dims = ["N" if axis == self.sample_axis else "?" if dim is None else str(dim)
+                for axis, dim in enumerate(self.shape)]
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def describe(self) -> str:
@@ -119,8 +137,8 @@ def _check_array(origin: str, spec: InputSpec, shape: tuple[int, ...], dtype: np
         hint = " Hint: add the sample axis with x[np.newaxis]" if len(shape) + 1 == len(spec.shape) else ""
         raise CalibrationError(f"{where} has shape {tuple(shape)} (rank {len(shape)}); the model expects "
                                f"{spec.shape_text()} (rank {len(spec.shape)}).{hint}".rstrip("."))
-    for axis in range(1, len(shape)):
-        if spec.shape[axis] is not None and shape[axis] != spec.shape[axis]:
+    for axis in range(len(shape)):
+        if axis != spec.sample_axis and spec.shape[axis] is not None and shape[axis] != spec.shape[axis]:
             raise CalibrationError(f"{where} has shape {tuple(shape)}; the model expects {spec.shape_text()}")
 
 
@@ -135,15 +153,16 @@ def _check_arrays(origin: str, arrays: _ArrayHeaders, specs: Sequence[InputSpec]
             raise CalibrationError(f"{origin}: no array for input {spec.describe()}; found {found}")
         shape, dtype = arrays[spec.name]
         _check_array(origin, spec, shape, dtype)
-    counts = {spec.name: arrays[spec.name][0][0] for spec in specs if spec.batched}
+    counts = {spec.name: (arrays[spec.name][0][spec.sample_axis], spec.sample_axis) for spec in specs if spec.batched}
     if not counts:
         return None
-    if len(set(counts.values())) > 1:
-        listing = ", ".join(f"'{name}' has {count}" for name, count in counts.items())
-        raise CalibrationError(f"{origin}: the inputs disagree on the number of samples (axis 0): {listing}")
-    name, count = next(iter(counts.items()))
+    if len({count for count, _ in counts.values()}) > 1:
+        listing = ", ".join(f"'{name}' has {count}" + (f" (axis {axis})" if axis else "")
+                            for name, (count, axis) in counts.items())
+        raise CalibrationError(f"{origin}: the inputs disagree on the number of samples: {listing}")
+    name, (count, axis) = next(iter(counts.items()))
     if count == 0:
-        raise CalibrationError(f"{origin}: input '{name}' holds no samples (axis 0 has size 0)")
+        raise CalibrationError(f"{origin}: input '{name}' holds no samples (axis {axis} has size 0)")
     return count
 
 
@@ -216,13 +235,30 @@ def _same_scalars(label: str, feed: Feed, specs: Sequence[InputSpec], previous: 
     return current
 
 
-def _join(pieces: list[Feed], scalars: Feed) -> Feed:
-    return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]} | scalars
+def sample_axes(specs: Sequence[InputSpec]) -> dict[str, int]:
+    """Input name -> its sample axis, for the inputs that have one."""
+    return {spec.name: spec.sample_axis for spec in specs if spec.sample_axis is not None}
+
+
+def cut_samples(array: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of `array` along `axis` (a view)."""
+    return array[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def samples_in(feed: Mapping[str, np.ndarray], axes: Mapping[str, int]) -> int:
+    """The number of samples in `feed` (1 when no input has a sample axis)."""
+    sizes = [np.shape(feed[name])[axis] for name, axis in axes.items() if name in feed]
+    return max(sizes) if sizes else 1
+
+
+def _join(pieces: list[Feed], scalars: Feed, axes: Mapping[str, int]) -> Feed:
+    return {name: np.concatenate([piece[name] for piece in pieces], axis=axes[name]) for name in pieces[0]} | scalars
 
 
 def _rebatch(feeds: Iterable[tuple[str, Feed]], specs: Sequence[InputSpec], batch_size: int) -> Iterator[Feed]:
-    """Split and concatenate labelled feeds along axis 0 into batches of `batch_size` samples."""
-    batched_names = [spec.name for spec in specs if spec.batched]
+    """Split and concatenate labelled feeds along their sample axes into batches of `batch_size` samples."""
+    axes = sample_axes(specs)
+    batched_names = list(axes)
     scalars: Feed | None = None
     pending: list[Feed] = []
     pending_count = 0
@@ -231,21 +267,21 @@ def _rebatch(feeds: Iterable[tuple[str, Feed]], specs: Sequence[InputSpec], batc
             yield {name: np.array(value) for name, value in feed.items()}
             continue
         scalars = _same_scalars(label, feed, specs, scalars)
-        count = len(feed[batched_names[0]])
+        count = samples_in(feed, axes)
         start = 0
         while start < count:
             take = min(batch_size - pending_count, count - start)
-            pending.append({name: feed[name][start:start + take] for name in batched_names})
+            pending.append({name: cut_samples(feed[name], axes[name], start, start + take) for name in batched_names})
             pending_count += take
             start += take
             if pending_count == batch_size:
-                yield _join(pending, scalars)
+                yield _join(pending, scalars, axes)
                 pending, pending_count = [], 0
         # Copy the leftover samples so this file's arrays can be freed before the next file loads.
         pending = [{name: np.array(array) for name, array in piece.items()} for piece in pending]
         del feed
     if pending:
-        yield _join(pending, scalars or {})
+        yield _join(pending, scalars or {}, axes)
 
 
 class ArrayFilesSource:
@@ -262,7 +298,7 @@ class ArrayFilesSource:
         return f"{self.num_samples()} samples in {files}{self._location}"
 
     def num_samples(self) -> int:
-        """Samples along axis 0 over all files (from the headers); one per file when no input has axis 0."""
+        """Samples over all files (from the headers); one per file when no input has a sample axis."""
         return sum(file.samples if file.samples is not None else 1 for file in self._files)
 
     def batches(self, batch_size: int) -> Iterator[Feed]:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import CalibrationError
+from .data import cut_samples, samples_in
 
 __all__ = ["FeedsSource"]
 
@@ -14,9 +15,14 @@ Feed = dict[str, np.ndarray]
 
 
 class FeedsSource:
-    """Feeds held in memory, re-batched along axis 0 (rank-0 inputs are passed with every batch)."""
+    """Feeds held in memory, re-batched along their sample axes (rank-0 inputs are passed with every batch).
 
-    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], description: str = "in-memory feeds") -> None:
+    `sample_axes` names the inputs whose samples are not stacked on axis 0, e.g. {"state": 1} for a
+    recurrent state [layers, N, hidden]; every other input of rank >= 1 has them on axis 0.
+    """
+
+    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], description: str = "in-memory feeds",
+                 sample_axes: Mapping[str, int] | None = None) -> None:
         if not feeds:
             raise CalibrationError(f"{description}: no feeds")
         names = set(feeds[0])
@@ -25,20 +31,21 @@ class FeedsSource:
                 raise CalibrationError(f"{description}: feed {i} has inputs {sorted(feed)}, feed 0 has {sorted(names)}")
         self._feeds = [{k: np.asarray(v) for k, v in feed.items()} for feed in feeds]
         self._description = description
+        self._axes = {name: (sample_axes or {}).get(name, 0) for name, a in self._feeds[0].items() if a.ndim > 0}
 
     def describe(self) -> str:
         return f"{self.num_samples()} samples of {self._description}"
 
     def num_samples(self) -> int:
-        return sum(max((a.shape[0] for a in f.values() if a.ndim > 0), default=1) for f in self._feeds)
+        return sum(samples_in(f, self._axes) for f in self._feeds)
 
     def batches(self, batch_size: int) -> Iterator[Feed]:
-        batched = [n for n, a in self._feeds[0].items() if a.ndim > 0]
         scalars = {n: a for n, a in self._feeds[0].items() if a.ndim == 0}
-        if not batched:
+        if not self._axes:
             yield from (dict(f) for f in self._feeds)
             return
-        joined = {n: np.concatenate([f[n] for f in self._feeds]) for n in batched}
-        total = joined[batched[0]].shape[0]
+        joined = {n: np.concatenate([f[n] for f in self._feeds], axis=axis) for n, axis in self._axes.items()}
+        total = samples_in(joined, self._axes)
         for start in range(0, total, batch_size):
-            yield {**{n: a[start:start + batch_size] for n, a in joined.items()}, **scalars}
+            yield {**{n: cut_samples(a, self._axes[n], start, start + batch_size) for n, a in joined.items()},
+                   **scalars}
