@@ -161,7 +161,8 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
             runs planned or None).
         latency: `--target ort-cpu` only: time each class of quantized layers in INT8 and in float on
             the first calibration batch and leave in float those ORT runs faster in float (see
-            `onnxq.latency_search`); the result's `latency` holds the measurements. Needs `calib`.
+            `onnxq.latency_search`); the result's `latency` holds the measurements (None when the plan
+            quantizes nothing). Needs `calib`. Off unless given (the CLI turns it on for ort-cpu).
         on_latency_progress: called after each class timed with (classes done, classes total).
     """
     started = time.perf_counter()
@@ -196,7 +197,7 @@ def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | Non
         calibration = calibrate(graph, names, source, config.calib, on_progress)
     if held_back is None or layers is None or accuracy is None:
         searched = None
-        if latency is not None:
+        if latency is not None and plan.quantized_nodes:  # nothing quantized: nothing to time
             assert source is not None
             feed = next(iter(source.batches(model_batch_size(graph) or config.calib.batch_size)))
             plan, quantized, searched = search_latency(

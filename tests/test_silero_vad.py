@@ -54,6 +54,7 @@ def test_quantize_and_compare_run_on_silero_vad(vad_npz: Path, tmp_path: Path, t
     assert quantized.code == 0, quantized
     assert f"calibration  {SAMPLES} samples" in quantized.stdout
     assert "If subgraphs, which onnxq does not quantize yet" in quantized.stdout
+    assert "latency " not in quantized.stdout  # nothing quantized: no search
     compared = invoke("compare", SILERO, out, "--data", vad_npz, "--batch-size", "4", "--iterations", "5",
                       "--json", tmp_path / "c.json")
     assert compared.code == 0, compared
