@@ -32,10 +32,19 @@ def vad_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((2, None, 128), 1), ((None, None), 0), ((), None),
-                                              ((1, None), 0), ((3, 224), 0), ((None, 3, 224, 224), 0)])
-def test_the_sample_axis_follows_the_model_shape(shape: tuple, axis: int | None) -> None:
-    assert InputSpec("x", np.dtype(np.float32), shape).sample_axis == axis
+@pytest.mark.parametrize(("shape", "dynamic", "axis"), [
+    ((2, None, 128), True, 1),    # a recurrent state beside inputs with a free batch
+    ((2, None, 128), False, 0),   # every input fixes axis 0: that is the batch
+    ((8, None), False, 0),        # a fixed batch of 8 with a free sequence length
+    ((None, None), True, 0), ((), True, None), ((1, None), True, 0), ((3, 224), True, 0),
+    ((None, 3, 224, 224), True, 0)])
+def test_the_sample_axis_follows_the_model_shapes(shape: tuple, dynamic: bool, axis: int | None) -> None:
+    assert InputSpec("x", np.dtype(np.float32), shape, batch_dynamic=dynamic).sample_axis == axis
+
+
+def test_silero_specs_put_the_state_samples_on_axis_1() -> None:
+    axes = {spec.name: spec.sample_axis for spec in input_specs(onnx.load(SILERO))}
+    assert axes == {"input": 0, "state": 1, "sr": None}
 
 
 def test_batches_cut_the_state_along_its_sample_axis(vad_npz: Path) -> None:

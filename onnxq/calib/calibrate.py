@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import CalibConfig
 from ..errors import CalibrationError
-from .data import CalibSource, sample_axis_of, samples_in
+from .data import CalibSource, batch_is_dynamic, sample_axis_of, samples_in
 from .readout import ActivationReader
 from .stats import TensorStats, check_stats, new_accumulator
 
@@ -78,13 +78,11 @@ def model_batch_size(graph: gs.Graph) -> int | None:
 
 def graph_sample_axes(graph: gs.Graph) -> dict[str, int]:
     """Input name -> the axis its samples are stacked along (see data.sample_axis_of)."""
-    axes = {}
-    for tensor in graph.inputs:
-        if tensor.shape is not None:
-            axis = sample_axis_of([d if isinstance(d, int) and d > 0 else None for d in tensor.shape])
-            if axis is not None:
-                axes[tensor.name] = axis
-    return axes
+    shapes = {tensor.name: [d if isinstance(d, int) and d > 0 else None for d in tensor.shape]
+              for tensor in graph.inputs if tensor.shape is not None}
+    dynamic = batch_is_dynamic(shapes.values())
+    axes = {name: sample_axis_of(shape, dynamic) for name, shape in shapes.items()}
+    return {name: axis for name, axis in axes.items() if axis is not None}
 
 
 def _fold_threads() -> int:

@@ -7,6 +7,7 @@ passed whole with every batch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -33,16 +34,22 @@ _ArrayHeaders = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 _SCRIPT_REFERENCE = re.compile(r"^(?P<script>.+\.py)(?::(?P<function>[^:/\\]*))?$", re.IGNORECASE)
 
 
-def sample_axis_of(shape: Sequence[int | None]) -> int | None:
-    """The axis an input's samples are stacked along: None for a rank-0 input; else 0, except when axis 0
-    has a fixed size other than 1 and a later axis is symbolic, as in recurrent states [layers, N, hidden]:
-    then the first symbolic axis."""
+def sample_axis_of(shape: Sequence[int | None], batch_dynamic: bool) -> int | None:
+    """The axis an input's samples are stacked along: None for a rank-0 input; else 0, except in a model
+    whose batch is dynamic (`batch_dynamic`: some input has a symbolic axis 0) for an input whose axis 0
+    is fixed at a size other than 1 with a symbolic axis after it, as recurrent states [layers, N, hidden]
+    are: then that first symbolic axis. (A model with a fixed batch, e.g. [8, seq], keeps axis 0.)"""
     if not shape:
         return None
     first = shape[0]
-    if first is not None and first != 1:
+    if batch_dynamic and first is not None and first != 1:
         return next((axis for axis, dim in enumerate(shape) if dim is None), 0)
     return 0
+
+
+def batch_is_dynamic(shapes: Iterable[Sequence[int | None]]) -> bool:
+    """True if some input of rank >= 1 has a symbolic axis 0."""
+    return any(len(shape) > 0 and shape[0] is None for shape in shapes)
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,14 @@ class InputSpec:
         name: the input's name.
         dtype: the numpy dtype of its ONNX element type.
         shape: its dims; None marks a symbolic or unknown dim. See `sample_axis` for the sample axis.
+        batch_dynamic: whether some input of the model has a symbolic axis 0 (set by `input_specs`;
+            not part of equality).
     """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    batch_dynamic: bool = dataclasses.field(default=False, compare=False)  # the model's batch is free: see `sample_axis_of`
 
     @property
     def batched(self) -> bool:
@@ -67,7 +77,7 @@ class InputSpec:
     @property
     def sample_axis(self) -> int | None:
         """The axis samples are stacked along (see `sample_axis_of`)."""
-        return sample_axis_of(self.shape)
+        return sample_axis_of(self.shape, self.batch_dynamic)
 
     def shape_text(self) -> str:
         """The shape as messages show it: N for the sample axis, ? for other symbolic dims."""
@@ -87,7 +97,9 @@ def input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
         ModelError: an input is not a tensor, or has no element type, no numpy dtype or no shape.
     """
     initializer_names = {initializer.name for initializer in model.graph.initializer}
-    return tuple(_spec_of(value) for value in model.graph.input if value.name not in initializer_names)
+    specs = [_spec_of(value) for value in model.graph.input if value.name not in initializer_names]
+    dynamic = batch_is_dynamic(spec.shape for spec in specs)
+    return tuple(dataclasses.replace(spec, batch_dynamic=dynamic) for spec in specs)
 
 
 def _spec_of(value: onnx.ValueInfoProto) -> InputSpec:
