@@ -11,8 +11,10 @@ shuffle's, leaving a 5-D uint8 transpose on its slow generic path (1.5 ms of a 1
 for one 56x56x112 tensor), while a uint8 Gather of whole channel planes costs 12 us. Measured on the
 onnx ShuffleNet, batch 1: INT8 0.6x float before the rewrite, 1.15x after.
 
-Matched only when every shape is known: the first Reshape splits exactly the channel axis of a rank-4
+Matched only when the shapes prove it: the first Reshape splits exactly the channel axis of a rank-4
 input into (G, C/G), the second merges the two back, and the intermediate tensors have no other reader.
+The target shapes are constants, or (dynamic-batch exports of `x.view(x.size(0), G, C/G, h, w)`) a
+Concat of constants and x's own axis-0 size.
 """
 
 from __future__ import annotations
@@ -38,23 +40,61 @@ def _only_reader(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
     return tensor.outputs[0]
 
 
-def _constant_shape(node: gs.Node) -> list[int] | None:
-    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant) or node.attrs.get("allowzero", 0):
+BATCH = "batch"  # a Reshape entry computed as the shuffled tensor's own axis-0 size
+
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    return node if node is not None and node.op == op else None
+
+
+def _is_batch_of(tensor: gs.Tensor, x: gs.Tensor) -> bool:
+    """True if `tensor` is x's axis-0 size as a 1-element vector: Gather(Shape(x), [0]), or that
+    gathered with a scalar 0 and unsqueezed (how PyTorch exports `x.size(0)` in a view)."""
+    unsqueeze = _producer(tensor, "Unsqueeze")
+    gather = _producer(unsqueeze.inputs[0], "Gather") if unsqueeze is not None else _producer(tensor, "Gather")
+    if gather is None or gather.attrs.get("axis", 0) != 0 or not isinstance(gather.inputs[1], gs.Constant):
+        return False
+    if np.asarray(gather.inputs[1].values).reshape(-1).tolist() != [0]:
+        return False
+    shape = _producer(gather.inputs[0], "Shape")
+    return shape is not None and shape.inputs[0] is x and not shape.attrs.get("start", 0)
+
+
+def _reshape_entries(node: gs.Node, x: gs.Tensor) -> list[int | str] | None:
+    """A Reshape's target shape as ints and BATCH entries, when it is constant or a Concat of constants
+    and of x's batch size (dynamic-batch exports); None otherwise."""
+    if len(node.inputs) < 2 or node.attrs.get("allowzero", 0):
         return None
-    return [int(v) for v in np.asarray(node.inputs[1].values).reshape(-1)]
+    target = node.inputs[1]
+    if isinstance(target, gs.Constant):
+        return [int(v) for v in np.asarray(target.values).reshape(-1)]
+    concat = _producer(target, "Concat")
+    if concat is None:
+        return None
+    entries: list[int | str] = []
+    for part in concat.inputs:
+        if isinstance(part, gs.Constant):
+            entries.extend(int(v) for v in np.asarray(part.values).reshape(-1))
+        elif _is_batch_of(part, x):
+            entries.append(BATCH)
+        else:
+            return None
+    return entries
 
 
-def _matches(shape: list[int], expected: tuple[object, ...], copied: tuple[object, ...]) -> bool:
+def _matches(shape: list[int | str], expected: tuple[object, ...], copied: tuple[object, ...]) -> bool:
     """True if a Reshape to `shape` yields dims `expected` from an input whose dims are `copied`.
 
     An entry matches its expected dim when it equals it, when it is 0 (ONNX: copy the input's dim at
     that index) and that dim is the expected one, or when it is the one -1 (inferred: with every other
     entry matching, it is the remaining dim). Symbolic dims only match a copy of the same symbol or -1.
+    BATCH (the input's own axis-0 size) matches axis 0 only.
     """
     if len(shape) != len(expected) or shape.count(-1) > 1:
         return False
     for i, (target, dim) in enumerate(zip(shape, expected)):
-        if target == -1 or (isinstance(dim, int) and target == dim):
+        if target == -1 or (isinstance(dim, int) and target == dim) or (target is BATCH and i == 0):
             continue
         if target == 0 and i < len(copied) and copied[i] == dim:
             continue
@@ -67,12 +107,14 @@ def _shuffle_groups(split: gs.Node, transpose: gs.Node, merge: gs.Node) -> tuple
     x = split.inputs[0]
     if transpose.attrs.get("perm") != SHUFFLE_PERM or x.shape is None or len(x.shape) != 4:
         return None
-    split_shape, merge_shape = _constant_shape(split), _constant_shape(merge)
+    split_shape, merge_shape = _reshape_entries(split, x), _reshape_entries(merge, x)
     if split_shape is None or merge_shape is None or len(split_shape) != 5:
         return None
     batch, channels, height, width = x.shape
     groups, per_group = split_shape[1], split_shape[2]
-    if not isinstance(channels, int) or groups <= 0 or per_group <= 0 or groups * per_group != channels:
+    if not (isinstance(channels, int) and isinstance(groups, int) and isinstance(per_group, int)):
+        return None
+    if groups <= 0 or per_group <= 0 or groups * per_group != channels:
         return None
     split_ok = _matches(split_shape, (batch, groups, per_group, height, width), tuple(x.shape))
     merge_ok = _matches(merge_shape, (batch, channels, height, width), (batch, per_group, groups, height, width))

@@ -102,3 +102,41 @@ def test_shufflenet_ort_cpu_runs_integer_kernels_without_5d_transposes(tmp_path:
     reference = _run(model, feed)[0]
     quantized = session.run(None, feed)[0]
     assert float((reference * quantized).sum() / np.linalg.norm(reference) / np.linalg.norm(quantized)) > 0.99
+
+
+def _dynamic_batch_shuffle(batch_index: int = 0) -> onnx.ModelProto:
+    """A shuffle as PyTorch exports `x.view(x.size(0), 3, 4, h, w)` for a model with a free batch."""
+    def ints(name: str, values: object) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "index"], ["n"], name="gather_n", axis=0),
+             helper.make_node("Unsqueeze", ["n", "axis0"], ["n1"], name="unsqueeze_n"),
+             helper.make_node("Concat", ["n1", "split_rest"], ["split_shape"], name="concat_split", axis=0),
+             helper.make_node("Reshape", ["r", "split_shape"], ["s"], name="split"),
+             helper.make_node("Transpose", ["s"], ["t"], name="transpose", perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Concat", ["n1", "merge_rest"], ["merge_shape"], name="concat_merge", axis=0),
+             helper.make_node("Reshape", ["t", "merge_shape"], ["y"], name="merge")]
+    constants = [ints("index", batch_index), ints("axis0", [0]), ints("split_rest", [3, 4, 5, 7]),
+                 ints("merge_rest", [-1, 5, 7])]
+    graph = helper.make_graph(nodes, "dynamic_shuffle",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_dynamic_batch_shuffle_computed_from_the_shape_becomes_a_gather() -> None:
+    model = _dynamic_batch_shuffle()
+    rewritten = _rewrite(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["Relu", "Gather"]
+    x = np.random.default_rng(2).standard_normal((3, 12, 5, 7)).astype(np.float32)
+    np.testing.assert_array_equal(_run(rewritten, {"x": x})[0], _run(model, {"x": x})[0])
+
+
+def test_a_computed_shape_that_is_not_the_batch_is_left_alone() -> None:
+    # x.size(1) where the batch belongs: not a channel shuffle of the batch (ONNX would fail at run time)
+    assert "Gather" not in {n.op_type for n in _rewrite(_dynamic_batch_shuffle(batch_index=1)).graph.node
+                            if n.name.endswith("_shuffle")}
