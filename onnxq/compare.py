@@ -296,7 +296,7 @@ def _measure(reference: _Runner, candidate: _Runner, names: tuple[str, ...], fee
             if np.shape(ref) != np.shape(cand):
                 raise ModelError(f"output '{name}': the float model returns shape {np.shape(ref)} but the "
                                  f"quantized model returns {np.shape(cand)}")
-            accumulators[name] = accumulators[name].update(ref, cand)
+            accumulators[name] = accumulators[name].update(ref, cand, samples_in(feed, axes))
         samples += samples_in(feed, axes)
         batches += 1
         if on_progress is not None:

@@ -29,7 +29,8 @@ class OutputMetrics:
 
     Attributes:
         name: the output's name.
-        samples: samples seen: the sum of the outputs' first dimensions (1 per run for a scalar).
+        samples: samples seen: the sum of the outputs' first dimensions (1 per run for a scalar), or
+            of the sample counts the caller gave (`MetricsAccumulator.update(..., samples=)`).
         cosine: cosine similarity of the whole flattened output; 1.0 = identical.
         sqnr_db: 10*log10(sum(ref^2) / sum((ref-cand)^2)); +inf when identical.
         max_abs_error: the largest |ref - cand|.
@@ -73,12 +74,14 @@ class MetricsAccumulator:
     nonfinite_reference: bool = False
     nonfinite_candidate: bool = False
 
-    def update(self, reference: np.ndarray, candidate: np.ndarray) -> MetricsAccumulator:
+    def update(self, reference: np.ndarray, candidate: np.ndarray, samples: int | None = None) -> MetricsAccumulator:
         """Fold one batch of outputs into the sums.
 
         Args:
             reference: the float model's output for the batch.
             candidate: the quantized model's output for the same inputs; same shape.
+            samples: the batch's sample count, when the caller knows it from the inputs (an output such
+                as a recurrent state [layers, N, hidden] does not hold it on axis 0); default: axis 0.
 
         Returns:
             A new accumulator; this one is unchanged.
@@ -95,7 +98,7 @@ class MetricsAccumulator:
         applicable = ref.ndim == 2 and ref.shape[1] >= 2
         matches = int(np.count_nonzero(ref.argmax(axis=-1) == cand.argmax(axis=-1))) if applicable else 0
         batch = MetricsAccumulator(
-            samples=ref.shape[0] if ref.ndim else 1,
+            samples=samples if samples is not None else ref.shape[0] if ref.ndim else 1,
             sum_ref_sq=float(np.dot(ref_flat, ref_flat)),
             sum_cand_sq=float(np.dot(cand_flat, cand_flat)),
             sum_dot=float(np.dot(ref_flat, cand_flat)),

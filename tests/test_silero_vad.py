@@ -71,6 +71,7 @@ def test_quantize_and_compare_run_on_silero_vad(vad_npz: Path, tmp_path: Path, t
     assert report["samples"] == SAMPLES and report["timed_batch"] == 4
     speech = next(m for m in report["metrics"] if m["name"] == "output")
     assert speech["samples"] == SAMPLES and speech["cosine"] > 0.9999
+    assert all(m["samples"] == SAMPLES for m in report["metrics"])  # stateN [2, N, 128] too
 
 
 def test_feeds_source_takes_sample_axes(vad_npz: Path) -> None:
