@@ -71,24 +71,17 @@ def _light_models() -> list[tuple[str, Path, tuple[str, np.ndarray, np.ndarray]]
 
     found = []
     for path in models.light_model_paths():
-        graph_input = _data_input(onnxq.load_model(path))
-        shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:]
+        spec = onnxq.input_specs(onnxq.load_model(path))[0]  # their one data input, all dims fixed
         rng = np.random.default_rng(0)
         found.append((path.stem.removeprefix("light_"), path,
-                      (graph_input.name, rng.normal(size=(16, *shape)).astype(np.float32),
-                       rng.normal(size=(8, *shape)).astype(np.float32))))
+                      (spec.name, rng.normal(size=(16, *spec.shape[1:])).astype(np.float32),
+                       rng.normal(size=(8, *spec.shape[1:])).astype(np.float32))))
     return found
 
 
-def _data_input(model: "onnx.ModelProto") -> "onnx.ValueInfoProto":
-    """The first graph input that is not an initializer (older exporters list weights as inputs too)."""
-    weights = {t.name for t in model.graph.initializer}
-    return next(i for i in model.graph.input if i.name not in weights)
-
-
 def _fixed_batch(model_path: Path) -> int | None:
-    first = _data_input(onnxq.load_model(model_path)).type.tensor_type.shape.dim[0]
-    return first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else None
+    """The batch size the model's first input fixes, or None."""
+    return onnxq.input_specs(onnxq.load_model(model_path))[0].shape[0]
 
 
 class _Reader(ortq.CalibrationDataReader):

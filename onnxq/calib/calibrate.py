@@ -29,7 +29,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,11 +37,11 @@ import onnx_graphsurgeon as gs
 
 from ..config import CalibConfig
 from ..errors import CalibrationError
-from .data import CalibSource, batch_is_dynamic, sample_axis_of, samples_in
+from .data import CalibSource, graph_sample_axes, samples_in
 from .readout import ActivationReader
 from .stats import TensorStats, check_stats, new_accumulator
 
-__all__ = ["CalibrationResult", "calibrate", "model_batch_size"]
+__all__ = ["CalibrationResult", "calibrate", "full_batches", "model_batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,6 @@ def model_batch_size(graph: gs.Graph) -> int | None:
             return None
         fixed.add(size)
     return fixed.pop() if len(fixed) == 1 else None
-
-
-def graph_sample_axes(graph: gs.Graph) -> dict[str, int]:
-    """Input name -> the axis its samples are stacked along (see data.sample_axis_of)."""
-    shapes = {tensor.name: [d if isinstance(d, int) and d > 0 else None for d in tensor.shape]
-              for tensor in graph.inputs if tensor.shape is not None}
-    dynamic = batch_is_dynamic(shapes.values())
-    axes = {name: sample_axis_of(shape, dynamic) for name, shape in shapes.items()}
-    return {name: axis for name, axis in axes.items() if axis is not None}
 
 
 def _fold_threads() -> int:
@@ -118,12 +109,15 @@ def _run_size(bytes_per_sample: float) -> int:
     return max(1, int(RUN_BUDGET_BYTES // max(bytes_per_sample, 1.0)))
 
 
-def _full_batches(source: CalibSource, batch_size: int, fixed: bool,
-                  axes: Mapping[str, int]) -> Iterable[Mapping[str, np.ndarray]]:
-    for feed in source.batches(batch_size):
-        if fixed and samples_in(feed, axes) != batch_size:
+def full_batches(source: CalibSource, graph: gs.Graph, batch_size: int) -> Iterator[Mapping[str, np.ndarray]]:
+    """The source's batches of `batch_size` samples, or of the model's own batch size if it fixes one;
+    such a model gets only full batches (the short last one is left out with a warning)."""
+    fixed = model_batch_size(graph)
+    axes = graph_sample_axes(graph)
+    for feed in source.batches(fixed or batch_size):
+        if fixed is not None and samples_in(feed, axes) != fixed:
             log.warning("the model takes batches of exactly %d; the last %d samples are left out",
-                        batch_size, samples_in(feed, axes))
+                        fixed, samples_in(feed, axes))
             continue
         yield feed
 
@@ -155,7 +149,7 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
     with ThreadPoolExecutor(threads, thread_name_prefix="onnxq-fold") if threads > 1 else nullcontext() as pool, \
             ActivationReader(graph, names, accumulators, config, pool, in_graph_max=in_graph_max) as reader:
         bytes_per_sample: float | None = None
-        for feed in _full_batches(source, fixed or config.batch_size, fixed is not None, axes):
+        for feed in full_batches(source, graph, config.batch_size):
             parts: list[Mapping[str, np.ndarray]] = [feed]
             if _splittable(feed, fixed is not None, axes):
                 rest = feed

@@ -11,7 +11,7 @@ of the max, as in the per-tensor statistics, and counted in a warning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,8 +20,8 @@ from ..config import CalibConfig
 from ..errors import CalibrationError, ModelError
 from ..io import from_graph
 from ..passes.expose_tensors import expose_tensors
-from .calibrate import model_batch_size
-from .data import CalibSource
+from .calibrate import full_batches
+from .data import CalibSource, graph_sample_axes, samples_in
 from .histogram import SENTINEL_ABS
 from .session import open_session
 
@@ -61,37 +61,22 @@ def channel_absmax(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSo
     running: dict[str, np.ndarray] = {}
     ignored = dict.fromkeys(names, 0)
     samples = 0
+    axes = graph_sample_axes(graph)
     with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, spin_after_run=False) as session:
-        for feed in _batches(source, graph, config):
+        for feed in full_batches(source, graph, config.batch_size):
             outputs = session.run(feed, exposed) if exposed else {}
             outputs.update({n: feed[n] for n in names if n in input_names})
             for name in names:
                 batch_max, dropped = _reduce(name, outputs.pop(name))
                 ignored[name] += dropped
                 running[name] = _fold(name, running.get(name), batch_max)
-            samples += _samples_in(feed)
+            samples += samples_in(feed, axes)
     if samples == 0:
         raise CalibrationError(f"{source.describe()}: no calibration samples")
     for name, count in ignored.items():
         if count:
             log.warning("tensor '%s': %d NaN, Inf or sentinel values left out of its channel ranges", name, count)
     return {name: running[name].astype(np.float32) for name in names}
-
-
-def _batches(source: CalibSource, graph: gs.Graph, config: CalibConfig) -> Iterator[Mapping[str, np.ndarray]]:
-    """The source's batches; a model with a fixed batch gets only full ones (as in `calibrate`)."""
-    fixed = model_batch_size(graph)
-    for feed in source.batches(fixed or config.batch_size):
-        if fixed is not None and _samples_in(feed) != fixed:
-            log.warning("the model takes batches of exactly %d; the last %d samples are left out",
-                        fixed, _samples_in(feed))
-            continue
-        yield feed
-
-
-def _samples_in(feed: Mapping[str, np.ndarray]) -> int:
-    sizes = [a.shape[0] for a in feed.values() if np.ndim(a) > 0]
-    return max(sizes) if sizes else 1
 
 
 def _reduce(name: str, values: np.ndarray) -> tuple[np.ndarray, int]:

@@ -52,6 +52,16 @@ def batch_is_dynamic(shapes: Iterable[Sequence[int | None]]) -> bool:
     return any(len(shape) > 0 and shape[0] is None for shape in shapes)
 
 
+def graph_sample_axes(graph: Any) -> dict[str, int]:
+    """Input name -> the axis its samples are stacked along, for an onnx-graphsurgeon graph's inputs of
+    known rank (the rule of `sample_axis_of`, as `input_specs` applies it to a model)."""
+    shapes = {tensor.name: [d if isinstance(d, int) and d > 0 else None for d in tensor.shape]
+              for tensor in graph.inputs if tensor.shape is not None}
+    dynamic = batch_is_dynamic(shapes.values())
+    axes = {name: sample_axis_of(shape, dynamic) for name, shape in shapes.items()}
+    return {name: axis for name, axis in axes.items() if axis is not None}
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """One graph input the calibration data must feed.

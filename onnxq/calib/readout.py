@@ -21,6 +21,7 @@ from ..config import CalibConfig
 from ..graph.names import NameSource
 from ..io import from_graph
 from ..passes.expose_tensors import expose_channel_max, expose_tensors
+from .data import graph_sample_axes, samples_in
 from .in_graph_max import plan_in_graph_max
 from .session import Session, open_session
 from .stats import MaxAccumulator, StatsAccumulator
@@ -42,11 +43,6 @@ def fold(accumulators: Mapping[str, StatsAccumulator], outputs: dict[str, np.nda
     else:
         for done in [pool.submit(fold_one, name) for name in names]:
             done.result()
-
-
-def _samples_in(feed: Mapping[str, np.ndarray]) -> int:
-    sizes = [a.shape[0] for a in feed.values() if a.ndim > 0]
-    return max(sizes) if sizes else 1
 
 
 def _finite(values: np.ndarray) -> bool:
@@ -73,6 +69,7 @@ class ActivationReader:
         self.whole = [n for n in self.exposed if n not in self.max_outputs]
         self.model_outputs = [t.name for t in graph.outputs if t.name not in names] if self.max_outputs else []
         self.values_per_run: dict[tuple, dict[str, int]] = {}  # in-graph tensors' sizes, by input shapes
+        self.axes = graph_sample_axes(graph)
         self._graph, self._config = graph, config
         self._stack = ExitStack()
         self.full: Session | None = None
@@ -112,7 +109,7 @@ class ActivationReader:
         maxima = {n: outputs.pop(output) for n, output in self.max_outputs.items()}
         model_finite = all(_finite(outputs.pop(n)) for n in self.model_outputs)
         seen_before = self._nonfinite_seen()
-        size = self._fold_whole(part, outputs) + sum(m.nbytes for m in maxima.values()) / _samples_in(part)
+        size = self._fold_whole(part, outputs) + sum(m.nbytes for m in maxima.values()) / samples_in(part, self.axes)
         # A NaN or Inf anywhere in the run may also sit in a reduced tensor, where ORT's max can drop it
         # (and with it the values before it): then those tensors are read whole, as is a tensor whose
         # own maxima show a NaN, Inf or sentinel.
@@ -126,7 +123,7 @@ class ActivationReader:
         return size
 
     def _fold_whole(self, part: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]) -> float:
-        size = sum(a.nbytes for a in outputs.values()) / _samples_in(part)
+        size = sum(a.nbytes for a in outputs.values()) / samples_in(part, self.axes)
         outputs.update({n: part[n] for n in self.input_names})
         fold(self.accumulators, outputs, self.pool)
         return size
@@ -138,5 +135,5 @@ class ActivationReader:
 
     def _nonfinite_seen(self) -> int:
         """NaN and Inf values counted so far by the accumulators of the tensors read whole."""
-        return sum(self._max(n).stats.nan_count + self._max(n).stats.inf_count
-                   for n in (*self.whole, *self.input_names))
+        stats = [self._max(n).stats for n in (*self.whole, *self.input_names)]
+        return sum(s.nan_count + s.inf_count for s in stats)
