@@ -122,7 +122,7 @@ def _float_inference(model: str, data: np.ndarray, variant: str, batch: int) -> 
     source: str | bytes = model
     if variant in ("prepared", "exposed"):
         import onnxq  # already imported by `child` before the clock started
-        from onnxq.passes.expose_tensors import expose_tensors
+        from onnxq.calib.expose import expose_tensors
 
         graph = onnxq.prepare(model)
         if variant == "exposed":

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def require_engine_build() -> None:
     """Fail with a one-line MissingDependencyError (exit 2) unless TensorRT 10+, the CUDA bindings and a GPU exist."""
-    from onnxq.trt.runtime import require_gpu, require_tensorrt
+    from onnxq.runtime.trt.runtime import require_gpu, require_tensorrt
 
     require_tensorrt()
     require_gpu()
@@ -38,7 +38,7 @@ def check_engine_build(model_path: Path, engine: Path | None, model: onnx.ModelP
         shapes: input shapes from --shapes (may be empty).
         protected: other input files the plan must not overwrite.
     """
-    from onnxq.trt.build import profiles_for
+    from onnxq.runtime.trt.build import profiles_for
 
     destination = output_path(model_path, engine, suffix=".plan", protected=protected)
     profiles_for(model, shapes)
@@ -63,7 +63,7 @@ class EngineSummary(NamedTuple):
 def build_and_save(model_path: Path, destination: Path, shapes: Mapping[str, tuple[int, ...]],
                    workspace_bytes: int = 1 << 30) -> EngineSummary:
     """Build the engine for `model_path` and write its plan atomically to `destination`."""
-    from onnxq.trt.build import BuildConfig, build_engine, save_plan
+    from onnxq.runtime.trt.build import BuildConfig, build_engine, save_plan
 
     result = build_engine(model_path, BuildConfig(shapes=dict(shapes), workspace_bytes=workspace_bytes))
     save_plan(result.plan, destination)
@@ -88,7 +88,7 @@ def build_cmd(model_path: Path, output: Path | None, shapes: str | None, workspa
       onnxq build model.int8.onnx
       onnxq build model.int8.onnx -o model.plan --shapes input:8x3x224x224
     """
-    from onnxq.trt.build import parse_shapes, read_model_header
+    from onnxq.runtime.trt.build import parse_shapes, read_model_header
 
     shape_map = parse_shapes(shapes) if shapes is not None else {}
     require_engine_build()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from onnxq.api import collect_stats
-from onnxq.calib.images import ImagePreprocess
+from onnxq.pipeline import collect_stats
+from onnxq.data.images import ImagePreprocess
 from onnxq.calib.stats_file import save_stats
 from onnxq.config import QuantConfig, Selection
 from onnxq.io import load_model

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from onnxq.calib.images import ImagePreprocess
+from onnxq.data.images import ImagePreprocess
 from onnxq.compare import Backend, CompareConfig, CompareResult, ModelRun, compare, require_backend, write_json
 from onnxq.config import parse_enum
-from onnxq.latency import format_latency
-from onnxq.verify import format_metrics
+from onnxq.runtime.timing import format_latency
+from onnxq.metrics import format_metrics
 
 from .options import image_options, output_path
 from .progress import Progress, plural

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from onnxq.api import inspect
+from onnxq.pipeline import inspect
 from onnxq.config import Selection, Target, parse_enum
-from onnxq.summary import format_plan, format_plan_summary
+from onnxq.report.summary import format_plan, format_plan_summary
 
 from .options import selection_options, target_option
 

@@ -64,7 +64,7 @@ def cli(verbose: int, quiet: bool, debug: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
     from onnx_graphsurgeon.logger import G_LOGGER
 
-    from onnxq.calib.session import set_runtime_log_level
+    from onnxq.runtime.session import set_runtime_log_level
 
     set_runtime_log_level(verbose=verbose >= 2)
     # onnx-graphsurgeon prints its messages to stdout, into the command's output: errors only unless -v.

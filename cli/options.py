@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from onnxq.calib.images import ColorOrder, ImagePreprocess, Layout
+from onnxq.data.images import ColorOrder, ImagePreprocess, Layout
 from onnxq.config import CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target, parse_enum
 from onnxq.errors import ConfigError, ModelError
 
@@ -117,7 +117,7 @@ def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def quant_config(selection: Selection, method: str, target: str, high_precision: str, batch_size: int,
                  providers: tuple[str, ...], percentile: float = 99.99, smoothquant: float | None = None) -> QuantConfig:
     """Build the typed QuantConfig from the quantize command's raw option values."""
-    from onnxq.calib.session import resolve_providers
+    from onnxq.runtime.session import resolve_providers
 
     calib = CalibConfig(method=parse_enum(CalibMethod, method, "--method"), batch_size=batch_size,
                         providers=resolve_providers(_split(providers) or ("cpu",)), percentile=percentile)

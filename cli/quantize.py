@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from onnxq.api import quantize
-from onnxq.calib.data import input_specs, open_source
-from onnxq.calib.images import ImagePreprocess
+from onnxq.pipeline import quantize
+from onnxq.data.sources import input_specs, open_source
+from onnxq.data.images import ImagePreprocess
 from onnxq.config import AccuracyTarget, Selection, Target
-from onnxq.latency_search import LatencySearchConfig
+from onnxq.steps.latency_search import LatencySearchConfig
 from onnxq.io import load_model, save_model
-from onnxq.summary import plan_counts
-from onnxq.verify import compare_models, format_metrics
+from onnxq.report.summary import plan_counts
+from onnxq.metrics import compare_models, format_metrics
 
 from .build import build_and_save, check_engine_build, require_engine_build
 from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option

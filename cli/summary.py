@@ -12,12 +12,12 @@ import click
 
 from pathlib import Path
 
-from onnxq.api import QuantResult
+from onnxq.pipeline import QuantResult
 from onnxq.config import AccuracyTarget, QuantConfig
-from onnxq.fallback import FallbackResult
-from onnxq.latency_search import LatencySearch
-from onnxq.sensitivity import SensitivityResult, worst
-from onnxq.verify import OutputMetrics
+from onnxq.steps.accuracy.fallback import FallbackResult
+from onnxq.steps.latency_search import LatencySearch
+from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
+from onnxq.metrics import OutputMetrics
 
 from .progress import Progress, plural
 
@@ -162,7 +162,7 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
 def write_run_report(result: QuantResult, metrics: Sequence[OutputMetrics], folder: Path, config: QuantConfig,
                      model_name: str) -> tuple[Path, ...]:
     """`--report DIR`: the plan, ranges, metrics (before/after fallback when it ran), sensitivity, fallback."""
-    from onnxq.report import build_report, write_report
+    from onnxq.report.document import build_report, write_report
 
     sets: dict[str, Sequence[OutputMetrics]] = {}
     if result.fallback is not None:

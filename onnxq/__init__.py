@@ -5,25 +5,25 @@ The pipeline, stage by stage (each a plain function you can call or replace):
 `quantize` runs all of it; `inspect` stops after planning.
 """
 
-from . import passes
-from .api import QuantResult, collect_stats, inspect, prepare, quantize
-from .calib.calibrate import CalibrationResult, calibrate
-from .calib.data import CalibSource, InputSpec, input_specs, open_source
-from .calib.feeds import FeedsSource
-from .calib.histogram import Histogram
-from .calib.ranges import group_amax
-from .calib.stats_file import StatsFile, load_stats, merge_stats, save_stats
-from .calib.images import ColorOrder, ImagePreprocess, Layout
-from .config import AccuracyTarget, CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target
-from .fallback import FallbackResult, TargetNotMetError
-from .sensitivity import SensitivityResult
-from .latency_search import LatencySearch, LatencySearchConfig
-from .errors import CalibrationError, ConfigError, InternalError, ModelError, OnnxqError
-from .io import check_model, from_graph, load_model, save_model, to_graph
-from .passes.insert_qdq import insert_qdq
-from .quant.plan import ActivationTarget, NodeDecision, QuantPlan, WeightTarget, plan_quantization
-from .compare import CompareConfig, CompareResult
-from .verify import OutputMetrics, compare_models
+from onnxq import passes
+from onnxq.pipeline import QuantResult, collect_stats, inspect, prepare, quantize
+from onnxq.calib.calibrate import CalibrationResult, calibrate
+from onnxq.data.sources import CalibSource, InputSpec, input_specs, open_source
+from onnxq.data.feeds import FeedsSource
+from onnxq.calib.histogram import Histogram
+from onnxq.calib.ranges import group_amax
+from onnxq.calib.stats_file import StatsFile, load_stats, merge_stats, save_stats
+from onnxq.data.images import ColorOrder, ImagePreprocess, Layout
+from onnxq.config import AccuracyTarget, CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target
+from onnxq.steps.accuracy.fallback import FallbackResult, TargetNotMetError
+from onnxq.steps.accuracy.sensitivity import SensitivityResult
+from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig
+from onnxq.errors import CalibrationError, ConfigError, InternalError, ModelError, OnnxqError
+from onnxq.io import check_model, from_graph, load_model, save_model, to_graph
+from onnxq.lower.insert_qdq import insert_qdq
+from onnxq.plan.core import ActivationTarget, NodeDecision, QuantPlan, WeightTarget, plan_quantization
+from onnxq.compare import CompareConfig, CompareResult
+from onnxq.metrics import OutputMetrics, compare_models
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import OnnxqError
+from onnxq.errors import OnnxqError
 
 __all__ = ["write_atomic"]
 

@@ -1,10 +1,10 @@
 """A float model against its quantized version as deployed: accuracy of every output, and latency.
 
 `compare` feeds both models the same data, measures each quantized output against the float one with
-`onnxq.verify`'s streaming metrics, then times both on the first batch, their runs interleaved
-(`onnxq.latency`). The models run as deployed: ONNX Runtime sessions with every graph optimization on
+`onnxq.metrics`'s streaming metrics, then times both on the first batch, their runs interleaved
+(`onnxq.runtime.timing`). The models run as deployed: ONNX Runtime sessions with every graph optimization on
 (Q/DQ pairs fused into integer kernels where ONNX Runtime can), or TensorRT engines with `Backend.TRT`.
-`onnxq.verify.compare_models` stays the check of exact Q/DQ semantics: it runs unoptimized sessions.
+`onnxq.metrics.compare_models` stays the check of exact Q/DQ semantics: it runs unoptimized sessions.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .calib.data import CalibSource, InputSpec, input_specs, open_source, sample_axes, samples_in
-from .calib.images import ImagePreprocess
-from .calib.session import CPU_PROVIDER, open_session, resolve_providers
-from .atomic import write_atomic
-from .errors import CalibrationError, ConfigError, MissingDependencyError, ModelError, OnnxqError
-from .io import load_model
-from .latency import LatencyStats, Timer, speedup, time_interleaved, wall_clock_timer
-from .verify import MetricsAccumulator, OutputMetrics
+from onnxq.data.sources import CalibSource, InputSpec, input_specs, open_source, sample_axes, samples_in
+from onnxq.data.images import ImagePreprocess
+from onnxq.runtime.session import CPU_PROVIDER, open_session, resolve_providers
+from onnxq.atomic import write_atomic
+from onnxq.errors import CalibrationError, ConfigError, MissingDependencyError, ModelError, OnnxqError
+from onnxq.io import load_model
+from onnxq.runtime.timing import LatencyStats, Timer, speedup, time_interleaved, wall_clock_timer
+from onnxq.metrics import MetricsAccumulator, OutputMetrics
 
 __all__ = ["Backend", "CompareConfig", "CompareResult", "ModelRun", "check_compatible", "compare",
            "require_backend", "write_json"]
@@ -214,11 +214,11 @@ def require_backend(backend: Backend) -> None:
     if backend is not Backend.TRT:
         return
     try:
-        runtime = importlib.import_module(".trt.runtime", __package__)
+        runtime = importlib.import_module("onnxq.runtime.trt.runtime")
     except ModuleNotFoundError as err:
-        if not (err.name or "").startswith(f"{__package__}.trt"):
+        if not (err.name or "").startswith("onnxq.runtime.trt"):
             raise
-        raise MissingDependencyError("--backend trt: this onnxq installation has no onnxq.trt package") from None
+        raise MissingDependencyError("--backend trt: this onnxq installation has no onnxq.runtime.trt package") from None
     try:
         runtime.require_tensorrt()
         runtime.require_gpu()
@@ -253,9 +253,9 @@ def _ort_runner(path: Path, config: CompareConfig, stack: ExitStack) -> _Runner:
 
 
 def _trt_runner(path: Path, shapes: Mapping[str, tuple[int, ...]], stack: ExitStack) -> _Runner:
-    build = importlib.import_module(".trt.build", __package__)
-    engine_module = importlib.import_module(".trt.engine", __package__)
-    runtime = importlib.import_module(".trt.runtime", __package__)
+    build = importlib.import_module("onnxq.runtime.trt.build")
+    engine_module = importlib.import_module("onnxq.runtime.trt.engine")
+    runtime = importlib.import_module("onnxq.runtime.trt.runtime")
     built = build.build_engine(path, build.BuildConfig(shapes=shapes))
     engine = stack.enter_context(engine_module.TrtEngine(built.plan))
     major, minor = runtime.tensorrt_version()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import onnx.defs
 
-from .errors import ConfigError
+from onnxq.errors import ConfigError
 
 __all__ = [
     "CalibMethod",

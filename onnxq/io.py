@@ -18,7 +18,7 @@ import onnx.helper
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from .errors import ModelError
+from onnxq.errors import ModelError
 
 __all__ = [
     "load_model",

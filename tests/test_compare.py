@@ -1,4 +1,4 @@
-"""Tests for onnxq.latency and onnxq.compare: statistics against hand-computed values, the interleaved
+"""Tests for onnxq.runtime.timing and onnxq.compare: statistics against hand-computed values, the interleaved
 timing order, model compatibility checks, the JSON report, and real models quantized in the test."""
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from onnx import TensorProto, helper
 
 import onnxq
 from onnxq import compare as compare_module
-from onnxq import latency as latency_module
+from onnxq.runtime import timing as latency_module
 from onnxq.compare import (Backend, CompareConfig, CompareResult, ModelRun, check_compatible, compare,
                            require_backend, write_json)
-from onnxq.calib.session import open_session
+from onnxq.runtime.session import open_session
 from onnxq.errors import CalibrationError, ConfigError, MissingDependencyError, ModelError, OnnxqError
-from onnxq.latency import LatencyStats, format_latency, percentile, speedup, time_interleaved, wall_clock_timer
-from onnxq.verify import OutputMetrics, compare_models
+from onnxq.runtime.timing import LatencyStats, format_latency, percentile, speedup, time_interleaved, wall_clock_timer
+from onnxq.metrics import OutputMetrics, compare_models
 
 MODELS = Path(__file__).parents[1] / "models"
 EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
@@ -312,7 +312,7 @@ def test_both_sessions_are_optimized_with_the_same_threads(tiny_pair: tuple[Path
 
 
 def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
-    """Stand-ins for onnxq.trt's runtime/build/engine modules: ONNX Runtime underneath, fixed shapes like a
+    """Stand-ins for onnxq.runtime.trt's runtime/build/engine modules: ONNX Runtime underneath, fixed shapes like a
     TensorRT profile, and `time` returning 1 ms per run for the float engine and 0.5 ms for the other."""
     calls: dict[str, list] = {"built": [], "timed": []}
 
@@ -346,7 +346,7 @@ def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
                                               BuildConfig=lambda shapes: types.SimpleNamespace(shapes=shapes)),
                "engine": types.SimpleNamespace(TrtEngine=TrtEngine)}
     for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, f"onnxq.trt.{name}", module)
+        monkeypatch.setitem(sys.modules, f"onnxq.runtime.trt.{name}", module)
     return calls
 
 

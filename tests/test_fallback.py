@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 import models
-from onnxq.api import quantize
-from onnxq.calib.feeds import FeedsSource
+from onnxq.pipeline import quantize
+from onnxq.data.feeds import FeedsSource
 from onnxq.config import AccuracyTarget, HighPrecision, QuantConfig, Selection
 from onnxq.errors import CalibrationError
-from onnxq.fallback import TargetNotMetError, search_fallback
-from onnxq.sensitivity import LayerSensitivity, SensitivityResult
-from onnxq.verify import OutputMetrics, compare_models
+from onnxq.steps.accuracy.fallback import TargetNotMetError, search_fallback
+from onnxq.steps.accuracy.sensitivity import LayerSensitivity, SensitivityResult
+from onnxq.metrics import OutputMetrics, compare_models
 from onnxq_cli.main import run
 from tests.test_sensitivity import DAMAGED, damaged_mlp, mlp_feeds
 

@@ -8,7 +8,7 @@ import pytest
 
 import models
 import onnxq.io
-from onnxq.calib.session import open_session
+from onnxq.runtime.session import open_session
 from onnxq.errors import ModelError
 
 

@@ -9,12 +9,12 @@ import onnx
 import pytest
 
 import onnxq
-from onnxq import latency_search
-from onnxq.api import prepare
-from onnxq.calib.session import open_session
+from onnxq.steps import latency_search
+from onnxq.pipeline import prepare
+from onnxq.runtime.session import open_session
 from onnxq.errors import ConfigError
-from onnxq.latency_search import LatencySearchConfig, layer_classes
-from onnxq.quant.plan import plan_quantization
+from onnxq.steps.latency_search import LatencySearchConfig, layer_classes
+from onnxq.plan.core import plan_quantization
 
 MODELS = Path(__file__).parents[1] / "models"
 PPOCR = MODELS / "ppocr_mobile_v2_cls.onnx"

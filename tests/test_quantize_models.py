@@ -11,11 +11,11 @@ import onnx
 import pytest
 
 import models
-from onnxq.api import prepare, quantize
-from onnxq.calib.feeds import FeedsSource
+from onnxq.pipeline import prepare, quantize
+from onnxq.data.feeds import FeedsSource
 from onnxq.config import CalibConfig, QuantConfig
 from onnxq.io import from_graph
-from onnxq.verify import compare_models
+from onnxq.metrics import compare_models
 from tests.qdq_checks import check_trt_qdq, float_weighted_with_constant_weight
 
 # Random-weight synthetic models, 8-bit: the output must stay close to float.

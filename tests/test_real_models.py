@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxq.api import quantize
-from onnxq.calib.data import input_specs, open_source
-from onnxq.calib.images import ImagePreprocess
-from onnxq.calib.session import open_session
+from onnxq.pipeline import quantize
+from onnxq.data.sources import input_specs, open_source
+from onnxq.data.images import ImagePreprocess
+from onnxq.runtime.session import open_session
 from onnxq.io import load_model
-from onnxq.verify import compare_models
+from onnxq.metrics import compare_models
 from tests.qdq_checks import check_trt_qdq
 
 MODELS = Path(__file__).parents[1] / "models"

@@ -17,8 +17,8 @@ import onnxq
 from onnxq.calib.amax import entropy_amax, max_amax, mse_amax, percentile_amax
 from onnxq.calib.histogram import Histogram
 from onnxq.calib.stats import MaxStats
-from onnxq.quant.scales import weight_amax
-from onnxq.report import TOP_N, build_report, rank_layers, to_json, to_markdown, write_report
+from onnxq.lower.scales import weight_amax
+from onnxq.report.document import TOP_N, build_report, rank_layers, to_json, to_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -29,7 +29,7 @@ SECTIONS = ("# Quantization report: residual_cnn", "## Summary", "## Accuracy: f
 
 @dataclass(frozen=True)
 class FakeRow:
-    """What onnxq.sensitivity will produce: only the attributes matter."""
+    """What onnxq.steps.accuracy.sensitivity will produce: only the attributes matter."""
 
     node_name: str
     op_type: str
@@ -208,7 +208,7 @@ def test_no_chart_without_sensitivity_rows(max_run, tmp_path: Path) -> None:
 def test_chart_grows_with_the_number_of_layers() -> None:
     if not HAS_MATPLOTLIB:
         pytest.skip("matplotlib is not installed (pip install 'onnxq[report]')")
-    from onnxq.report_chart import sensitivity_png
+    from onnxq.report.chart import sensitivity_png
 
     def height(png: bytes) -> int:
         assert png.startswith(PNG_MAGIC)

@@ -8,19 +8,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-from onnxq.api import prepare, quantize
+from onnxq.pipeline import prepare, quantize
 from onnxq.calib.calibrate import calibrate
-from onnxq.calib.feeds import FeedsSource
+from onnxq.data.feeds import FeedsSource
 from onnxq.calib.ranges import activation_params
-from onnxq.calib.session import open_session
+from onnxq.runtime.session import open_session
 from onnxq.config import AccuracyTarget, CalibConfig, Selection, Target
 from onnxq.errors import ConfigError
 from onnxq.io import from_graph
-from onnxq.passes.gate_qdq import gate_qdq
-from onnxq.passes.insert_qdq import insert_qdq
-from onnxq.passes.gate_qdq import LayerMap
-from onnxq.quant.plan import QuantPlan, plan_quantization
-from onnxq.sensitivity import held_back_sources
+from onnxq.lower.gate_qdq import gate_qdq
+from onnxq.lower.insert_qdq import insert_qdq
+from onnxq.lower.gate_qdq import LayerMap
+from onnxq.plan.core import QuantPlan, plan_quantization
+from onnxq.steps.accuracy.sensitivity import held_back_sources
 
 DAMAGED = "fc2/matmul"
 WIDTH = 32

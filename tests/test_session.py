@@ -1,4 +1,4 @@
-"""Tests for onnxq.calib.session: provider names, CPU fallback, session options, copies, errors."""
+"""Tests for onnxq.runtime.session: provider names, CPU fallback, session options, copies, errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from onnxq.calib import session as session_module
-from onnxq.calib.session import PROVIDER_ALIASES, Session, open_session, resolve_providers
+from onnxq.runtime import session as session_module
+from onnxq.runtime.session import PROVIDER_ALIASES, Session, open_session, resolve_providers
 from onnxq.errors import ConfigError, ModelError
 
 MODELS = Path(__file__).parents[1] / "models"
@@ -99,7 +99,7 @@ def test_provider_not_in_this_build_is_a_config_error() -> None:
 def test_cuda_that_cannot_load_falls_back_to_cpu_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     if CUDA not in onnxruntime.get_available_providers():
         pytest.skip("CUDAExecutionProvider is not even listed as available by this onnxruntime build")
-    with caplog.at_level(logging.WARNING, logger="onnxq.calib.session"):
+    with caplog.at_level(logging.WARNING, logger="onnxq.runtime.session"):
         session = open_session(passthrough_model(), (CUDA, CPU))
     if CUDA in session.providers:
         pytest.skip("CUDA loaded: this machine has a usable GPU")
@@ -126,7 +126,7 @@ def test_cpu_is_appended_as_the_last_fallback(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_cpu_only_session_reports_no_unloaded_providers(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="onnxq.calib.session"):
+    with caplog.at_level(logging.WARNING, logger="onnxq.runtime.session"):
         session = open_session(passthrough_model())
     assert session.providers == (CPU,)
     assert session.unloaded_providers == ()

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxq.calib.data import InputSpec, input_specs, open_source
-from onnxq.calib.images import ImagePreprocess
+from onnxq.data.sources import InputSpec, input_specs, open_source
+from onnxq.data.images import ImagePreprocess
 from tests.cli.test_cli import invoke
 
 SILERO = Path(__file__).parents[1] / "models" / "silero_vad.onnx"

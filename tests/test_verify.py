@@ -1,4 +1,4 @@
-"""Tests for onnxq.verify: metrics against hand-computed values, streaming, edge cases, real models."""
+"""Tests for onnxq.metrics: metrics against hand-computed values, streaming, edge cases, real models."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import onnx
 import onnx.numpy_helper
 import pytest
 
-from onnxq.calib.session import open_session
+from onnxq.runtime.session import open_session
 from onnxq.errors import CalibrationError, ModelError
-from onnxq.verify import MetricsAccumulator, OutputMetrics, compare_models, format_metrics
+from onnxq.metrics import MetricsAccumulator, OutputMetrics, compare_models, format_metrics
 
 MODELS = Path(__file__).parents[1] / "models"
 EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
@@ -146,7 +146,7 @@ def test_nan_makes_metrics_nan_and_warns(in_reference: bool, caplog: pytest.LogC
     dirty[1, 0] = np.nan
     ref, cand = (dirty, clean) if in_reference else (clean, dirty)
     accumulator = MetricsAccumulator().update(clean, clean).update(ref, cand)
-    with caplog.at_level(logging.WARNING, logger="onnxq.verify"):
+    with caplog.at_level(logging.WARNING, logger="onnxq.metrics"):
         metrics = accumulator.result("scores")
     assert math.isnan(metrics.cosine) and math.isnan(metrics.sqnr_db) and math.isnan(metrics.max_abs_error)
     assert metrics.top1_agreement is not None and math.isnan(metrics.top1_agreement)

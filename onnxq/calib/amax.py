@@ -56,8 +56,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..errors import ConfigError
-from .histogram import Histogram
+from onnxq.errors import ConfigError
+from onnxq.calib.histogram import Histogram
 
 __all__ = ["max_amax", "percentile_amax", "entropy_amax", "mse_amax"]
 

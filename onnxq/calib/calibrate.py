@@ -35,11 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..config import CalibConfig
-from ..errors import CalibrationError
-from .data import CalibSource, graph_sample_axes, samples_in
-from .readout import ActivationReader
-from .stats import TensorStats, check_stats, new_accumulator
+from onnxq.config import CalibConfig
+from onnxq.errors import CalibrationError
+from onnxq.data.sources import CalibSource, graph_sample_axes, samples_in
+from onnxq.calib.readout import ActivationReader
+from onnxq.calib.stats import TensorStats, check_stats, new_accumulator
 
 __all__ = ["CalibrationResult", "calibrate", "full_batches", "model_batch_size"]
 

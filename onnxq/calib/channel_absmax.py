@@ -16,14 +16,14 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..config import CalibConfig
-from ..errors import CalibrationError, ModelError
-from ..io import from_graph
-from ..passes.expose_tensors import expose_tensors
-from .calibrate import full_batches
-from .data import CalibSource, graph_sample_axes, samples_in
-from .histogram import SENTINEL_ABS
-from .session import open_session
+from onnxq.config import CalibConfig
+from onnxq.errors import CalibrationError, ModelError
+from onnxq.io import from_graph
+from onnxq.calib.expose import expose_tensors
+from onnxq.calib.calibrate import full_batches
+from onnxq.data.sources import CalibSource, graph_sample_axes, samples_in
+from onnxq.calib.histogram import SENTINEL_ABS
+from onnxq.runtime.session import open_session
 
 __all__ = ["channel_absmax"]
 

@@ -56,10 +56,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..errors import InternalError
+from onnxq.errors import InternalError
 
 try:  # the compiled one-pass kernel (_binning.c); optional, the numpy path below gives the same counts
-    from . import _binning
+    from onnxq.calib import _binning
 except ImportError:  # pragma: no cover - depends on whether the install had a C compiler
     _binning = None
 

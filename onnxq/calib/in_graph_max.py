@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph.query import GraphIndex, constant_values, is_constant
+from onnxq.graph.query import GraphIndex, constant_values, is_constant
 
 __all__ = ["MaxReduction", "plan_in_graph_max"]
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from ..config import CalibConfig, CalibMethod, Target
-from ..errors import CalibrationError
-from ..quant.plan import QuantPlan
-from ..quant.scales import ActivationParams, asymmetric_uint8
-from .amax import entropy_amax, max_amax, mse_amax, percentile_amax
-from .histogram import Histogram
-from .stats import MaxStats, TensorStats, merge_all
+from onnxq.config import CalibConfig, CalibMethod, Target
+from onnxq.errors import CalibrationError
+from onnxq.plan.core import QuantPlan
+from onnxq.lower.scales import ActivationParams, asymmetric_uint8
+from onnxq.calib.amax import entropy_amax, max_amax, mse_amax, percentile_amax
+from onnxq.calib.histogram import Histogram
+from onnxq.calib.stats import MaxStats, TensorStats, merge_all
 
 __all__ = ["AMAX_METHODS", "group_amax", "group_ranges", "activation_params"]
 

@@ -17,14 +17,14 @@ from types import TracebackType
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..config import CalibConfig
-from ..graph.names import NameSource
-from ..io import from_graph
-from ..passes.expose_tensors import expose_channel_max, expose_tensors
-from .data import graph_sample_axes, samples_in
-from .in_graph_max import plan_in_graph_max
-from .session import Session, open_session
-from .stats import MaxAccumulator, StatsAccumulator
+from onnxq.config import CalibConfig
+from onnxq.graph.names import NameSource
+from onnxq.io import from_graph
+from onnxq.calib.expose import expose_channel_max, expose_tensors
+from onnxq.data.sources import graph_sample_axes, samples_in
+from onnxq.calib.in_graph_max import plan_in_graph_max
+from onnxq.runtime.session import Session, open_session
+from onnxq.calib.stats import MaxAccumulator, StatsAccumulator
 
 __all__ = ["ActivationReader", "fold"]
 

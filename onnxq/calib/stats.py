@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import CalibrationError
-from .histogram import SENTINEL_ABS, Histogram, HistogramAccumulator
+from onnxq.errors import CalibrationError
+from onnxq.calib.histogram import SENTINEL_ABS, Histogram, HistogramAccumulator
 
 __all__ = ["MaxStats", "TensorStats", "StatsAccumulator", "new_accumulator", "check_stats", "merge_all"]
 

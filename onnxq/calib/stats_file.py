@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..atomic import write_atomic
-from ..errors import CalibrationError
-from .histogram import Histogram
+from onnxq.atomic import write_atomic
+from onnxq.errors import CalibrationError
+from onnxq.calib.histogram import Histogram
 
 __all__ = ["StatsFile", "model_digest", "save_stats", "load_stats", "merge_stats"]
 

@@ -13,15 +13,15 @@ conv weights and BN parameters computed by constant chains are only constants on
 
 from __future__ import annotations
 
-from .constants_to_initializers import constants_to_initializers
-from .core import GraphPass, graph_pass, run
-from .fold_constants import fold_constants
-from .fold_bias_add import fold_bias_add
-from .fold_pad import fold_pad
-from .fuse_bn import fuse_bn
-from .fuse_hardswish import fuse_hardswish
-from .sum_to_add import sum_to_add
-from .upgrade_opset import upgrade_opset
+from onnxq.passes.constants_to_initializers import constants_to_initializers
+from onnxq.passes.core import GraphPass, graph_pass, run
+from onnxq.passes.fold_constants import fold_constants
+from onnxq.passes.fold_bias_add import fold_bias_add
+from onnxq.passes.fold_pad import fold_pad
+from onnxq.passes.fuse_bn import fuse_bn
+from onnxq.passes.fuse_hardswish import fuse_hardswish
+from onnxq.passes.sum_to_add import sum_to_add
+from onnxq.passes.upgrade_opset import upgrade_opset
 
 __all__ = [
     "GraphPass",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .core import graph_pass
+from onnxq.passes.core import graph_pass
 
 __all__ = ["constants_to_initializers"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .core import graph_pass
+from onnxq.passes.core import graph_pass
 
 __all__ = ["fold_bias_add"]
 

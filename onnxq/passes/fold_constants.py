@@ -46,7 +46,7 @@ import onnx.helper
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .core import graph_pass
+from onnxq.passes.core import graph_pass
 
 __all__ = ["fold_constants", "DEFAULT_SIZE_THRESHOLD"]
 

@@ -26,8 +26,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph.names import unique_name
-from .core import graph_pass
+from onnxq.graph.names import unique_name
+from onnxq.passes.core import graph_pass
 
 __all__ = ["fuse_bn", "FUSABLE_CONV_OPS"]
 

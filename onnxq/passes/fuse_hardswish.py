@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import ModelError
-from .core import graph_pass
+from onnxq.errors import ModelError
+from onnxq.passes.core import graph_pass
 
 __all__ = ["fuse_hardswish", "HARDSWISH_OPSET"]
 
@@ -156,7 +156,7 @@ def _has_hardswish_chain(graph: gs.Graph) -> bool:
 def fuse_hardswish(graph: gs.Graph) -> gs.Graph:
     """Rewrite every hard-sigmoid / hard-swish chain into one HardSigmoid / HardSwish node."""
     if graph.opset < HARDSWISH_OPSET and _has_hardswish_chain(graph):
-        from .to_fp16 import upgrade_graph_opset  # the converter round trip (import here: no cycle)
+        from onnxq.lower.to_fp16 import upgrade_graph_opset  # the converter round trip (import here: no cycle)
         try:
             graph = upgrade_graph_opset(graph, HARDSWISH_OPSET)
         except ModelError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from .core import graph_pass
+from onnxq.passes.core import graph_pass
 
 __all__ = ["name_nodes"]
 

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph.names import unique_name
-from ..errors import CalibrationError, ConfigError
-from .core import graph_pass
+from onnxq.graph.names import unique_name
+from onnxq.errors import CalibrationError, ConfigError
+from onnxq.passes.core import graph_pass
 
 __all__ = ["SmoothTarget", "smoothquant", "smoothquant_targets", "smooth_scales", "check_alpha", "MIN_SCALE",
            "MAX_SCALE"]

@@ -17,7 +17,7 @@ import onnx.defs
 import onnx.helper
 import onnx.version_converter
 
-from ..errors import ModelError
+from onnxq.errors import ModelError
 
 __all__ = ["upgrade_opset", "default_opset", "DEFAULT_DOMAINS"]
 

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from onnxq.calib.data import CalibSource, InputSpec, _rebatch, input_specs, open_source
-from onnxq.calib.images import ColorOrder, ImagePreprocess, Layout, load_image
+from onnxq.data.sources import CalibSource, InputSpec, _rebatch, input_specs, open_source
+from onnxq.data.images import ColorOrder, ImagePreprocess, Layout, load_image
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 
 MODELS = Path(__file__).parents[2] / "models"

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.calib.calibrate import calibrate
-from onnxq.calib.data import input_specs, open_source
-from onnxq.calib.images import ImagePreprocess
+from onnxq.data.sources import input_specs, open_source
+from onnxq.data.images import ImagePreprocess
 from onnxq.calib.in_graph_max import plan_in_graph_max
 from onnxq.calib.stats import MaxStats
 

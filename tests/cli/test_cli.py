@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from models import BUILDERS, random_feeds
-from onnxq.api import prepare
+from onnxq.pipeline import prepare
 from onnxq_cli.main import cli, run
 
 REPO = Path(__file__).parents[2]

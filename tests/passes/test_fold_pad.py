@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
-from onnxq.calib.session import open_session
+from onnxq.runtime.session import open_session
 from onnxq.passes import fold_pad
 
 MODELS = Path(__file__).parents[2] / "models"

@@ -17,20 +17,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-from onnxq.api import prepare
+from onnxq.pipeline import prepare
 from onnxq.calib.calibrate import calibrate
 from onnxq.calib.channel_absmax import channel_absmax
-from onnxq.calib.data import CalibSource
-from onnxq.calib.feeds import FeedsSource
+from onnxq.data.sources import CalibSource
+from onnxq.data.feeds import FeedsSource
 from onnxq.calib.ranges import group_amax
-from onnxq.calib.session import open_session
+from onnxq.runtime.session import open_session
 from onnxq.config import CalibConfig
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 from onnxq.io import check_model, from_graph
-from onnxq.passes.insert_qdq import insert_qdq
+from onnxq.lower.insert_qdq import insert_qdq
 from onnxq.passes.smoothquant import MAX_SCALE, MIN_SCALE, smooth_scales, smoothquant, smoothquant_targets
-from onnxq.quant.plan import plan_quantization
-from onnxq.verify import OutputMetrics, compare_models
+from onnxq.plan.core import plan_quantization
+from onnxq.metrics import OutputMetrics, compare_models
 
 RELATIVE_ATOL = 1e-4
 ALPHAS = (0.3, 0.5, 0.7, 0.85)

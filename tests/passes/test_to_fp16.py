@@ -21,12 +21,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-from onnxq.api import prepare, quantize
-from onnxq.calib.feeds import FeedsSource
+from onnxq.pipeline import prepare, quantize
+from onnxq.data.feeds import FeedsSource
 from onnxq.config import HighPrecision, QuantConfig
 from onnxq.errors import ModelError
 from onnxq.io import from_graph, to_graph
-from onnxq.passes.to_fp16 import DEFAULT_KEEP_FP32, FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
+from onnxq.lower.to_fp16 import DEFAULT_KEEP_FP32, FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from onnxq.passes.upgrade_opset import upgrade_opset
 from tests.qdq_checks import WEIGHTED, ModelView, check_weight_dq
 
@@ -163,7 +163,7 @@ def _x(name: str = "x", shape=(1, 3, 4, 4), elem=F32):
 def test_overflowing_constants_are_clamped_with_a_warning(caplog) -> None:
     graph = _graph([helper.make_node("Mul", ["x", "big"], ["y"])], [_x()], [_x("y")],
                    [("big", np.array([1e6, -np.inf, 2.0], np.float32).reshape(1, 3, 1, 1))])
-    with caplog.at_level(logging.WARNING, logger="onnxq.passes.to_fp16"):
+    with caplog.at_level(logging.WARNING, logger="onnxq.lower.to_fp16"):
         model, types, inits = _export(to_fp16(graph))
     assert inits["big"].dtype == np.float16
     assert inits["big"].ravel().tolist() == [65504.0, -65504.0, 2.0]
@@ -274,7 +274,7 @@ def test_scales_round_up_and_never_reach_zero(caplog) -> None:
     graph = _graph(nodes, [_x(shape=(1, 1, 4, 4))], [_x("y", (1, 3, 4, 4))],
                    [("w", np.array([0, 0, 1], np.int8).reshape(3, 1, 1, 1)),
                     ("ws", np.array([1e-9, 2.0**-24, 0.1], np.float32)), ("wz", np.zeros(3, np.int8))])
-    with caplog.at_level(logging.WARNING, logger="onnxq.passes.to_fp16"):
+    with caplog.at_level(logging.WARNING, logger="onnxq.lower.to_fp16"):
         _, _, inits = _export(to_fp16(graph))
     scale = inits["ws"]
     assert scale.dtype == np.float16 and np.all(scale > 0)
@@ -286,7 +286,7 @@ def test_scale_beyond_float16_is_clamped_not_inf(caplog) -> None:
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
     graph = _graph(nodes, [_x()], [_x("y")], [("s", np.array(1e6, np.float32)), ("z", np.array(0, np.int8))])
-    with caplog.at_level(logging.WARNING, logger="onnxq.passes.to_fp16"):
+    with caplog.at_level(logging.WARNING, logger="onnxq.lower.to_fp16"):
         _, types, inits = _export(to_fp16(graph))
     assert types["x"] == F32 and types["y"] == F32
     assert all(np.isfinite(a).all() for a in inits.values())

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import models
-from onnxq.api import inspect
+from onnxq.pipeline import inspect
 from onnxq.config import Selection
-from onnxq.quant.plan import QuantPlan
+from onnxq.plan.core import QuantPlan
 
 MODELS_DIR = Path(__file__).parents[2] / "models"
 

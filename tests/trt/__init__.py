@@ -1,1 +1,1 @@
-"""Tests of TensorRT engine builds and runs (`onnxq.trt`, `onnxq build`)."""
+"""Tests of TensorRT engine builds and runs (`onnxq.runtime.trt`, `onnxq build`)."""

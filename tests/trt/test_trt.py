@@ -27,9 +27,9 @@ from click.testing import CliRunner
 import onnxq
 from models import BUILDERS, random_feeds
 from onnxq.errors import ConfigError, MissingDependencyError, ModelError
-from onnxq.trt.build import BuildConfig, build_engine, layer_precisions, parse_shapes, profiles_for, save_plan
-from onnxq.trt.engine import TrtEngine
-from onnxq.trt.runtime import require_gpu, require_tensorrt, summarize_log
+from onnxq.runtime.trt.build import BuildConfig, build_engine, layer_precisions, parse_shapes, profiles_for, save_plan
+from onnxq.runtime.trt.engine import TrtEngine
+from onnxq.runtime.trt.runtime import require_gpu, require_tensorrt, summarize_log
 from onnxq_cli.main import run
 
 REPO = Path(__file__).parents[2]
@@ -177,7 +177,7 @@ def test_importing_the_package_loads_neither_tensorrt_nor_cuda(tmp_path: Path) -
     for module in ("tensorrt.py", "cuda/__init__.py"):
         (tmp_path / module).parent.mkdir(exist_ok=True)
         (tmp_path / module).write_text("raise SystemExit('imported ' + __name__)\n")
-    code = ("import sys, onnxq.trt, onnxq.trt.build, onnxq.trt.engine, onnxq.trt.runtime, onnxq_cli.build\n"
+    code = ("import sys, onnxq.runtime.trt, onnxq.runtime.trt.build, onnxq.runtime.trt.engine, onnxq.runtime.trt.runtime, onnxq_cli.build\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'cuda')]\nprint('light')")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,428 @@
+"""ONNX Runtime sessions: provider names, honest provider reporting, and errors a user can read.
+
+This module and `onnxq.metrics` are the only places that import onnxruntime. A `Session` reports the
+execution providers ONNX Runtime actually uses, which can differ from the requested ones: the GPU
+build lists CUDA and TensorRT as available even when their libraries cannot be loaded, and then runs
+on CPU after logging an error. That fallback is logged as a warning and visible in
+`Session.providers`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import onnxruntime
+
+from onnxq.errors import ConfigError, ModelError
+
+__all__ = ["PROVIDER_ALIASES", "CPU_PROVIDER", "resolve_providers", "Session", "open_session"]
+
+_LOG = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
+PROVIDER_ALIASES: Mapping[str, str] = {
+    "cpu": CPU_PROVIDER,
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt-rtx": "NvTensorRTRTXExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "acl": "ACLExecutionProvider",
+    "cann": "CANNExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+
+# Protobuf refuses messages of 2 GiB; above this estimate the model goes through a file with external data.
+_SERIALIZE_LIMIT_BYTES = int(1.9 * 1024**3)
+# Tensors at least this large are written to the external data file.
+_EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+def _known_provider_names() -> dict[str, str]:
+    """Lower-cased alias or full provider name -> full provider name."""
+    known = {name.lower(): name for name in onnxruntime.get_all_providers()}
+    known.update(PROVIDER_ALIASES)
+    return known
+
+
+def resolve_providers(names: Sequence[str]) -> tuple[str, ...]:
+    """Turn aliases (`cuda`, `trt`, ...) or full names into full ONNX Runtime provider names.
+
+    Matching is case-insensitive; duplicates are dropped, order is kept. Whether a provider is
+    available on this machine is checked by `open_session`, not here.
+
+    Args:
+        names: provider aliases or full names, in order of preference.
+
+    Returns:
+        The full provider names.
+
+    Raises:
+        ConfigError: a name is neither an alias nor a provider ONNX Runtime knows.
+    """
+    known = _known_provider_names()
+    resolved: list[str] = []
+    for name in names:
+        full_name = known.get(name.strip().lower())
+        if full_name is None:
+            close = difflib.get_close_matches(name.strip().lower(), list(known), n=1, cutoff=0.6)
+            hint = f" Hint: did you mean '{close[0]}'?" if close else ""
+            available = ", ".join(onnxruntime.get_available_providers())
+            raise ConfigError(
+                f"--providers: unknown execution provider '{name}'.{hint} "
+                f"Available here: {available}; aliases: {', '.join(PROVIDER_ALIASES)}"
+            )
+        if full_name not in resolved:
+            resolved.append(full_name)
+    return tuple(resolved)
+
+
+@dataclass(frozen=True)
+class Session:
+    """A thin typed wrapper around `onnxruntime.InferenceSession`.
+
+    Use it as a context manager, or call `close()`, to remove the temporary copy of a model that was
+    too large to pass to ONNX Runtime as bytes (it is also removed when the session is collected).
+
+    Attributes:
+        ort_session: the wrapped ONNX Runtime session.
+        requested: the providers the caller asked for (full names), before the CPU fallback was added.
+    """
+
+    ort_session: onnxruntime.InferenceSession
+    requested: tuple[str, ...]
+    _temp_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The providers ONNX Runtime actually uses, in priority order."""
+        return tuple(self.ort_session.get_providers())
+
+    @property
+    def unloaded_providers(self) -> tuple[str, ...]:
+        """Requested providers that ONNX Runtime could not load (it silently runs without them)."""
+        used = set(self.providers)
+        return tuple(name for name in self.requested if name not in used)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The graph's input names, initializers excluded."""
+        return tuple(arg.name for arg in self.ort_session.get_inputs())
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The graph's output names."""
+        return tuple(arg.name for arg in self.ort_session.get_outputs())
+
+    def run(
+        self, feed: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model once.
+
+        Args:
+            feed: input name -> array.
+            output_names: the outputs to compute; all graph outputs when None.
+
+        Returns:
+            Output name -> array. No returned array shares memory with an array of `feed`.
+
+        Raises:
+            ModelError: ONNX Runtime failed; the message names the node if ONNX Runtime did, and the
+                input shapes.
+        """
+        names = list(output_names) if output_names is not None else list(self.output_names)
+        run_options = onnxruntime.RunOptions()
+        # The failure is raised as a ModelError below; do not also let ORT print it.
+        run_options.log_severity_level = 4
+        try:
+            arrays = self.ort_session.run(names, dict(feed), run_options)
+        except Exception as err:  # onnxruntime's exceptions share no base class but Exception
+            shapes = ", ".join(f"{name} {_describe_array(value)}" for name, value in feed.items())
+            raise ModelError(f"{_ort_message(err)} (inputs: {shapes or 'none'})") from None
+        feed_arrays = [value for value in feed.values() if isinstance(value, np.ndarray)]
+        outputs: dict[str, np.ndarray] = {}
+        for name, array in zip(names, arrays):
+            if isinstance(array, np.ndarray) and any(np.may_share_memory(array, x) for x in feed_arrays):
+                array = array.copy()
+            outputs[name] = array
+        return outputs
+
+    def close(self) -> None:
+        """Remove the temporary model copy, if there is one. Safe to call more than once."""
+        if self._temp_dir is not None:
+            self._temp_dir.cleanup()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_session(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    providers: Sequence[str] = (CPU_PROVIDER,),
+    *,
+    optimize: bool = False,
+    intra_op_threads: int | None = None,
+    spin: bool = True,
+    spin_after_run: bool = True,
+    memory_pattern: bool = True,
+    arena: bool = True,
+) -> Session:
+    """Create an ONNX Runtime session for `model`.
+
+    Args:
+        model: a model, or the path of an .onnx file (its external data is found next to it).
+        providers: provider aliases or full names in order of preference; CPU is always added last.
+        optimize: apply all ONNX Runtime graph optimizations (they never remove a graph output, so a
+            calibration session whose measured tensors are outputs may use them).
+        intra_op_threads: threads per operator; ONNX Runtime's default when None.
+        spin: let idle worker threads busy-wait after a run (ORT's default). Turn it off when two
+            sessions take turns, or one session's spinning threads steal the other's cores.
+        spin_after_run: with `spin`, let the threads go on spinning after a run returns (ORT's
+            default). Off when the caller's own threads work between runs (calibration folding
+            statistics): the spinning threads would take their cores.
+        memory_pattern: let ORT pre-plan one block for every intermediate tensor (its default). Off
+            for calibration: with dozens of tensors exposed as outputs the plan over-allocates
+            (EfficientNet-Lite0, 64 samples: peak 731 -> 574 MiB, no slower).
+        arena: let ORT keep freed memory for later runs (its default). Off for a session that runs
+            rarely beside another, so its large runs leave nothing allocated behind them.
+
+    Returns:
+        The session. A requested provider that could not be loaded is logged as a warning and is
+        missing from `Session.providers`.
+
+    Raises:
+        ConfigError: a provider is unknown or not available in this ONNX Runtime build.
+        ModelError: ONNX Runtime cannot load the model.
+    """
+    requested = resolve_providers(providers)
+    available = onnxruntime.get_available_providers()
+    for name in requested:
+        if name not in available:
+            raise ConfigError(
+                f"--providers: {name} is not available in this onnxruntime build "
+                f"(available: {', '.join(available)})"
+            )
+    ort_providers = list(requested) if CPU_PROVIDER in requested else [*requested, CPU_PROVIDER]
+    options = _session_options(optimize, intra_op_threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif not spin_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.enable_mem_pattern = memory_pattern
+    options.enable_cpu_mem_arena = arena
+    source, temp_dir = _session_source(model)
+    try:
+        ort_session = onnxruntime.InferenceSession(source, sess_options=options, providers=ort_providers)
+    except Exception as err:  # onnxruntime's exceptions share no base class but Exception
+        if temp_dir is not None:
+            temp_dir.cleanup()
+        raise ModelError(f"ONNX Runtime cannot load the model: {_ort_message(err)}") from None
+
+    session = Session(ort_session=ort_session, requested=requested, _temp_dir=temp_dir)
+    if temp_dir is not None:
+        weakref.finalize(session, temp_dir.cleanup)
+    _warn_about_unloaded_providers(session)
+    return session
+
+
+def _session_source(
+    model: onnx.ModelProto | str | os.PathLike[str],
+) -> tuple[str | bytes, tempfile.TemporaryDirectory[str] | None]:
+    """What to hand ONNX Runtime: a path, serialized bytes, or a temporary copy for a huge model."""
+    if not isinstance(model, onnx.ModelProto):
+        return os.fspath(model), None
+    _reject_unresolved_external_data(model)
+    if _estimated_size_bytes(model) <= _SERIALIZE_LIMIT_BYTES:
+        return model.SerializeToString(), None
+    temp_dir = tempfile.TemporaryDirectory(prefix="onnxq-session-", ignore_cleanup_errors=True)
+    try:
+        return _save_with_external_data(model, Path(temp_dir.name)), temp_dir
+    except BaseException:
+        temp_dir.cleanup()
+        raise
+
+
+def _session_options(optimize: bool, intra_op_threads: int | None) -> onnxruntime.SessionOptions:
+    options = onnxruntime.SessionOptions()
+    level = onnxruntime.GraphOptimizationLevel
+    options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    if intra_op_threads is not None:
+        if intra_op_threads < 0:
+            raise ConfigError(f"intra_op_threads must be 0 (ORT decides) or more, got {intra_op_threads}")
+        options.intra_op_num_threads = intra_op_threads
+    return options
+
+
+def _warn_about_unloaded_providers(session: Session) -> None:
+    running_on = ", ".join(session.providers)
+    for name in session.unloaded_providers:
+        if name != CPU_PROVIDER:
+            _LOG.warning("%s was requested but could not be loaded; running on %s", name, running_on)
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in `graph`: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+def _tensor_size_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(item) for item in tensor.string_data)
+    element_count = int(np.prod(tensor.dims, dtype=np.int64))
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except KeyError:  # UNDEFINED or a type numpy cannot hold: too rare to matter for an estimate
+        itemsize = 1
+    return element_count * itemsize
+
+
+def _estimated_size_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of `model`, estimated from its tensors without serializing it."""
+    return sum(_tensor_size_bytes(tensor) for tensor in _all_tensors(model.graph))
+
+
+def _reject_unresolved_external_data(model: onnx.ModelProto) -> None:
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelError(
+                f"tensor '{tensor.name}' refers to external data that was not loaded; "
+                "load the model with its external data or pass the model's path"
+            )
+
+
+def _save_with_external_data(model: onnx.ModelProto, directory: Path) -> str:
+    """Write a copy of `model` with its large tensors in a side file; return the .onnx path."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save_model moves the weights out of the proto it is given
+    for tensor in _all_tensors(copy.graph):
+        inline = not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING
+        if inline and _tensor_size_bytes(tensor) >= _EXTERNAL_TENSOR_MIN_BYTES:
+            # Only raw_data is moved to external data; typed fields (float_data, ...) would stay inline.
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+    model_path = directory / "model.onnx"
+    try:
+        onnx.save_model(
+            copy,
+            os.fspath(model_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=_EXTERNAL_TENSOR_MIN_BYTES,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot write a temporary copy of the model: {err}") from None
+    return os.fspath(model_path)
+
+
+def _describe_array(value: Any) -> str:
+    dtype = getattr(value, "dtype", type(value).__name__)
+    return f"{dtype}{tuple(np.shape(value))}"
+
+
+_ORT_CODE_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_NODE_FAILURE = re.compile(
+    r"running (?P<op>\S+) node\. Name:'(?P<name>[^']*)' Status Message: (?P<rest>.*)", re.S
+)
+_NODE_NAME_PATTERNS = (
+    re.compile(r"Name:'(?P<name>[^']+)'"),
+    re.compile(r"\bNode \((?P<name>[^)]+)\)"),
+    re.compile(r"\bnode '(?P<name>[^']+)'", re.I),
+)
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+")
+# Detail lines after the first (e.g. "index: 0 Got: 3 Expected: 2") are kept if they are this short.
+_DETAIL_LINE_MAX_CHARS = 80
+_DETAIL_LINES_KEPT = 2
+
+
+def _strip_source_location(text: str) -> str:
+    """Drop a leading `file.cc:123 namespace::Function(args) ` that ORT puts before a message."""
+    location = _SOURCE_LOCATION.match(text)
+    if location is None:
+        return text
+    text = text[location.end() :]
+    open_paren = text.find("(")
+    if open_paren <= 0 or "::" not in text[:open_paren]:
+        return text
+    depth = 0
+    for index in range(open_paren, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            rest = text[index + 1 :].lstrip()
+            return rest[len("const") :].lstrip() if rest.startswith("const ") else rest
+    return text
+
+
+def _one_line(text: str) -> str:
+    """The first line of `text`, followed by up to two short detail lines, minus ORT's boilerplate."""
+    lines = [line.strip() for line in _strip_source_location(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    details = [
+        line for line in lines[1:] if len(line) <= _DETAIL_LINE_MAX_CHARS and not line.startswith("Please ")
+    ]
+    return "; ".join([lines[0], *details[:_DETAIL_LINES_KEPT]])
+
+
+def _ort_message(err: Exception) -> str:
+    """One line from an ONNX Runtime exception, naming the node if ORT names one."""
+    text = _ORT_CODE_PREFIX.sub("", str(err).strip())
+    node_failure = _NODE_FAILURE.search(text)
+    if node_failure is not None:
+        detail = _one_line(node_failure["rest"].strip()) or "failed"
+        return f"node '{node_failure['name']}' ({node_failure['op']}): {detail}"
+    message = _one_line(text) or type(err).__name__
+    for pattern in _NODE_NAME_PATTERNS:
+        named = pattern.search(text)
+        if named is not None:
+            if named["name"] not in message:
+                message = f"{message} (node '{named['name']}')"
+            break
+    return message
+
+
+def set_runtime_log_level(verbose: bool) -> None:
+    """Set ONNX Runtime's process-wide log level: everything when `verbose`, else fatal errors only.
+
+    For the CLI. onnxq itself reports providers that failed to load (see `Session.unloaded_providers`),
+    so ORT's own load errors would only repeat it.
+    """
+    onnxruntime.set_default_logger_severity(0 if verbose else 4)

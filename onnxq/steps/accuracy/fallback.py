@@ -1,0 +1,324 @@
+"""Automatic fallback: the fewest layers left in float that bring the INT8 model within an accuracy target.
+
+1. Sensitivity (`onnxq.steps.accuracy.sensitivity`): every layer alone and recovered, on held-back samples.
+2. Greedy by recovery: layers sorted by how much putting each alone back in float improves the
+   outputs; the shortest prefix of that order that meets the target is found by doubling the
+   prefix (1, 2, 4, ...) and then bisecting, one gated run per tried prefix.
+3. Prune: each chosen layer, least recovering first, is quantized again if the target still holds.
+4. Verify: the model is built for real (the plan re-made with those nodes excluded, the same
+   calibration statistics, `insert_qdq`, the checker) and measured. `met` is what this says. The
+   gates reproduce the built model bit for bit except where a Concat's shared scale changes or the
+   model is converted to float16; if the built model then misses the target, the next layers by rank
+   fall back (1, 2, 4, ... more, each built and measured) and `FallbackResult.note` says so.
+
+A target that needs every layer in float cannot be met: `TargetNotMetError` (a `CalibrationError`),
+unless `AccuracyTarget.write_anyway`, which keeps the fully quantized model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import onnx
+
+from onnxq.data.sources import CalibSource
+from onnxq.calib.ranges import activation_params
+from onnxq.calib.stats import TensorStats
+from onnxq.config import AccuracyTarget, CalibConfig
+from onnxq.errors import CalibrationError
+from onnxq.lower.gate_qdq import LayerMap
+from onnxq.plan.core import QuantPlan
+from onnxq.steps.accuracy.sensitivity import (GatedRunner, HeldBack, LayerSensitivity, RunCallback, SensitivityResult, load_held_back,
+                          measure_model, measure_sensitivity, worst)
+from onnxq.metrics import OutputMetrics
+
+__all__ = ["FallbackLayer", "FallbackResult", "AccuracyOutcome", "TargetNotMetError", "meets", "margin_db",
+           "search_fallback", "run_accuracy"]
+
+_COSINE_FLOOR = 1e-15  # 1 - cosine below this counts as identical (150 dB)
+
+
+@dataclass(frozen=True)
+class FallbackLayer:
+    """A layer left in float, and why.
+
+    Attributes:
+        node_name: the node.
+        op_type: its op type.
+        reason: its rank by recovery and what putting it alone back in float gained.
+        recovered_cosine: output cosine with only this layer in float.
+        recovered_sqnr_db: output SQNR (dB) with only this layer in float.
+    """
+
+    node_name: str
+    op_type: str
+    reason: str
+    recovered_cosine: float
+    recovered_sqnr_db: float
+
+
+@dataclass(frozen=True)
+class FallbackResult:
+    """What fell back and what it gained.
+
+    Attributes:
+        float_layers: the layers left in float, most recovering first, each with its reason.
+        before: the fully quantized model against float, per output.
+        after: the returned model against float, per output, measured on the real model.
+        met: `after` meets the target.
+        seconds: wall time of the search and the verification.
+        runs: passes over the held-back samples (gated runs and the verification).
+        target: the target searched for.
+        estimate: the gated model's metrics for the layers the search chose (equal to `after` when
+            the gates reproduce the built model, which is the rule).
+        note: why the target was not met, or how the built model disagreed with the estimate (then
+            more layers may have fallen back to meet the target on the built model).
+    """
+
+    float_layers: tuple[FallbackLayer, ...]
+    before: tuple[OutputMetrics, ...]
+    after: tuple[OutputMetrics, ...]
+    met: bool
+    seconds: float
+    runs: int = 0
+    target: AccuracyTarget = AccuracyTarget()
+    estimate: tuple[OutputMetrics, ...] = ()
+    note: str = ""
+
+    @property
+    def float_layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.node_name for layer in self.float_layers)
+
+
+@dataclass(frozen=True)
+class AccuracyOutcome:
+    """Everything the accuracy stage decided: the model to return and how it was chosen."""
+
+    sensitivity: SensitivityResult
+    fallback: FallbackResult | None
+    plan: QuantPlan
+    model: onnx.ModelProto
+
+
+class TargetNotMetError(CalibrationError):
+    """The target is not met: no model with a quantized layer meets it, or the built model missed it.
+
+    Attributes:
+        result: the measurements, as `quantize` would have returned them with `write_anyway`.
+    """
+
+    def __init__(self, message: str, result: FallbackResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _cosine_db(cosine: float) -> float:
+    return -10.0 * math.log10(max(1.0 - cosine, _COSINE_FLOOR))
+
+
+def _margin(cosine: float, sqnr_db: float, target: AccuracyTarget) -> float:
+    margins = [math.inf]
+    if target.min_cosine is not None:
+        margins.append(_cosine_db(cosine) - _cosine_db(target.min_cosine))
+    if target.max_sqnr_drop_db is not None:
+        margins.append(sqnr_db - target.max_sqnr_drop_db)
+    value = min(margins)
+    return -math.inf if math.isnan(value) else value
+
+
+def margin_db(metrics: Sequence[OutputMetrics], target: AccuracyTarget) -> float:
+    """How far the worst output is inside the target, in dB (cosine c counts as -10*log10(1-c)); < 0: missed."""
+    return _margin(*worst(metrics), target)
+
+
+def meets(metrics: Sequence[OutputMetrics], target: AccuracyTarget) -> bool:
+    """Every output meets every threshold of `target` (NaN never does)."""
+    cosine, sqnr = worst(metrics)
+    return not ((target.min_cosine is not None and not cosine >= target.min_cosine)
+                or (target.max_sqnr_drop_db is not None and not sqnr >= target.max_sqnr_drop_db))
+
+
+def _by_recovery(sensitivity: SensitivityResult, target: AccuracyTarget) -> list[LayerSensitivity]:
+    """Layers sorted by how far inside the target each alone in float brings the outputs, best first."""
+    return sorted(sensitivity.layers, key=lambda e: -_margin(e.recovered_cosine, e.recovered_sqnr_db, target))
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The search's answer: the float layers (None: infeasible) and every measured set."""
+
+    float_layers: tuple[str, ...] | None
+    measured: Mapping[frozenset[str], tuple[OutputMetrics, ...]]
+
+
+def search_fallback(runner: GatedRunner, layer_map: LayerMap, sensitivity: SensitivityResult,
+                    target: AccuracyTarget) -> _Choice:
+    """Greedy by recovery with doubling and bisection, then pruning; see the module docstring."""
+    order = [entry.node_name for entry in _by_recovery(sensitivity, target)]
+    measured: dict[frozenset[str], tuple[OutputMetrics, ...]] = {frozenset(): sensitivity.float_vs_int8}
+
+    def holds(names: Sequence[str]) -> bool:
+        key = frozenset(names)
+        if key not in measured:
+            measured[key] = runner.measure(layer_map.gates(key))
+        return meets(measured[key], target)
+
+    if holds(()):
+        return _Choice((), measured)
+    failing, passing, size = 0, len(order), 1  # prefix lengths; the full order is never run
+    while size < len(order):
+        if holds(order[:size]):
+            passing = size
+            break
+        failing, size = size, size * 2
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        if holds(order[:middle]):
+            passing = middle
+        else:
+            failing = middle
+    if passing == len(order):
+        return _Choice(None, measured)
+    chosen = list(order[:passing])
+    for name in reversed(order[:passing]):
+        trial = [other for other in chosen if other != name]
+        if holds(trial):
+            chosen = trial
+    return _Choice(tuple(chosen), measured)
+
+
+def _fallen(entry: LayerSensitivity, rank: int, count: int, full: tuple[float, float]) -> FallbackLayer:
+    reason = (f"rank {rank} of {count} by recovery: alone in float it lifts cosine {full[0]:.5f} -> "
+              f"{entry.recovered_cosine:.5f}, SQNR {full[1]:.2f} -> {entry.recovered_sqnr_db:.2f} dB")
+    return FallbackLayer(entry.node_name, entry.op_type, reason, entry.recovered_cosine, entry.recovered_sqnr_db)
+
+
+def _infeasible_note(choice: _Choice, layer_count: int, target: AccuracyTarget) -> str:
+    partial = [(margin_db(m, target), len(key), m) for key, m in choice.measured.items() if len(key) < layer_count]
+    if not partial:
+        return f"{target.describe()} cannot be met: the plan has no layer that can fall back to float"
+    _, floated, best = max(partial, key=lambda item: (item[0], -item[1]))
+    return (f"{target.describe()} cannot be met with any layer quantized: the closest measured, with "
+            f"{floated} of {_layers(layer_count)} in float, reaches {_figures(best)}")
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
+def _figures(metrics: Sequence[OutputMetrics]) -> str:
+    cosine, sqnr = worst(metrics)
+    return f"cosine {cosine:.5f}, SQNR {sqnr:.2f} dB"
+
+
+def _with_reasons(plan: QuantPlan, layers: Sequence[FallbackLayer]) -> QuantPlan:
+    reasons = {layer.node_name: f"accuracy fallback: {layer.reason}" for layer in layers}
+    decisions = tuple(replace(d, reason=reasons[d.node_name]) if d.node_name in reasons else d
+                      for d in plan.decisions)
+    return replace(plan, decisions=decisions)
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A set of float layers, built for real and measured."""
+
+    layers: tuple[FallbackLayer, ...]
+    plan: QuantPlan
+    model: onnx.ModelProto
+    after: tuple[OutputMetrics, ...]
+
+
+class _Stage:
+    """What the search and the verification share."""
+
+    def __init__(self, runner: GatedRunner, layer_map: LayerMap, sensitivity: SensitivityResult,
+                 target: AccuracyTarget, build: Callable[[QuantPlan], onnx.ModelProto], providers: Sequence[str]):
+        self.runner, self.layer_map, self.sensitivity, self.target = runner, layer_map, sensitivity, target
+        self.build, self.providers, self.builds = build, providers, 0
+        self.order = [entry.node_name for entry in _by_recovery(sensitivity, target)]
+
+    def built(self, names: Sequence[str]) -> _Built:
+        """Build the model with `names` in float through `build` and measure it on the held-back samples."""
+        rank = {name: i for i, name in enumerate(self.order)}
+        full = worst(self.sensitivity.float_vs_int8)
+        layers = tuple(_fallen(self.sensitivity.layer(n), rank[n] + 1, len(rank), full)
+                       for n in sorted(names, key=rank.__getitem__))
+        plan = _with_reasons(self.layer_map.final_plan(names), layers)
+        model = self.build(plan)
+        self.builds += 1
+        return _Built(layers, plan, model, measure_model(model, self.runner.held, self.providers))
+
+    def repaired(self, first: _Built) -> tuple[_Built, str]:
+        """When the built model misses the target the gates met, fall back the next layers by rank
+        (1, 2, 4, ... more, never all), each built and measured, until it holds."""
+        if meets(first.after, self.target):
+            return first, ""
+        names = [layer.node_name for layer in first.layers]
+        rest = [name for name in self.order if name not in names]
+        current, more = first, 1
+        while not meets(current.after, self.target) and more < len(rest):
+            current, more = self.built(names + rest[:more]), more * 2
+        missed = (f"the gated estimate met {self.target.describe()} with {_layers(len(names))} in float but the "
+                  f"built model does not ({_figures(first.after)})")
+        if meets(current.after, self.target):
+            return current, f"{missed}; {_layers(len(current.layers) - len(names))} more fell back to meet it"
+        return current, f"{missed}, nor does any built model with more layers in float and one quantized"
+
+
+def _fall_back(stage: _Stage) -> AccuracyOutcome:
+    started, runs_before = time.perf_counter(), stage.runner.runs
+    choice = search_fallback(stage.runner, stage.layer_map, stage.sensitivity, stage.target)
+    before = stage.sensitivity.float_vs_int8
+    if choice.float_layers is None:
+        note = _infeasible_note(choice, len(stage.layer_map.layers), stage.target)
+        result = FallbackResult((), before, before, False, time.perf_counter() - started,
+                                stage.runner.runs - runs_before, stage.target, before, note)
+        _raise_unless_anyway(result, stage.runner.held)
+        return AccuracyOutcome(stage.sensitivity, result, stage.layer_map.plan, stage.build(stage.layer_map.plan))
+    final, note = stage.repaired(stage.built(choice.float_layers))
+    result = FallbackResult(final.layers, before, final.after, meets(final.after, stage.target),
+                            time.perf_counter() - started, stage.runner.runs - runs_before + stage.builds,
+                            stage.target, choice.measured[frozenset(choice.float_layers)], note)
+    _raise_unless_anyway(result, stage.runner.held)
+    return AccuracyOutcome(stage.sensitivity, result, final.plan, final.model)
+
+
+def _raise_unless_anyway(result: FallbackResult, held: HeldBack) -> None:
+    if not result.met and not result.target.write_anyway:
+        raise TargetNotMetError(f"accuracy target not met on {held.samples} held-back samples: {result.note}. "
+                                "Hint: lower the target, or --write-anyway to keep the model", result)
+
+
+def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template: onnx.ModelProto,
+                 held_back: CalibSource | HeldBack, build: Callable[[QuantPlan], onnx.ModelProto],
+                 target: AccuracyTarget, calib: CalibConfig = CalibConfig(), *, fixed_batch: int | None = None,
+                 on_progress: RunCallback | None = None) -> AccuracyOutcome:
+    """Measure sensitivity and, if `target` has a threshold, fall back until it is met.
+
+    Args:
+        layer_map: the full plan's layers (it holds the prepared graph, selection and target),
+            restricted to the tensors `stats` covers.
+        stats: calibration statistics of every tensor in `layer_map.calibrated_names` (or fewer).
+        template: the float model: the reference outputs and the metadata of built models.
+        held_back: the held-back samples, or already loaded ones.
+        build: makes the final model from a plan (the normal quantize path, same statistics).
+        target: the thresholds.
+        calib: batch size and providers for the runs.
+        fixed_batch: the model's fixed batch size, if any.
+        on_progress: called after each pass over the held-back samples with (runs, planned or None).
+
+    Raises:
+        TargetNotMetError: the target is not met and `target.write_anyway` is False.
+    """
+    started = time.perf_counter()
+    held = held_back if isinstance(held_back, HeldBack) else load_held_back(
+        template, held_back, calib.batch_size, calib.providers, fixed_batch)
+    params = activation_params(layer_map.gated_plan, stats, calib, layer_map.target)
+    with GatedRunner(layer_map, params, template, held, calib.providers, on_progress) as runner:
+        sensitivity = measure_sensitivity(runner, layer_map, started)
+        if not target.has_threshold:
+            return AccuracyOutcome(sensitivity, None, layer_map.plan, build(layer_map.plan))
+        return _fall_back(_Stage(runner, layer_map, sensitivity, target, build, calib.providers))

@@ -1,0 +1,233 @@
+"""Latency-aware placement for ONNX Runtime's CPU provider: keep INT8 only where it runs faster here.
+
+Whether one of ORT's integer kernels beats its float counterpart depends on the CPU, the shapes and
+the kernel: on the PP-OCR classifier the uint8 5x5 depthwise QLinearConv takes several times as long
+as the float NCHWc convolution it replaces, while its 1x1 convolutions gain. Rules cannot know that
+for every machine, so this measures:
+
+1. The quantized layers are grouped into classes that share a kernel: op type, and for convolutions
+   depthwise or not and the kernel size ("Conv depthwise 5x5", "Conv 1x1", "MatMul", ...).
+2. Each class in turn (largest first) is put in float: the plan is re-made with its nodes excluded,
+   the model built with the same calibration statistics, and it is timed against the current best,
+   interleaved, on one calibration batch, with ORT's graph optimisations on. The class stays float when
+   that is faster by more than `min_gain` in two separate rounds; otherwise it stays INT8. When any
+   class went float, a second sweep retries the classes still INT8 (their neighbours have changed).
+3. The chosen model is timed against the float model once more. The result records every trial
+   (times and decision) and that final ratio, so a user sees what was measured and why each class
+   ended where it did. Nothing guarantees INT8 beats float: when no class pays off the result says so.
+
+Noise: every comparison is interleaved (see `onnxq.runtime.timing`) and sessions do not spin idle threads, and a
+class goes float only on a repeated gain, so a burst of load elsewhere cannot flip a decision alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxq.calib.calibrate import ProgressCallback
+from onnxq.runtime.session import open_session
+from onnxq.calib.stats import TensorStats
+from onnxq.config import Selection, Target
+from onnxq.errors import ConfigError
+from onnxq.runtime.timing import time_interleaved, wall_clock_timer
+from onnxq.lower.gate_qdq import exclude_nodes, gate_slots, restrict_plan
+from onnxq.plan.core import QuantPlan, plan_quantization
+
+__all__ = ["LatencySearchConfig", "ClassTrial", "LatencySearch", "layer_classes", "search_latency"]
+
+# Sweeps over the classes: putting one class in float changes its neighbours' Q/DQ and layouts, so a
+# class that lost while everything around it was INT8 may win once they are float. A second sweep
+# retries the classes still INT8, when the first changed anything.
+_SWEEPS = 2
+
+@dataclass(frozen=True)
+class LatencySearchConfig:
+    """How the latency search measures.
+
+    Attributes:
+        runs: timed runs per model and round (interleaved; the median is compared).
+        warmup: untimed runs per model first.
+        min_gain: the fraction by which float must be faster (e.g. 0.03: 3%) to leave a class float.
+        providers: ONNX Runtime providers for the timing sessions.
+    """
+
+    runs: int = 20
+    warmup: int = 3
+    min_gain: float = 0.03
+    providers: tuple[str, ...] = ("cpu",)
+
+    def __post_init__(self) -> None:
+        if self.runs < 3 or self.warmup < 0:
+            raise ConfigError(f"latency search needs >= 3 runs and >= 0 warm-up runs, got {self.runs}, {self.warmup}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ConfigError(f"latency search: min_gain must be in [0, 1), got {self.min_gain}")
+
+
+@dataclass(frozen=True)
+class ClassTrial:
+    """One class of layers timed in INT8 and in float.
+
+    Attributes:
+        layer_class: e.g. "Conv depthwise 5x5".
+        nodes: the class's quantized nodes.
+        int8_ms: median latency of the best model so far (the class INT8).
+        float_ms: median latency with the class also in float.
+        kept_int8: the decision.
+        reason: why, with the figures.
+    """
+
+    layer_class: str
+    nodes: tuple[str, ...]
+    int8_ms: float
+    float_ms: float
+    kept_int8: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class LatencySearch:
+    """What the search measured and decided.
+
+    Attributes:
+        float_model_ms: the float model (as given) on the same batch, median.
+        start_ms: the INT8 model of the full plan, median.
+        final_ms: the chosen model, median (timed beside the float model once more when it differs
+            from the full plan's).
+        trials: every class tried, in order (a class tried again in the second sweep appears twice).
+        float_nodes: the nodes left in float for speed.
+    """
+
+    float_model_ms: float
+    start_ms: float
+    final_ms: float
+    trials: tuple[ClassTrial, ...]
+    float_nodes: tuple[str, ...]
+
+    @property
+    def speedup(self) -> float:
+        """Float model latency over the chosen INT8 model's (> 1: INT8 faster)."""
+        return self.float_model_ms / self.final_ms if self.final_ms > 0 else float("nan")
+
+
+def _class_of(node: gs.Node) -> str:
+    if node.op not in ("Conv", "ConvTranspose"):
+        return node.op
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    values = getattr(weight, "values", None)
+    kernel = "x".join(str(k) for k in np.shape(values)[2:]) if values is not None else "?"
+    group = int(node.attrs.get("group", 1))
+    if group > 1 and values is not None and np.shape(values)[1] == 1:
+        return f"{node.op} depthwise {kernel}"
+    return f"{node.op} grouped {kernel}" if group > 1 else f"{node.op} {kernel}"
+
+
+def layer_classes(graph: gs.Graph, plan: QuantPlan) -> dict[str, tuple[str, ...]]:
+    """The plan's quantized nodes by class, largest class first (ties by name)."""
+    nodes = {node.name: node for node in graph.nodes}
+    classes: dict[str, list[str]] = {}
+    for decision in plan.quantized_nodes:
+        node = nodes.get(decision.node_name)
+        if node is not None:
+            classes.setdefault(_class_of(node), []).append(node.name)
+    ordered = sorted(classes.items(), key=lambda item: (-len(item[1]), item[0]))
+    return {name: tuple(members) for name, members in ordered}
+
+
+def _calibrated(plan: QuantPlan, stats: Mapping[str, TensorStats]) -> QuantPlan:
+    """`plan` without activation slots whose tensor has no statistics (excluding layers can add some)."""
+    allowed = {slot.key for slot in gate_slots(plan) if slot.kind != "activation" or slot.tensor_name in stats}
+    return restrict_plan(plan, allowed, "its Q/DQ would need a tensor calibration did not measure")
+
+
+class _Timer:
+    """Times models on one feed: sessions with ORT's optimisations on and no spinning threads."""
+
+    def __init__(self, feed: Mapping[str, np.ndarray], config: LatencySearchConfig) -> None:
+        self.feed, self.config = dict(feed), config
+
+    def medians(self, models: list[onnx.ModelProto]) -> list[float]:
+        sessions = [open_session(model, self.config.providers, optimize=True, spin=False) for model in models]
+        try:
+            timers = [wall_clock_timer(lambda s=session: s.run(self.feed)) for session in sessions]
+            return [stats.median_ms for stats in time_interleaved(timers, self.config.warmup, self.config.runs)]
+        finally:
+            for session in sessions:
+                session.close()
+
+
+def _trial(timer: _Timer, best: onnx.ModelProto, candidate: onnx.ModelProto, name: str, members: tuple[str, ...],
+           config: LatencySearchConfig, sweep: int) -> ClassTrial:
+    """Time the best model so far against `candidate` (the class in float); a win must repeat."""
+    int8_ms, float_ms = timer.medians([best, candidate])
+    gain = 1.0 - float_ms / int8_ms
+    if gain > config.min_gain:
+        int8_ms, float_ms = timer.medians([best, candidate])  # confirm in a second round
+        gain = min(gain, 1.0 - float_ms / int8_ms)
+    if gain > config.min_gain:
+        reason = f"float is {100 * gain:.1f}% faster ({float_ms:.2f} vs {int8_ms:.2f} ms, two rounds)"
+    elif gain <= 0:
+        reason = f"INT8 kept: float would be {abs(100 * gain):.1f}% slower ({int8_ms:.2f} vs {float_ms:.2f} ms)"
+    else:
+        reason = (f"INT8 kept: float only {100 * gain:.1f}% faster (< {100 * config.min_gain:.0f}%) "
+                  f"({int8_ms:.2f} vs {float_ms:.2f} ms)")
+    if sweep > 0:
+        reason += f" [sweep {sweep + 1}]"
+    return ClassTrial(name, members, int8_ms, float_ms, gain <= config.min_gain, reason)
+
+
+def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats: Mapping[str, TensorStats],
+                   build: Callable[[QuantPlan], onnx.ModelProto], float_model: onnx.ModelProto,
+                   feed: Mapping[str, np.ndarray], config: LatencySearchConfig = LatencySearchConfig(),
+                   on_progress: ProgressCallback | None = None) -> tuple[QuantPlan, onnx.ModelProto, LatencySearch]:
+    """Leave in float every class of layers that ORT's CPU provider runs faster in float (see module doc).
+
+    Args:
+        graph: the prepared float graph the plan was made for.
+        plan: the full `--target ort-cpu` plan.
+        selection: the user's selection (exclusions are added to it).
+        stats: the calibration statistics (a plan that needs a tensor without them drops that slot).
+        build: makes the checked INT8 model of a plan.
+        float_model: the float model as given, for the reference latency.
+        feed: one calibration batch to time on.
+        config: runs, warm-up, min_gain, providers.
+        on_progress: called after each trial with (trials done, trials planned so far).
+
+    Returns:
+        The chosen plan, its model, and what was measured.
+    """
+    timer = _Timer(feed, config)
+    classes = layer_classes(graph, plan)
+    best_plan, best_model = plan, build(plan)
+    float_ms, start_ms = timer.medians([float_model, best_model])
+    float_nodes: list[str] = []
+    trials: list[ClassTrial] = []
+    pending = dict(classes)
+    total = len(classes)
+    for sweep in range(_SWEEPS):
+        changed = False
+        for name, members in list(pending.items()):
+            candidate_plan = _calibrated(
+                plan_quantization(graph, exclude_nodes(selection, [*float_nodes, *members]), Target.ORT_CPU), stats)
+            candidate = build(candidate_plan)
+            trial = _trial(timer, best_model, candidate, name, members, config, sweep)
+            if not trial.kept_int8:
+                float_nodes.extend(members)
+                del pending[name]
+                changed = True
+                best_plan, best_model = candidate_plan, candidate
+            trials.append(trial)
+            if on_progress is not None:
+                on_progress(len(trials), total)
+        if not changed or not pending:
+            break
+        total = len(trials) + len(pending)  # a second sweep over the classes still INT8
+    if float_nodes:  # the chosen model against the float model, in one more interleaved round
+        float_ms, final_ms = timer.medians([float_model, best_model])
+    else:
+        final_ms = start_ms
+    return best_plan, best_model, LatencySearch(float_ms, start_ms, final_ms, tuple(trials), tuple(float_nodes))
