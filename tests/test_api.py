@@ -50,7 +50,7 @@ def test_stages_chain_by_hand_like_quantize() -> None:
     graph = passes.run(onnxq.prepare(model), [drop_identity])
     plan = onnxq.plan_quantization(graph, onnxq.Selection(exclude_node_patterns=("^fc2$",)))
     calibration = onnxq.calibrate(graph, plan.activation_names, onnxq.FeedsSource(feeds), onnxq.CalibConfig())
-    by_hand = onnxq.from_graph(onnxq.insert_qdq(graph, plan, onnxq.group_amax(plan, calibration.stats, onnxq.CalibConfig())), model)
+    by_hand = onnxq.from_graph(onnxq.insert_qdq(graph, plan, onnxq.activation_params(plan, calibration.stats, onnxq.CalibConfig(), onnxq.TRT.scheme)), model)
     config = onnxq.QuantConfig(selection=onnxq.Selection(exclude_node_patterns=("^fc2$",)))
     whole = onnxq.quantize(model, onnxq.FeedsSource(feeds), config).model
     assert [n.op_type for n in by_hand.graph.node] == [n.op_type for n in whole.graph.node]

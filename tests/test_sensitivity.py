@@ -13,13 +13,17 @@ from onnxq.calib.calibrate import calibrate
 from onnxq.data.feeds import FeedsSource
 from onnxq.calib.ranges import activation_params
 from onnxq.runtime.session import open_session
-from onnxq.config import AccuracyTarget, CalibConfig, Selection, Target
+from onnxq.config import AccuracyGoal, Target
+from onnxq.options import CalibConfig, Selection
 from onnxq.errors import ConfigError
 from onnxq.io import from_graph
 from onnxq.lower.gate_qdq import gate_qdq
 from onnxq.lower.insert_qdq import insert_qdq
-from onnxq.lower.gate_qdq import LayerMap
-from onnxq.plan.core import QuantPlan, plan_quantization
+from onnxq.plan.replan import Replanner
+from onnxq.steps.accuracy.layers import LayerMap
+from onnxq.targets import get_target
+from onnxq.plan.core import QuantPlan
+from onnxq.targets import plan_quantization
 from onnxq.steps.accuracy.sensitivity import held_back_sources
 
 DAMAGED = "fc2/matmul"
@@ -65,14 +69,14 @@ def mlp_feeds(samples: int, seed: int) -> FeedsSource:
 def _setup(model: onnx.ModelProto, target: Target):
     graph = prepare(model)
     plan = plan_quantization(graph, Selection(), target)
-    layers = LayerMap(graph, plan, Selection(), target)
+    layers = LayerMap(Replanner(graph, get_target(target).plan, Selection()))
     source = FeedsSource([models.random_feeds(model, batch=4, seed=s) for s in range(2)])
     stats = calibrate(graph, layers.calibrated_names, source, CalibConfig()).stats
     return graph, layers, stats
 
 
 def _params(plan: QuantPlan, stats, target: Target):
-    return activation_params(plan, stats, CalibConfig(), target)
+    return activation_params(plan, stats, CalibConfig(), get_target(target).scheme)
 
 
 @pytest.mark.parametrize(("name", "target"), [("residual_cnn", Target.TRT), ("transformer_encoder", Target.TRT),
@@ -119,7 +123,7 @@ def _same_scales(plan: QuantPlan, gated_plan: QuantPlan, gated_scales, stats, ta
 def test_falling_back_a_conv_moves_the_residual_quantization_to_the_other_branch() -> None:
     graph = prepare(models.BUILDERS["residual_cnn"]())
     plan = plan_quantization(graph)
-    layers = LayerMap(graph, plan, Selection(), Target.TRT)
+    layers = LayerMap(Replanner(graph, get_target(Target.TRT).plan, Selection()))
     extra = set(layers.calibrated_names) - set(plan.activation_names)
     assert extra, "excluding a Conv of a two-Conv residual block should quantize the Add's other input"
     owners = {layers.slots[i].consumer: layer.node_name for layer in layers.layers for i in layer.slots
@@ -132,7 +136,7 @@ def test_falling_back_a_conv_moves_the_residual_quantization_to_the_other_branch
 
 
 def test_sensitivity_ranks_the_damaged_layer_first() -> None:
-    result = quantize(damaged_mlp(), mlp_feeds(64, 1), accuracy=AccuracyTarget(), eval_source=mlp_feeds(16, 2))
+    result = quantize(damaged_mlp(), mlp_feeds(64, 1), accuracy=AccuracyGoal(), eval_source=mlp_feeds(16, 2))
     sensitivity = result.sensitivity
     assert sensitivity is not None and result.fallback is None
     assert [layer.node_name for layer in sensitivity.layers][0] == DAMAGED

@@ -1,6 +1,7 @@
 """Write a QuantPlan back into the graph.
 
-Activations:  x ─▶ QuantizeLinear(s, zp=0 int8) ─▶ DequantizeLinear(s, 0) ─▶ x_dq ─▶ planned consumers
+Activations:  x ─▶ QuantizeLinear(s, zp) ─▶ DequantizeLinear(s, zp) ─▶ x_dq ─▶ planned consumers
+              (int8 zp 0 for TensorRT, uint8 zp for ONNX Runtime's CPU kernels: the target's scheme)
 Weights:      W (float) becomes W_int8 = clamp(rne(W / s_c), -128, 127) ─▶ DequantizeLinear(s_c, 0, axis)
 Scales are float32 initializers (the activation's dtype for float16 graphs); zero points are explicit
 INT8 zeros of the scale's shape; per-channel nodes always carry `axis` (TensorRT's parser reads a
@@ -17,8 +18,8 @@ import onnx_graphsurgeon as gs
 
 from onnxq.graph.names import NameSource
 from onnxq.errors import InternalError
-from onnxq.plan.core import ActivationTarget, BiasTarget, QuantPlan, WeightTarget
-from onnxq.lower.scales import ActivationParams, quantize_bias, quantize_weight, symmetric_int8, weight_scales
+from onnxq.plan.core import QuantizedActivation, QuantizedBias, QuantPlan, QuantizedWeight
+from onnxq.lower.scales import ActivationParams, quantize_bias, quantize_weight, weight_scales
 from onnxq.passes.core import graph_pass
 
 __all__ = ["insert_qdq"]
@@ -41,7 +42,7 @@ def _dequantize(graph: gs.Graph, names: NameSource, source: gs.Tensor, params: t
 
 
 def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node],
-                       tensor: gs.Tensor, target: ActivationTarget, activation: ActivationParams) -> None:
+                       tensor: gs.Tensor, target: QuantizedActivation, activation: ActivationParams) -> None:
     dtype = np.float16 if tensor.dtype == np.float16 else np.float32
     params = _scale_and_zero_point(names, tensor.name, np.asarray(activation.scale, dtype=dtype),
                                    activation.zero_point)
@@ -54,7 +55,7 @@ def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, g
 
 
 def _insert_weight(graph: gs.Graph, names: NameSource, weight: gs.Constant,
-                   targets: list[WeightTarget], nodes: Mapping[str, gs.Node]) -> np.ndarray:
+                   targets: list[QuantizedWeight], nodes: Mapping[str, gs.Node]) -> np.ndarray:
     values = np.asarray(weight.values)
     axis = targets[0].axis
     scales = weight_scales(values, axis)
@@ -67,7 +68,7 @@ def _insert_weight(graph: gs.Graph, names: NameSource, weight: gs.Constant,
 
 
 def _insert_bias(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node], bias: gs.Constant,
-                 target: BiasTarget, input_scale: np.float32, weight_scale: np.ndarray) -> None:
+                 target: QuantizedBias, input_scale: np.float32, weight_scale: np.ndarray) -> None:
     values = np.asarray(bias.values)
     if weight_scale.size != values.size:
         return  # a per-tensor or mismatched layout: leave the bias float
@@ -77,21 +78,21 @@ def _insert_bias(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node
     nodes[target.consumer].inputs[target.input_index] = _dequantize(graph, names, int32, params, bias, axis=0)
 
 
-def _params(target: ActivationTarget, group_params: Mapping[str, float | ActivationParams]) -> ActivationParams:
+def _params(target: QuantizedActivation, group_params: Mapping[str, ActivationParams]) -> ActivationParams:
     if target.group not in group_params:
         raise InternalError(f"no calibrated range for tensor group '{target.group}'")
-    value = group_params[target.group]
-    return value if isinstance(value, ActivationParams) else symmetric_int8(target.tensor_name, value)
+    return group_params[target.group]
 
 
 @graph_pass
-def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, float | ActivationParams]) -> gs.Graph:
+def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, ActivationParams]) -> gs.Graph:
     """Insert the plan's Q/DQ pairs.
 
     Args:
         graph: the prepared float graph the plan was made for.
         plan: where Q/DQ goes.
-        group_params: per activation group, its parameters, or an amax for symmetric INT8 (s = amax/127).
+        group_params: per activation group, its scale and zero point (`onnxq.calib.ranges.activation_params`
+            with the target's scheme).
     """
     names = NameSource(graph)
     nodes = {node.name: node for node in graph.nodes}
@@ -101,7 +102,7 @@ def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, floa
         activation_params[target.tensor_name] = _params(target, group_params)
         _insert_activation(graph, names, nodes, tensors[target.tensor_name], target,
                            activation_params[target.tensor_name])
-    by_weight: dict[tuple[str, int], list[WeightTarget]] = {}
+    by_weight: dict[tuple[str, int], list[QuantizedWeight]] = {}
     for weight_target in plan.weights:
         by_weight.setdefault((weight_target.tensor_name, weight_target.axis), []).append(weight_target)
     weight_scale: dict[str, np.ndarray] = {}

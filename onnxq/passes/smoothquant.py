@@ -49,7 +49,7 @@ from onnxq.graph.names import unique_name
 from onnxq.errors import CalibrationError, ConfigError
 from onnxq.passes.core import graph_pass
 
-__all__ = ["SmoothTarget", "smoothquant", "smoothquant_targets", "smooth_scales", "check_alpha", "MIN_SCALE",
+__all__ = ["SmoothCandidate", "smoothquant", "smoothquant_candidates", "smooth_scales", "check_alpha", "MIN_SCALE",
            "MAX_SCALE"]
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 
 @dataclass(frozen=True)
-class SmoothTarget:
+class SmoothCandidate:
     """An activation read by linear layers with constant weights, and whether it can be smoothed.
 
     Attributes:
@@ -98,7 +98,7 @@ class _Fold:
 class _Plan:
     """A smoothable target with the rewrites that apply it."""
 
-    target: SmoothTarget
+    target: SmoothCandidate
     tensor: gs.Tensor
     folds: tuple[_Fold, ...]
     readers: tuple[tuple[gs.Node, int], ...]  # (linear consumer, row axis of its weight)
@@ -204,7 +204,7 @@ def _describe(folds: tuple[_Fold, ...]) -> str:
     return " <- ".join(reversed(nodes))
 
 
-def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tuple[SmoothTarget, _Plan | None]:
+def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tuple[SmoothCandidate, _Plan | None]:
     """The target for `tensor` (which has at least one linear reader) and, if smoothable, its plan."""
     readers: dict[int, tuple[gs.Node, int | None]] = {}
     for node in tensor.outputs:
@@ -215,8 +215,8 @@ def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tu
     producer = tensor.inputs[0] if tensor.inputs else None
     names = tuple(node.name for node, _ in linear)
 
-    def result(why: str, folds: tuple[_Fold, ...] = (), channels: int = 0) -> tuple[SmoothTarget, _Plan | None]:
-        target = SmoothTarget(tensor.name, producer.name if producer else "", producer.op if producer else "",
+    def result(why: str, folds: tuple[_Fold, ...] = (), channels: int = 0) -> tuple[SmoothCandidate, _Plan | None]:
+        target = SmoothCandidate(tensor.name, producer.name if producer else "", producer.op if producer else "",
                               names, others if folds else (), bool(folds), why)
         return target, (_Plan(target, tensor, folds, linear, channels) if folds else None)
 
@@ -235,10 +235,10 @@ def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tu
     return result(why, folds, channels)
 
 
-def _plans(graph: gs.Graph, compensate: bool) -> list[tuple[SmoothTarget, _Plan | None]]:
+def _plans(graph: gs.Graph, compensate: bool) -> list[tuple[SmoothCandidate, _Plan | None]]:
     """One (target, plan or None) per activation input of a linear layer, in graph order."""
     outputs = frozenset(t.name for t in graph.outputs)
-    found: list[tuple[SmoothTarget, _Plan | None]] = []
+    found: list[tuple[SmoothCandidate, _Plan | None]] = []
     seen: set[str] = set()
     for node in graph.nodes:
         tensor = node.inputs[0] if node.inputs else None
@@ -250,7 +250,7 @@ def _plans(graph: gs.Graph, compensate: bool) -> list[tuple[SmoothTarget, _Plan 
     return found
 
 
-def smoothquant_targets(graph: gs.Graph, *, compensate: bool = True) -> tuple[SmoothTarget, ...]:
+def smoothquant_candidates(graph: gs.Graph, *, compensate: bool = True) -> tuple[SmoothCandidate, ...]:
     """Every activation read by a MatMul/Gemm with a constant weight, smoothable or not, and why.
 
     Args:
@@ -258,7 +258,7 @@ def smoothquant_targets(graph: gs.Graph, *, compensate: bool = True) -> tuple[Sm
         compensate: as in `smoothquant`: whether readers other than linear layers are given X back.
 
     Returns:
-        One `SmoothTarget` per activation, in graph order.
+        One `SmoothCandidate` per activation, in graph order.
     """
     return tuple(target for target, _ in _plans(graph, compensate))
 
@@ -353,7 +353,7 @@ def _checked_amax(plan: _Plan, amax: np.ndarray) -> np.ndarray:
 @graph_pass
 def smoothquant(graph: gs.Graph, channel_amax: Mapping[str, np.ndarray], *, alpha: float = 0.5,
                 compensate: bool = True) -> gs.Graph:
-    """Smooth every activation of `smoothquant_targets` that has ranges in `channel_amax`.
+    """Smooth every activation of `smoothquant_candidates` that has ranges in `channel_amax`.
 
     Args:
         graph: the prepared float graph (the pass works on a copy).

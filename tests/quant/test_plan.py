@@ -8,7 +8,7 @@ import pytest
 
 import models
 from onnxq.pipeline import inspect
-from onnxq.config import Selection
+from onnxq.options import Selection
 from onnxq.plan.core import QuantPlan
 
 MODELS_DIR = Path(__file__).parents[2] / "models"
