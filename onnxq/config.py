@@ -6,13 +6,13 @@ one); a name ("trt", "ort-cpu") or the deprecated `Target` enum is accepted and 
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from onnxq.errors import ConfigError
 from onnxq.options import CalibConfig, CalibMethod, HighPrecision, Selection, parse_enum
-from onnxq.targets import TRT, QuantTarget, get_target
+from onnxq.targets import ORT_CPU, TRT, QuantTarget, get_target
 
 __all__ = [
     "CalibMethod", "HighPrecision", "Selection", "CalibConfig", "QuantConfig", "AccuracyGoal", "Target",
@@ -20,11 +20,9 @@ __all__ = [
 ]
 
 
-class Target(enum.Enum):
-    """Deprecated (one release): the built-in targets by name; use `onnxq.targets.TRT` / `ORT_CPU`."""
-
-    TRT = "trt"
-    ORT_CPU = "ort-cpu"
+#: Deprecated (one release): the built-in target objects under their old enum names; use
+#: `onnxq.targets.TRT` / `onnxq.targets.ORT_CPU` (or the names "trt", "ort-cpu").
+Target = SimpleNamespace(TRT=TRT, ORT_CPU=ORT_CPU)
 
 
 @dataclass(frozen=True)

@@ -88,14 +88,11 @@ def percentile_amax(h: Histogram, percentile: float = 99.99) -> float:
 def entropy_amax(h: Histogram, num_quantized_bins: int = INT8_LEVELS + 1, start_bin: int = INT8_LEVELS + 1,
                  stride: int = 1) -> float:
     """The amax whose clipped, `num_quantized_bins`-level histogram is KL-closest to the original."""
-    _check_search(start_bin, stride)
     if num_quantized_bins < 1:
         raise ConfigError(f"num_quantized_bins must be >= 1, got {num_quantized_bins}")
-    if h.exponent is None:
-        return 0.0
-    used = _used_bins(h)
-    if used < start_bin:  # too coarse to search below the maximum: max calibration
-        return float(h.amax)
+    used, fallback = _search_bins(h, start_bin, stride)
+    if fallback is not None:
+        return fallback
     bins = np.array(h.counts[:used], dtype=np.int64)
     if used > 1:
         bins[0] = bins[1]  # pytorch_quantization calib/histogram.py, _compute_amax_entropy
@@ -108,14 +105,11 @@ def entropy_amax(h: Histogram, num_quantized_bins: int = INT8_LEVELS + 1, start_
 def mse_amax(h: Histogram, start_bin: int = 128, stride: int = 1, levels: int = INT8_LEVELS) -> float:
     """The amax that minimises the squared quantization error over the histogram, for a grid of `levels`
     steps between 0 and amax (127: symmetric INT8; see `ActivationScheme.levels`)."""
-    _check_search(start_bin, stride)
     if levels < 1:
         raise ConfigError(f"levels must be >= 1, got {levels}")
-    if h.exponent is None:
-        return 0.0
-    used = _used_bins(h)
-    if used < start_bin:  # too coarse to search below the maximum: max calibration
-        return float(h.amax)
+    used, fallback = _search_bins(h, start_bin, stride)
+    if fallback is not None:
+        return fallback
     candidates = np.minimum(np.arange(start_bin, used + 1, stride) * h.bin_width, h.amax)
     errors = _quantization_errors(h.counts[:used], h.bin_width, candidates, levels)
     return float(candidates[int(np.argmin(errors))])
@@ -200,8 +194,15 @@ def _used_bins(h: Histogram) -> int:
     return int(occupied[-1]) + 1 if occupied.size else 0
 
 
-def _check_search(start_bin: int, stride: int) -> None:
+def _search_bins(h: Histogram, start_bin: int, stride: int) -> tuple[int, float | None]:
+    """(used bins, None) when the entropy/MSE search can run; else (used, the answer without a search):
+    0.0 for a histogram without a non-zero value, `h.amax` when it is too coarse to search below its
+    maximum (fewer used bins than `start_bin`: max calibration)."""
     if start_bin < 1:
         raise ConfigError(f"start_bin must be >= 1, got {start_bin}")
     if stride < 1:
         raise ConfigError(f"stride must be >= 1, got {stride}")
+    if h.exponent is None:
+        return 0, 0.0
+    used = _used_bins(h)
+    return used, (float(h.amax) if used < start_bin else None)

@@ -14,19 +14,20 @@ Graph outputs and biases never get Q/DQ; consumers outside the plan keep reading
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxq.graph.query import GraphIndex, is_constant, is_float
+from onnxq.options import Selection
 from onnxq.plan.residual import feeds_softmax, is_silu_mul
 from onnxq.plan.rules import PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
 
 __all__ = [
     "QuantizedActivation", "QuantizedWeight", "QuantizedBias", "NodeDecision", "QuantPlan", "PlanDraft",
-    "plan_weighted", "plan_pooling", "float_reason", "on_softmax_path",
+    "plan_weighted", "plan_pooling", "plan_rule_ops", "float_reason", "on_softmax_path",
 ]
 
 
@@ -210,3 +211,17 @@ def float_reason(node: gs.Node, draft: PlanDraft, reasons: Mapping[str, str], de
     if is_silu_mul(node, draft.index) is not None:
         return f"SiLU (x * Sigmoid(x)): {draft.runtime} fuses it into the preceding layer"
     return reasons.get(node.op, default)
+
+
+def plan_rule_ops(nodes: list[gs.Node], draft: PlanDraft, selection: Selection, ops: Container[str],
+                  plan_one: Callable[[gs.Node, PlanDraft], str | None], why_quantized: str) -> None:
+    """The first pass of every planner: each node the user excludes stays float saying so; each node of
+    `ops` is planned by `plan_one` (None: quantized, saying `why_quantized` with {op} filled in; else
+    the reason it stays float). Other nodes are left for later passes."""
+    for node in nodes:
+        excluded = selection.excluded_by(node.name, node.op)
+        if excluded is not None:
+            draft.decide(node, False, excluded)
+        elif node.op in ops:
+            why_not = plan_one(node, draft)
+            draft.decide(node, why_not is None, why_not or why_quantized.format(op=node.op))

@@ -75,18 +75,25 @@ class ClassTrial:
     Attributes:
         layer_class: e.g. "Conv depthwise 5x5".
         nodes: the class's quantized nodes.
-        int8_ms: median latency of the best model so far (the class INT8).
-        float_ms: median latency with the class also in float.
         kept_int8: the decision.
         reason: why, with the figures.
+        medians_ms: (the best model so far with the class INT8, the same with the class also in float),
+            median latencies in ms; also as `int8_ms` and `float_ms`.
     """
 
     layer_class: str
     nodes: tuple[str, ...]
-    int8_ms: float
-    float_ms: float
     kept_int8: bool
     reason: str
+    medians_ms: tuple[float, float]
+
+    @property
+    def int8_ms(self) -> float:
+        return self.medians_ms[0]
+
+    @property
+    def float_ms(self) -> float:
+        return self.medians_ms[1]
 
 
 @dataclass(frozen=True)
@@ -171,7 +178,7 @@ def _trial(timer: _Timer, best: onnx.ModelProto, candidate: onnx.ModelProto, nam
                   f"({int8_ms:.2f} vs {float_ms:.2f} ms)")
     if sweep > 0:
         reason += f" [sweep {sweep + 1}]"
-    return ClassTrial(name, members, int8_ms, float_ms, gain <= config.min_gain, reason)
+    return ClassTrial(name, members, gain <= config.min_gain, reason, (int8_ms, float_ms))
 
 
 def search_latency(graph: gs.Graph, plan: QuantPlan, replan: Replan, build: Callable[[QuantPlan], onnx.ModelProto],

@@ -25,7 +25,7 @@ from onnxq.lower.scales import UINT8_ASYMMETRIC, ActivationScheme
 from onnxq.options import Selection
 from onnxq.passes.core import GraphPass
 from onnxq.passes.shuffle_to_gather import shuffle_to_gather
-from onnxq.plan.core import PlanDraft, QuantizedBias, QuantPlan, float_reason, plan_weighted
+from onnxq.plan.core import PlanDraft, QuantizedBias, QuantPlan, float_reason, plan_rule_ops, plan_weighted
 from onnxq.plan.residual import feeds_softmax
 from onnxq.plan.rules import WEIGHTED_OPS, default_float_reason, float_reasons
 from onnxq.plan.scale_groups import TensorGroups
@@ -129,13 +129,7 @@ def _plan(graph: gs.Graph, selection: Selection, quantize_attention: bool) -> Qu
     draft = PlanDraft(GraphIndex.build(graph), _RUNTIME, quantize_attention)
     groups = TensorGroups()
     nodes = list(graph.nodes)
-    for node in nodes:
-        excluded = selection.excluded_by(node.name, node.op)
-        if excluded is not None:
-            draft.decide(node, False, excluded)
-        elif node.op in QLINEAR_OPS:
-            why_not = _plan_qlinear(node, draft)
-            draft.decide(node, why_not is None, why_not or f"{node.op}: ONNX Runtime integer kernel")
+    plan_rule_ops(nodes, draft, selection, QLINEAR_OPS, _plan_qlinear, "{op}: ONNX Runtime integer kernel")
     for node in nodes:  # graph order: a producer's output is marked before its consumers are visited
         if node.name in draft.decisions or node.op not in SAME_SCALE_OPS:
             continue

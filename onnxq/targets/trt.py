@@ -22,7 +22,7 @@ from onnxq.lower.scales import INT8_SYMMETRIC, ActivationScheme
 from onnxq.lower.to_fp16 import FP16_MIN_OPSET, to_fp16
 from onnxq.options import HighPrecision, Selection
 from onnxq.passes.upgrade_opset import upgrade_graph_opset
-from onnxq.plan.core import PlanDraft, QuantPlan, float_reason, plan_pooling, plan_weighted
+from onnxq.plan.core import PlanDraft, QuantPlan, float_reason, plan_pooling, plan_rule_ops, plan_weighted
 from onnxq.plan.residual import residual_skip_input
 from onnxq.plan.rules import WEIGHTED_OPS, default_float_reason, float_reasons
 from onnxq.plan.scale_groups import scale_groups
@@ -38,13 +38,7 @@ _DEFAULT_FLOAT_REASON = default_float_reason(_RUNTIME)
 def _plan(graph: gs.Graph, selection: Selection, quantize_attention: bool) -> QuantPlan:
     draft = PlanDraft(GraphIndex.build(graph), _RUNTIME, quantize_attention)
     nodes = list(graph.nodes)
-    for node in nodes:
-        excluded = selection.excluded_by(node.name, node.op)
-        if excluded is not None:
-            draft.decide(node, False, excluded)
-        elif node.op in WEIGHTED_OPS:
-            why_not = plan_weighted(node, draft)
-            draft.decide(node, why_not is None, why_not or f"{node.op}: INT8 kernel (TensorRT rule 1)")
+    plan_rule_ops(nodes, draft, selection, WEIGHTED_OPS, plan_weighted, "{op}: INT8 kernel (TensorRT rule 1)")
     # Only a GEMM/conv with a constant weight has an epilogue an Add can be fused into.
     weighted = frozenset(w.consumer for w in draft.weights)
     for node in nodes:
