@@ -19,7 +19,7 @@ from .build import build_and_save, check_engine_build, require_engine_build
 from .options import (accuracy_options, calib_options, image_options, output_path, quant_config, selection_options,
                       target_option)
 from .progress import StageProgress, plural
-from .summary import accuracy_lines, latency_lines, write_run_report
+from .summary import finding_lines, write_run_report
 
 
 @click.command("quantize", no_args_is_help=True)
@@ -106,7 +106,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                    f"calibration ran on {', '.join(calib.providers)}")
     for note in result.notes:
         click.echo(f"  note         {note}")
-    for line in accuracy_lines(result.sensitivity, result.fallback) + latency_lines(result.latency):
+    for line in finding_lines(result.findings):
         click.echo(line)
     metrics = ()
     if evaluation is not None:

@@ -13,7 +13,9 @@ from pathlib import Path
 from onnxq.pipeline import QuantResult
 from onnxq.config import QuantConfig
 from onnxq.steps.accuracy.fallback import FallbackResult
+from onnxq.steps.accuracy.step import AccuracyFinding
 from onnxq.steps.latency_search import LatencySearch
+from onnxq.steps.smoothquant import Smoothed
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
 from onnxq.metrics import OutputMetrics
 
@@ -81,6 +83,20 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
     for trial in search.trials:
         where = "int8 " if trial.kept_int8 else "float"
         lines.append(f"    {where} {trial.layer_class} ({plural(len(trial.nodes), 'node')}): {trial.reason}")
+    return lines
+
+
+def finding_lines(findings: Sequence[object]) -> list[str]:
+    """The summary lines of every step's finding, in the order the steps ran."""
+    lines: list[str] = []
+    for finding in findings:
+        if isinstance(finding, LatencySearch):
+            lines += latency_lines(finding)
+        elif isinstance(finding, AccuracyFinding):
+            lines += accuracy_lines(finding.sensitivity, finding.fallback)
+        elif isinstance(finding, Smoothed):
+            lines.append(f"  smoothquant  alpha {finding.alpha:g}: {plural(len(finding.tensors), 'linear-layer input')} "
+                         f"smoothed, {len(finding.left_alone)} left alone")
     return lines
 
 

@@ -70,3 +70,17 @@ def test_latency_search_and_an_accuracy_target_compose_in_that_order() -> None:
     steps = onnxq.steps_for(onnxq.QuantConfig(target="ort-cpu", latency_search=True),
                             accuracy=onnxq.AccuracyGoal(min_cosine=0.9))
     assert [type(step).__name__ for step in steps] == ["SearchLatency", "MeetAccuracy"]
+
+
+def test_latency_search_then_an_accuracy_target_on_one_run(tmp_path: Path) -> None:
+    """Both steps run on one model: the latency search first, then the fallback from its plan; the summary
+    shows both findings in that order and the written model meets the target on the held-back samples."""
+    out = tmp_path / "q.onnx"
+    outcome = invoke("quantize", PPOCR, "--calib", CALIB, "-o", out, "--target", "ort-cpu", "--min-cosine", "0.99",
+                     "--held-back", "8")
+    assert outcome.code == 0, outcome
+    lines = outcome.stdout.splitlines()
+    order = [i for i, line in enumerate(lines) if line.startswith(("  latency ", "  sensitivity ", "  fallback "))]
+    assert [lines[i].split()[0] for i in order] == ["latency", "sensitivity", "fallback"]
+    assert "cosine >= 0.99: met" in lines[order[2]]
+    onnx.checker.check_model(str(out), full_check=True)
