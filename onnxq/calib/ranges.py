@@ -42,12 +42,12 @@ def _amax(group: str, stats: TensorStats, config: CalibConfig, scheme: Activatio
 
 def _grouped(plan: QuantPlan, stats: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
     members: dict[str, list[TensorStats]] = {}
-    for target in plan.activations:
-        if target.tensor_name not in stats:
+    for activation in plan.activations:
+        if activation.tensor_name not in stats:
             raise CalibrationError(
-                f"no calibration statistics for tensor '{target.tensor_name}'. Hint: statistics files must "
-                "be collected for this model and --target (onnxq calibrate) with the same or fewer exclusions")
-        members.setdefault(target.group, []).append(stats[target.tensor_name])
+                f"no calibration statistics for tensor '{activation.tensor_name}'. Hint: statistics files must "
+                "be collected for this model and --activation (onnxq calibrate) with the same or fewer exclusions")
+        members.setdefault(activation.group, []).append(stats[activation.tensor_name])
     return {group: merge_all(group_stats) for group, group_stats in members.items()}
 
 

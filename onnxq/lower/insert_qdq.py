@@ -42,7 +42,7 @@ def _dequantize(graph: gs.Graph, names: NameSource, source: gs.Tensor, params: t
 
 
 def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node],
-                       tensor: gs.Tensor, target: QuantizedActivation, activation: ActivationParams) -> None:
+                       tensor: gs.Tensor, planned: QuantizedActivation, activation: ActivationParams) -> None:
     dtype = np.float16 if tensor.dtype == np.float16 else np.float32
     params = _scale_and_zero_point(names, tensor.name, np.asarray(activation.scale, dtype=dtype),
                                    activation.zero_point)
@@ -50,38 +50,38 @@ def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, g
     graph.nodes.append(gs.Node("QuantizeLinear", names(f"{tensor.name}_QuantizeLinear"),
                                inputs=[tensor, *params], outputs=[quantized]))
     dequantized = _dequantize(graph, names, quantized, params, tensor, axis=None)
-    for node_name, index in target.consumers:
+    for node_name, index in planned.consumers:
         nodes[node_name].inputs[index] = dequantized
 
 
 def _insert_weight(graph: gs.Graph, names: NameSource, weight: gs.Constant,
-                   targets: list[QuantizedWeight], nodes: Mapping[str, gs.Node]) -> np.ndarray:
+                   uses: list[QuantizedWeight], nodes: Mapping[str, gs.Node]) -> np.ndarray:
     values = np.asarray(weight.values)
-    axis = targets[0].axis
+    axis = uses[0].axis
     scales = weight_scales(values, axis)
     int8 = gs.Constant(names(f"{weight.name}_int8"), quantize_weight(values, scales, axis))
     params = _scale_and_zero_point(names, weight.name, scales.astype(values.dtype))
     dequantized = _dequantize(graph, names, int8, params, weight, axis=axis)
-    for target in targets:
-        nodes[target.consumer].inputs[target.input_index] = dequantized
+    for use in uses:
+        nodes[use.consumer].inputs[use.input_index] = dequantized
     return scales
 
 
 def _insert_bias(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node], bias: gs.Constant,
-                 target: QuantizedBias, input_scale: np.float32, weight_scale: np.ndarray) -> None:
+                 quantized_bias: QuantizedBias, input_scale: np.float32, weight_scale: np.ndarray) -> None:
     values = np.asarray(bias.values)
     if weight_scale.size != values.size:
         return  # a per-tensor or mismatched layout: leave the bias float
     quantized, scale = quantize_bias(values, input_scale, weight_scale)
     params = _scale_and_zero_point(names, bias.name, scale, np.zeros(scale.shape, np.int32))
     int32 = gs.Constant(names(f"{bias.name}_int32"), quantized)
-    nodes[target.consumer].inputs[target.input_index] = _dequantize(graph, names, int32, params, bias, axis=0)
+    nodes[quantized_bias.consumer].inputs[quantized_bias.input_index] = _dequantize(graph, names, int32, params, bias, axis=0)
 
 
-def _params(target: QuantizedActivation, group_params: Mapping[str, ActivationParams]) -> ActivationParams:
-    if target.group not in group_params:
-        raise InternalError(f"no calibrated range for tensor group '{target.group}'")
-    return group_params[target.group]
+def _params(activation: QuantizedActivation, group_params: Mapping[str, ActivationParams]) -> ActivationParams:
+    if activation.group not in group_params:
+        raise InternalError(f"no calibrated range for tensor group '{activation.group}'")
+    return group_params[activation.group]
 
 
 @graph_pass
@@ -98,23 +98,23 @@ def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, Acti
     nodes = {node.name: node for node in graph.nodes}
     tensors = graph.tensors()
     activation_params: dict[str, ActivationParams] = {}
-    for target in plan.activations:
-        activation_params[target.tensor_name] = _params(target, group_params)
-        _insert_activation(graph, names, nodes, tensors[target.tensor_name], target,
-                           activation_params[target.tensor_name])
+    for activation in plan.activations:
+        activation_params[activation.tensor_name] = _params(activation, group_params)
+        _insert_activation(graph, names, nodes, tensors[activation.tensor_name], activation,
+                           activation_params[activation.tensor_name])
     by_weight: dict[tuple[str, int], list[QuantizedWeight]] = {}
-    for weight_target in plan.weights:
-        by_weight.setdefault((weight_target.tensor_name, weight_target.axis), []).append(weight_target)
+    for use in plan.weights:
+        by_weight.setdefault((use.tensor_name, use.axis), []).append(use)
     weight_scale: dict[str, np.ndarray] = {}
-    for (tensor_name, _), targets in by_weight.items():
+    for (tensor_name, _), uses in by_weight.items():
         weight = tensors[tensor_name]
         if not isinstance(weight, gs.Constant):
             raise InternalError(f"planned weight '{tensor_name}' is not a constant")
-        weight_scale[tensor_name] = _insert_weight(graph, names, weight, targets, nodes)
-    for bias_target in plan.biases:
-        bias = tensors[bias_target.tensor_name]
-        input_params = activation_params.get(bias_target.activation_name)
+        weight_scale[tensor_name] = _insert_weight(graph, names, weight, uses, nodes)
+    for planned_bias in plan.biases:
+        bias = tensors[planned_bias.tensor_name]
+        input_params = activation_params.get(planned_bias.activation_name)
         if isinstance(bias, gs.Constant) and input_params is not None:
-            _insert_bias(graph, names, nodes, bias, bias_target, input_params.scale,
-                         weight_scale[bias_target.weight_name])
+            _insert_bias(graph, names, nodes, bias, planned_bias, input_params.scale,
+                         weight_scale[planned_bias.weight_name])
     return graph

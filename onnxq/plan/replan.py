@@ -69,10 +69,10 @@ def restrict_plan(plan: QuantPlan, allowed: Container[Key],
                              "did not cover") -> QuantPlan:
     """`plan` without the slots outside `allowed` (a node left with none is marked float, saying `why`)."""
     activations = []
-    for target in plan.activations:
-        consumers = tuple(c for c in target.consumers if c in allowed)
+    for activation in plan.activations:
+        consumers = tuple(c for c in activation.consumers if c in allowed)
         if consumers:
-            activations.append(replace(target, consumers=consumers))
+            activations.append(replace(activation, consumers=consumers))
     weights = tuple(w for w in plan.weights if (w.consumer, w.input_index) in allowed)
     biases = tuple(b for b in plan.biases if (b.consumer, b.input_index) in allowed)
     kept = {slot.consumer for slot in gate_slots(QuantPlan(tuple(activations), weights, (), biases))}

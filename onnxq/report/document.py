@@ -180,7 +180,7 @@ def _infer_target(model: onnx.ModelProto) -> str:
     return "ort-cpu" if uses_uint8 else "trt"
 
 
-def _activation_row(target: QuantizedActivation, stats: Any, chosen: float | None, config: CalibConfig,
+def _activation_row(activation: QuantizedActivation, stats: Any, chosen: float | None, config: CalibConfig,
                     scheme: ActivationScheme) -> ActivationRow:
     by_method: dict[str, float | None] = dict.fromkeys(METHODS)
     if isinstance(stats, Histogram):
@@ -189,7 +189,7 @@ def _activation_row(target: QuantizedActivation, stats: Any, chosen: float | Non
     elif stats is not None:
         by_method["max"] = float(stats.amax)
     counts = [int(getattr(stats, name, 0)) for name in ("num_values", "nan_count", "inf_count", "sentinel_count")]
-    return ActivationRow(target.tensor_name, target.group, tuple(target.consumers), _float(chosen),
+    return ActivationRow(activation.tensor_name, activation.group, tuple(activation.consumers), _float(chosen),
                          MappingProxyType(by_method), *counts,
                          _float(getattr(stats, "low", None)), _float(getattr(stats, "high", None)))
 

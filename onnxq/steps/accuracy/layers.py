@@ -120,18 +120,18 @@ def _union(plan: QuantPlan, others: Iterable[QuantPlan], available: Container[st
     known = {slot.key for slot in gate_slots(plan)}
     extra: dict[str, dict[Key, str]] = {}
     for other in others:
-        for target in other.activations:
-            if available is not None and target.tensor_name not in available:
+        for activation in other.activations:
+            if available is not None and activation.tensor_name not in available:
                 continue
-            for key in target.consumers:
+            for key in activation.consumers:
                 if key not in known:
-                    extra.setdefault(target.tensor_name, {})[key] = target.reason
+                    extra.setdefault(activation.tensor_name, {})[key] = activation.reason
     if not extra:
         return plan
     activations = []
-    for target in plan.activations:
-        added = extra.pop(target.tensor_name, {})
-        activations.append(replace(target, consumers=tuple(sorted({*target.consumers, *added}))) if added else target)
+    for activation in plan.activations:
+        added = extra.pop(activation.tensor_name, {})
+        activations.append(replace(activation, consumers=tuple(sorted({*activation.consumers, *added}))) if added else activation)
     activations += [QuantizedActivation(name, tuple(sorted(uses)), name, "; ".join(sorted(set(uses.values()))))
                     for name, uses in extra.items()]
     return replace(plan, activations=tuple(activations))
