@@ -17,7 +17,8 @@ from onnxq.compare import CompareConfig, CompareResult
 from onnxq.config import AccuracyGoal, QuantConfig, Target
 from onnxq.data.feeds import FeedsSource
 from onnxq.data.images import ColorOrder, ImagePreprocess, Layout
-from onnxq.data.sources import CalibSource, InputSpec, input_specs, open_source
+from onnxq.data.signature import InputSpec, ModelSignature, input_specs, signature_of
+from onnxq.data.sources import CalibSource, open_source
 from onnxq.errors import CalibrationError, ConfigError, InternalError, ModelError, OnnxqError
 from onnxq.io import check_model, from_graph, load_model, save_model, to_graph
 from onnxq.lower.insert_qdq import insert_qdq
@@ -46,13 +47,15 @@ __all__ = [
     "CalibrationError", "CalibrationResult", "ColorOrder", "CompareConfig", "CompareResult", "ConfigError",
     "FallbackResult", "FeedsSource", "Histogram", "HighPrecision", "ImagePreprocess", "INT8_SYMMETRIC",
     "InputSpec", "InternalError", "Job", "LatencySearch", "LatencySearchConfig", "Layout", "MeetAccuracy",
-    "ModelError", "NodeDecision", "ORT_CPU", "OnnxqError", "OutputMetrics", "QuantConfig", "QuantPlan",
+    "ModelError", "ModelSignature", "NodeDecision", "ORT_CPU", "OnnxqError", "OutputMetrics", "QuantConfig",
+    "QuantPlan",
     "QuantResult", "QuantTarget", "QuantizedActivation", "QuantizedBias", "QuantizedWeight", "SearchLatency",
     "Selection", "SensitivityResult", "SmoothQuant", "Smoothed", "StatsFile", "Step", "StepSkipped", "TRT",
     "TargetNotMetError", "UINT8_ASYMMETRIC", "__version__", "activation_params", "calibrate", "check_model",
     "collect_stats", "compare_models", "from_graph", "get_target", "group_amax", "input_specs", "insert_qdq",
     "inspect", "load_model", "load_stats", "merge_stats", "open_source", "passes", "plan_quantization",
-    "prepare", "quantize", "register_target", "save_model", "save_stats", "steps_for", "to_graph",
+    "prepare", "quantize", "register_target", "save_model", "save_stats", "signature_of",
+    "steps_for", "to_graph",
     # deprecated aliases
     "AccuracyTarget", "ActivationTarget", "Target", "WeightTarget",
 ]

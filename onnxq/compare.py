@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxq.data.sources import CalibSource, InputSpec, input_specs, open_source, sample_axes, samples_in
+from onnxq.data.signature import InputSpec, ModelSignature, signature_of
+from onnxq.data.sources import CalibSource, open_source
 from onnxq.data.images import ImagePreprocess
 from onnxq.runtime.session import CPU_PROVIDER, open_session, resolve_providers
 from onnxq.atomic import write_atomic
-from onnxq.errors import CalibrationError, ConfigError, MissingDependencyError, ModelError, OnnxqError
+from onnxq.errors import CalibrationError, ConfigError, MissingDependencyError, ModelError
 from onnxq.io import load_model
 from onnxq.runtime.timing import LatencyStats, Timer, speedup, time_interleaved, wall_clock_timer
 from onnxq.metrics import MetricsAccumulator, OutputMetrics
@@ -185,8 +186,8 @@ def check_compatible(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> 
         ModelError: an input is missing from either model or differs in shape or type (the message
             names it); or the output names differ (the message names those found in only one model).
     """
-    ref_specs = {spec.name: spec for spec in input_specs(reference)}
-    cand_specs = {spec.name: spec for spec in input_specs(candidate)}
+    ref_specs = {spec.name: spec for spec in signature_of(reference).inputs}
+    cand_specs = {spec.name: spec for spec in signature_of(candidate).inputs}
     for name in ref_specs.keys() - cand_specs.keys():
         raise ModelError(f"input '{name}' of the float model is not an input of the quantized model")
     for name in cand_specs.keys() - ref_specs.keys():
@@ -274,21 +275,15 @@ def _shapes(feed: Feed) -> dict[str, tuple[int, ...]]:
     return {name: tuple(np.shape(array)) for name, array in feed.items()}
 
 
-def _fixed_batch(specs: Iterable[InputSpec]) -> int | None:
-    """The batch size every batched input fixes, or None when any leaves it free."""
-    firsts = {spec.shape[spec.sample_axis] for spec in specs if spec.sample_axis is not None}
-    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
-
-
 def _measure(reference: _Runner, candidate: _Runner, names: tuple[str, ...], feeds: Iterable[Feed],
-             locked: Mapping[str, tuple[int, ...]] | None, total: int | None, axes: Mapping[str, int],
+             locked: Mapping[str, tuple[int, ...]] | None, total: int | None, signature: ModelSignature,
              on_progress: ProgressCallback | None) -> tuple[tuple[OutputMetrics, ...], int, int, int]:
     """Run both models on every feed; return the metrics, samples, batches and samples skipped."""
     accumulators = {name: MetricsAccumulator() for name in names}
     samples = batches = skipped = 0
     for feed in feeds:
         if locked is not None and _shapes(feed) != locked:
-            skipped += samples_in(feed, axes)
+            skipped += signature.samples_in(feed)
             continue
         ref_outputs, cand_outputs = reference.run(feed), candidate.run(feed)
         for name in names:
@@ -296,8 +291,8 @@ def _measure(reference: _Runner, candidate: _Runner, names: tuple[str, ...], fee
             if np.shape(ref) != np.shape(cand):
                 raise ModelError(f"output '{name}': the float model returns shape {np.shape(ref)} but the "
                                  f"quantized model returns {np.shape(cand)}")
-            accumulators[name] = accumulators[name].update(ref, cand, samples_in(feed, axes))
-        samples += samples_in(feed, axes)
+            accumulators[name] = accumulators[name].update(ref, cand, signature.samples_in(feed))
+        samples += signature.samples_in(feed)
         batches += 1
         if on_progress is not None:
             on_progress(samples, total)
@@ -307,15 +302,15 @@ def _measure(reference: _Runner, candidate: _Runner, names: tuple[str, ...], fee
     return tuple(accumulators[name].result(name) for name in names), samples, batches, skipped
 
 
-def _first_batch(source: CalibSource, batch_size: int, fixed: int | None,
-                 axes: Mapping[str, int]) -> tuple[Feed, Iterable[Feed]]:
+def _first_batch(source: CalibSource, batch_size: int, signature: ModelSignature) -> tuple[Feed, Iterable[Feed]]:
     feeds = iter(source.batches(batch_size))
     first = next(feeds, None)
     if first is None:
         raise CalibrationError(f"{source.describe()}: no samples to compare the models on")
-    if fixed is not None and samples_in(first, axes) != fixed:
+    fixed = signature.fixed_batch
+    if fixed is not None and signature.samples_in(first) != fixed:
         raise CalibrationError(f"{source.describe()}: the models take batches of exactly {fixed} samples, "
-                               f"the data holds only {samples_in(first, axes)}")
+                               f"the data holds only {signature.samples_in(first)}")
     return first, feeds
 
 
@@ -344,23 +339,21 @@ def compare(reference: str | os.PathLike[str], candidate: str | os.PathLike[str]
     started = time.perf_counter()
     require_backend(config.backend)
     ref_model, cand_model = load_model(reference), load_model(candidate)
-    specs = check_compatible(ref_model, cand_model)
+    signature = ModelSignature(check_compatible(ref_model, cand_model))
     names = tuple(output.name for output in ref_model.graph.output)
     del ref_model, cand_model  # the sessions load the files themselves
-    source = data if isinstance(data, CalibSource) else open_source(data, specs, preprocess)
-    fixed = _fixed_batch(specs)
-    axes = sample_axes(specs)
-    batch_size = fixed or config.batch_size
-    first, rest = _first_batch(source, batch_size, fixed, axes)
+    source = data if isinstance(data, CalibSource) else open_source(data, signature, preprocess)
+    batch_size = signature.batch_size(config.batch_size)
+    first, rest = _first_batch(source, batch_size, signature)
     paths = (Path(reference), Path(candidate))
     with ExitStack() as stack:
         if config.backend is Backend.TRT:
             ref_runner, cand_runner = (_trt_runner(path, _shapes(first), stack) for path in paths)
         else:
             ref_runner, cand_runner = (_ort_runner(path, config, stack) for path in paths)
-        locked = _shapes(first) if config.backend is Backend.TRT or fixed is not None else None
+        locked = _shapes(first) if config.backend is Backend.TRT or signature.fixed_batch is not None else None
         metrics, samples, batches, skipped = _measure(ref_runner, cand_runner, names, itertools.chain([first], rest),
-                                                      locked, source.num_samples(), axes, on_progress)
+                                                      locked, source.num_samples(), signature, on_progress)
         timers = (ref_runner.timer(first), cand_runner.timer(first))
         latencies = time_interleaved(timers, config.warmup, config.iterations)
     runs = [ModelRun(os.fspath(path), runner.runtime, runner.requested, runner.providers, latency,
@@ -368,7 +361,7 @@ def compare(reference: str | os.PathLike[str], candidate: str | os.PathLike[str]
             for path, runner, latency in zip(paths, (ref_runner, cand_runner), latencies)]
     return CompareResult(backend=config.backend, data=source.describe(), batch_size=batch_size, samples=samples,
                          batches=batches, skipped_samples=skipped, metrics=metrics, reference=runs[0],
-                         candidate=runs[1], timed_batch=samples_in(first, axes), warmup=config.warmup,
+                         candidate=runs[1], timed_batch=signature.samples_in(first), warmup=config.warmup,
                          iterations=config.iterations, intra_op_threads=config.intra_op_threads,
                          seconds=time.perf_counter() - started)
 

@@ -74,12 +74,12 @@ def test_quantize_and_compare_run_on_silero_vad(vad_npz: Path, tmp_path: Path, t
     assert all(m["samples"] == SAMPLES for m in report["metrics"])  # stateN [2, N, 128] too
 
 
-def test_feeds_source_takes_sample_axes(vad_npz: Path) -> None:
-    from onnxq import FeedsSource
+def test_feeds_source_takes_the_signature(vad_npz: Path) -> None:
+    from onnxq import FeedsSource, signature_of
 
     with np.load(vad_npz) as data:
         feeds = [{"input": data["input"][i:i + 3], "state": data["state"][:, i:i + 3], "sr": data["sr"]}
                  for i in range(0, SAMPLES, 3)]
-    source = FeedsSource(feeds, sample_axes={"state": 1})
+    source = FeedsSource(feeds, signature=signature_of(onnx.load(SILERO)))
     assert source.num_samples() == SAMPLES
     assert [b["state"].shape for b in source.batches(5)] == [(2, 5, 128), (2, 5, 128), (2, 2, 128)]

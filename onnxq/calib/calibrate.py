@@ -37,7 +37,8 @@ import onnx_graphsurgeon as gs
 
 from onnxq.options import CalibConfig
 from onnxq.errors import CalibrationError
-from onnxq.data.sources import CalibSource, graph_sample_axes, samples_in
+from onnxq.data.signature import ModelSignature, signature_of
+from onnxq.data.sources import CalibSource
 from onnxq.calib.readout import ActivationReader
 from onnxq.calib.stats import TensorStats, check_stats, new_accumulator
 
@@ -65,15 +66,8 @@ class CalibrationResult:
 
 
 def model_batch_size(graph: gs.Graph) -> int | None:
-    """The fixed batch size of the model's inputs, or None when the batch dimension is free."""
-    fixed = set()
-    shapes = {tensor.name: tensor.shape or () for tensor in graph.inputs}
-    for name, axis in graph_sample_axes(graph).items():
-        size = shapes[name][axis]
-        if not isinstance(size, int) or size <= 0:
-            return None
-        fixed.add(size)
-    return fixed.pop() if len(fixed) == 1 else None
+    """The fixed batch size of the model's inputs, or None when it is free (use `signature_of(graph).fixed_batch`)."""
+    return signature_of(graph).fixed_batch
 
 
 def _fold_threads() -> int:
@@ -91,17 +85,18 @@ def _fold_threads() -> int:
 RUN_BUDGET_BYTES = 128 << 20
 
 
-def _splittable(feed: Mapping[str, np.ndarray], fixed: bool, axes: Mapping[str, int]) -> bool:
-    """True if every input of `feed` has the batch on axis 0 and the model takes any batch size."""
-    samples = samples_in(feed, axes)
-    return (not fixed and samples > 1 and all(axes.get(name) == 0 for name in feed)
-            and all(a.ndim > 0 and a.shape[0] == samples for a in feed.values()))
+def _splittable(feed: Mapping[str, np.ndarray], signature: ModelSignature) -> bool:
+    """True if the model takes any batch size and `feed` holds more than one sample, the same number in
+    every batched input (along its own sample axis)."""
+    samples = signature.samples_in(feed)
+    return (signature.fixed_batch is None and samples > 1
+            and all(np.shape(feed[name])[axis] == samples for name, axis in signature.sample_axes.items() if name in feed))
 
 
-def _slices(feed: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
-    """`feed` (every input batched on axis 0) cut into runs of at most `size` samples (views, no copies)."""
-    samples = next(iter(feed.values())).shape[0]
-    return [{name: array[start:start + size] for name, array in feed.items()} for start in range(0, samples, size)]
+def _slices(feed: Mapping[str, np.ndarray], size: int, signature: ModelSignature) -> list[dict[str, np.ndarray]]:
+    """`feed` cut into runs of at most `size` samples along the sample axes (views, no copies)."""
+    samples = signature.samples_in(feed)
+    return [signature.cut(feed, start, start + size) for start in range(0, samples, size)]
 
 
 def _run_size(bytes_per_sample: float) -> int:
@@ -109,22 +104,26 @@ def _run_size(bytes_per_sample: float) -> int:
     return max(1, int(RUN_BUDGET_BYTES // max(bytes_per_sample, 1.0)))
 
 
-def full_batches(source: CalibSource, graph: gs.Graph, batch_size: int) -> Iterator[Mapping[str, np.ndarray]]:
+def full_batches(source: CalibSource, graph: gs.Graph, batch_size: int, *,
+                 signature: ModelSignature | None = None) -> Iterator[Mapping[str, np.ndarray]]:
     """The source's batches of `batch_size` samples, or of the model's own batch size if it fixes one;
-    such a model gets only full batches (the short last one is left out with a warning)."""
-    fixed = model_batch_size(graph)
-    axes = graph_sample_axes(graph)
-    for feed in source.batches(fixed or batch_size):
-        if fixed is not None and samples_in(feed, axes) != fixed:
+    such a model gets only full batches (the short last one is left out with a warning).
+
+    `signature`: the model's inputs (default: `signature_of(graph)`).
+    """
+    signature = signature_of(graph) if signature is None else signature
+    fixed = signature.fixed_batch
+    for feed in source.batches(signature.batch_size(batch_size)):
+        if fixed is not None and signature.samples_in(feed) != fixed:
             log.warning("the model takes batches of exactly %d; the last %d samples are left out",
-                        fixed, samples_in(feed, axes))
+                        fixed, signature.samples_in(feed))
             continue
         yield feed
 
 
 def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource, config: CalibConfig,
               on_progress: ProgressCallback | None = None, *, histograms: bool | None = None,
-              in_graph_max: bool = True) -> CalibrationResult:
+              in_graph_max: bool = True, signature: ModelSignature | None = None) -> CalibrationResult:
     """Collect statistics for `tensor_names` of `graph` over `source`.
 
     Args:
@@ -136,31 +135,32 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
         histograms: force histogram collection on or off (default: what `config.method` needs).
         in_graph_max: without histograms, let ORT reduce the tensors that cannot be negative to channel
             maxima (see in_graph_max.py); the statistics are the same either way.
+        signature: the model's inputs, how batches are counted and split (default: `signature_of(graph)`).
     """
     started = time.perf_counter()
     names = tuple(dict.fromkeys(tensor_names))
-    fixed = model_batch_size(graph)
-    axes = graph_sample_axes(graph)
+    signature = signature_of(graph) if signature is None else signature
     use_histograms = config.method.needs_histogram if histograms is None else histograms
     accumulators = {n: new_accumulator(use_histograms, config.num_bins) for n in names}
     samples = batches = 0
     total = source.num_samples()
     threads = _fold_threads()
     with ThreadPoolExecutor(threads, thread_name_prefix="onnxq-fold") if threads > 1 else nullcontext() as pool, \
-            ActivationReader(graph, names, accumulators, config, pool, in_graph_max=in_graph_max) as reader:
+            ActivationReader(graph, names, accumulators, config, pool, in_graph_max=in_graph_max,
+                             signature=signature) as reader:
         bytes_per_sample: float | None = None
-        for feed in full_batches(source, graph, config.batch_size):
+        for feed in full_batches(source, graph, config.batch_size, signature=signature):
             parts: list[Mapping[str, np.ndarray]] = [feed]
-            if _splittable(feed, fixed is not None, axes):
+            if _splittable(feed, signature):
                 rest = feed
                 if bytes_per_sample is None:  # the first sample alone tells how large a sample's activations are
-                    head = {name: array[:1] for name, array in feed.items()}
-                    rest = {name: array[1:] for name, array in feed.items()}
+                    count = signature.samples_in(feed)
+                    head, rest = signature.cut(feed, 0, 1), signature.cut(feed, 1, count)
                     bytes_per_sample = reader.fold(head)
-                parts = _slices(rest, _run_size(bytes_per_sample))
+                parts = _slices(rest, _run_size(bytes_per_sample), signature)
             for part in parts:
                 reader.fold(part)
-            samples += samples_in(feed, axes)
+            samples += signature.samples_in(feed)
             batches += 1
             if on_progress is not None:
                 on_progress(samples, total)

@@ -21,7 +21,8 @@ from onnxq.errors import CalibrationError, ModelError
 from onnxq.io import from_graph
 from onnxq.calib.expose import expose_tensors
 from onnxq.calib.calibrate import full_batches
-from onnxq.data.sources import CalibSource, graph_sample_axes, samples_in
+from onnxq.data.signature import ModelSignature, signature_of
+from onnxq.data.sources import CalibSource
 from onnxq.calib.histogram import SENTINEL_ABS
 from onnxq.runtime.session import open_session
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def channel_absmax(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
-                   config: CalibConfig) -> dict[str, np.ndarray]:
+                   config: CalibConfig, *, signature: ModelSignature | None = None) -> dict[str, np.ndarray]:
     """max |x| per channel of the last axis, for each named tensor, over all of `source`.
 
     Args:
@@ -39,6 +40,7 @@ def channel_absmax(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSo
         tensor_names: tensors to measure; graph inputs are read from the feeds.
         source: calibration batches.
         config: batch size and execution providers (the method is irrelevant here).
+        signature: the model's inputs, how batches are counted (default: `signature_of(graph)`).
 
     Returns:
         Tensor name -> float32 vector of length K (the tensor's last dimension). A channel with no
@@ -61,16 +63,16 @@ def channel_absmax(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSo
     running: dict[str, np.ndarray] = {}
     ignored = dict.fromkeys(names, 0)
     samples = 0
-    axes = graph_sample_axes(graph)
+    signature = signature_of(graph) if signature is None else signature
     with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, spin_after_run=False) as session:
-        for feed in full_batches(source, graph, config.batch_size):
+        for feed in full_batches(source, graph, config.batch_size, signature=signature):
             outputs = session.run(feed, exposed) if exposed else {}
             outputs.update({n: feed[n] for n in names if n in input_names})
             for name in names:
                 batch_max, dropped = _reduce(name, outputs.pop(name))
                 ignored[name] += dropped
                 running[name] = _fold(name, running.get(name), batch_max)
-            samples += samples_in(feed, axes)
+            samples += signature.samples_in(feed)
     if samples == 0:
         raise CalibrationError(f"{source.describe()}: no calibration samples")
     for name, count in ignored.items():

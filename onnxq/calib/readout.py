@@ -21,7 +21,7 @@ from onnxq.options import CalibConfig
 from onnxq.graph.names import NameSource
 from onnxq.io import from_graph
 from onnxq.calib.expose import expose_channel_max, expose_tensors
-from onnxq.data.sources import graph_sample_axes, samples_in
+from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.calib.in_graph_max import plan_in_graph_max
 from onnxq.runtime.session import Session, open_session
 from onnxq.calib.stats import MaxAccumulator, StatsAccumulator
@@ -57,7 +57,8 @@ class ActivationReader:
     """The ORT sessions of one calibration, and `fold(part)`: run a slice and fold what it measured."""
 
     def __init__(self, graph: gs.Graph, names: tuple[str, ...], accumulators: Mapping[str, StatsAccumulator],
-                 config: CalibConfig, pool: ThreadPoolExecutor | None, *, in_graph_max: bool) -> None:
+                 config: CalibConfig, pool: ThreadPoolExecutor | None, *, in_graph_max: bool,
+                 signature: ModelSignature | None = None) -> None:
         self.accumulators = accumulators
         self.pool = pool
         self.input_names = [n for n in names if n in {t.name for t in graph.inputs}]
@@ -69,7 +70,7 @@ class ActivationReader:
         self.whole = [n for n in self.exposed if n not in self.max_outputs]
         self.model_outputs = [t.name for t in graph.outputs if t.name not in names] if self.max_outputs else []
         self.values_per_run: dict[tuple, dict[str, int]] = {}  # in-graph tensors' sizes, by input shapes
-        self.axes = graph_sample_axes(graph)
+        self.signature = signature_of(graph) if signature is None else signature  # counts a slice's samples
         self._graph, self._config = graph, config
         self._stack = ExitStack()
         self.full: Session | None = None
@@ -109,7 +110,7 @@ class ActivationReader:
         maxima = {n: outputs.pop(output) for n, output in self.max_outputs.items()}
         model_finite = all(_finite(outputs.pop(n)) for n in self.model_outputs)
         seen_before = self._nonfinite_seen()
-        size = self._fold_whole(part, outputs) + sum(m.nbytes for m in maxima.values()) / samples_in(part, self.axes)
+        size = self._fold_whole(part, outputs) + sum(m.nbytes for m in maxima.values()) / self.signature.samples_in(part)
         # A NaN or Inf anywhere in the run may also sit in a reduced tensor, where ORT's max can drop it
         # (and with it the values before it): then those tensors are read whole, as is a tensor whose
         # own maxima show a NaN, Inf or sentinel.
@@ -123,7 +124,7 @@ class ActivationReader:
         return size
 
     def _fold_whole(self, part: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]) -> float:
-        size = sum(a.nbytes for a in outputs.values()) / samples_in(part, self.axes)
+        size = sum(a.nbytes for a in outputs.values()) / self.signature.samples_in(part)
         outputs.update({n: part[n] for n in self.input_names})
         fold(self.accumulators, outputs, self.pool)
         return size

@@ -11,15 +11,11 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 from PIL import Image
 
 from onnxq.errors import CalibrationError, ConfigError
-
-if TYPE_CHECKING:
-    from onnxq.data.sources import Feed, InputSpec
+from onnxq.data.signature import Feed, InputSpec, ModelSignature
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -233,16 +229,22 @@ def _check_image_header(path: Path) -> None:
 class ImageFolderSource:
     """One sample per image file, preprocessed with `load_image`; every file's header is checked up front."""
 
-    def __init__(self, location: str, files: Sequence[Path], specs: Sequence[InputSpec],
+    def __init__(self, location: str, files: Sequence[Path], signature: ModelSignature | Sequence[InputSpec],
                  preprocess: ImagePreprocess) -> None:
         if not files:
             raise CalibrationError(f"{location}: no images ({', '.join(IMAGE_SUFFIXES)})")
         self._location = location
         self._files = tuple(files)
         self._preprocess = preprocess
-        self._input = _image_input(location, specs, preprocess)
+        self._signature = ModelSignature.of(signature)
+        self._input = _image_input(location, self._signature.inputs, preprocess)
         for path in self._files:
             _check_image_header(path)
+
+    @property
+    def signature(self) -> ModelSignature:
+        """The model inputs the images feed (one 4-D float input)."""
+        return self._signature
 
     def describe(self) -> str:
         """E.g. "64 images in photos/ (shorter side 256, centre crop 224x224, nchw, rgb)"."""

@@ -1,13 +1,13 @@
 """Calibration data sources: turn `--calib PATH` into batches of ONNX Runtime feed dicts.
 
-Data is checked against the model before any inference wherever the format allows (`.npy` headers for array
-files, feed by feed for loaders). Axis 0 of an input of rank >= 1 is its sample axis; a rank-0 input is
+Data is checked against the model's input signature (`onnxq.data.signature`) before any inference wherever
+the format allows (`.npy` headers for array files, feed by feed for loaders). Each input holds its samples
+along its own sample axis (axis 0, or axis 1 of a recurrent state [layers, N, hidden]); a rank-0 input is
 passed whole with every batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import re
@@ -19,118 +19,28 @@ from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
-import onnx
-from onnx import helper
 
-from onnxq.errors import CalibrationError, ConfigError, ModelError, OnnxqError
+from onnxq.errors import CalibrationError, ConfigError, OnnxqError
 from onnxq.data.images import IMAGE_SUFFIXES, ImageFolderSource, ImagePreprocess
+from onnxq.data.signature import Feed, InputSpec, ModelSignature, input_specs
 
-__all__ = ["ARRAY_SUFFIXES", "ArrayFilesSource", "CalibSource", "Feed", "InputSpec", "ScriptSource", "input_specs",
-           "open_source"]
+__all__ = ["ARRAY_SUFFIXES", "ArrayFilesSource", "CalibSource", "Feed", "InputSpec", "ModelSignature", "ScriptSource",
+           "input_specs", "open_source"]
 
 ARRAY_SUFFIXES = (".npz", ".npy")
-Feed = dict[str, np.ndarray]
+#: What the sources accept for the model's inputs: its signature, or (for compatibility) a sequence of specs.
+Inputs = ModelSignature | Sequence[InputSpec]
 _ArrayHeaders = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 _SCRIPT_REFERENCE = re.compile(r"^(?P<script>.+\.py)(?::(?P<function>[^:/\\]*))?$", re.IGNORECASE)
 
 
-def sample_axis_of(shape: Sequence[int | None], batch_dynamic: bool) -> int | None:
-    """The axis an input's samples are stacked along: None for a rank-0 input; else 0, except in a model
-    whose batch is dynamic (`batch_dynamic`: some input has a symbolic axis 0) for an input whose axis 0
-    is fixed at a size other than 1 with a symbolic axis after it, as recurrent states [layers, N, hidden]
-    are: then that first symbolic axis. (A model with a fixed batch, e.g. [8, seq], keeps axis 0.)"""
-    if not shape:
-        return None
-    first = shape[0]
-    if batch_dynamic and first is not None and first != 1:
-        return next((axis for axis, dim in enumerate(shape) if dim is None), 0)
-    return 0
-
-
-def batch_is_dynamic(shapes: Iterable[Sequence[int | None]]) -> bool:
-    """True if some input of rank >= 1 has a symbolic axis 0."""
-    return any(len(shape) > 0 and shape[0] is None for shape in shapes)
-
-
-def graph_sample_axes(graph: Any) -> dict[str, int]:
-    """Input name -> the axis its samples are stacked along, for an onnx-graphsurgeon graph's inputs of
-    known rank (the rule of `sample_axis_of`, as `input_specs` applies it to a model)."""
-    shapes = {tensor.name: [d if isinstance(d, int) and d > 0 else None for d in tensor.shape]
-              for tensor in graph.inputs if tensor.shape is not None}
-    dynamic = batch_is_dynamic(shapes.values())
-    axes = {name: sample_axis_of(shape, dynamic) for name, shape in shapes.items()}
-    return {name: axis for name, axis in axes.items() if axis is not None}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input the calibration data must feed.
-
-    Attributes:
-        name: the input's name.
-        dtype: the numpy dtype of its ONNX element type.
-        shape: its dims; None marks a symbolic or unknown dim. See `sample_axis` for the sample axis.
-        batch_dynamic: whether some input of the model has a symbolic axis 0 (set by `input_specs`;
-            not part of equality).
-    """
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-    batch_dynamic: bool = dataclasses.field(default=False, compare=False)  # the model's batch is free: see `sample_axis_of`
-
-    @property
-    def batched(self) -> bool:
-        """Whether the input has a sample axis; rank-0 inputs are passed whole with every batch."""
-        return len(self.shape) > 0
-
-    @property
-    def sample_axis(self) -> int | None:
-        """The axis samples are stacked along (see `sample_axis_of`)."""
-        return sample_axis_of(self.shape, self.batch_dynamic)
-
-    def shape_text(self) -> str:
-        """The shape as messages show it: N for the sample axis, ? for other symbolic dims."""
-        dims = ["N" if axis == self.sample_axis else "?" if dim is None else str(dim)
-                for axis, dim in enumerate(self.shape)]
-        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
-
-    def describe(self) -> str:
-        """Name, shape and dtype, e.g. `'x' (N, 3, ?, ?) float32`."""
-        return f"'{self.name}' {self.shape_text()} {self.dtype.name}"
-
-
-def input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
-    """The graph inputs that calibration data must feed: every input that is not an initializer.
-
-    Raises:
-        ModelError: an input is not a tensor, or has no element type, no numpy dtype or no shape.
-    """
-    initializer_names = {initializer.name for initializer in model.graph.initializer}
-    specs = [_spec_of(value) for value in model.graph.input if value.name not in initializer_names]
-    dynamic = batch_is_dynamic(spec.shape for spec in specs)
-    return tuple(dataclasses.replace(spec, batch_dynamic=dynamic) for spec in specs)
-
-
-def _spec_of(value: onnx.ValueInfoProto) -> InputSpec:
-    if value.type.WhichOneof("value") != "tensor_type":
-        raise ModelError(f"input '{value.name}' is not a tensor; calibration can only feed tensor inputs")
-    tensor_type = value.type.tensor_type
-    try:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-    except (KeyError, TypeError, ValueError) as err:
-        elem_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
-        raise ModelError(f"input '{value.name}': element type {elem_name} has no numpy equivalent") from err
-    if not tensor_type.HasField("shape"):
-        raise ModelError(f"input '{value.name}' has no shape, not even a rank; give the model input a shape")
-    shape = tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
-                  for dim in tensor_type.shape.dim)
-    return InputSpec(value.name, dtype, shape)
-
-
 @runtime_checkable
 class CalibSource(Protocol):
-    """Where calibration samples come from. `batches` may be called more than once."""
+    """Where calibration samples come from. `batches` may be called more than once.
+
+    The sources onnxq makes also have a `signature` attribute: the `ModelSignature` their data is checked
+    against and batched by (not part of the protocol; a source of your own may leave it out).
+    """
 
     def describe(self) -> str:
         """A short human description, e.g. "64 images in models/data/photos/calib"."""
@@ -164,8 +74,15 @@ def _check_array(origin: str, spec: InputSpec, shape: tuple[int, ...], dtype: np
             raise CalibrationError(f"{where} has shape {tuple(shape)}; the model expects {spec.shape_text()}")
 
 
-def _check_arrays(origin: str, arrays: _ArrayHeaders, specs: Sequence[InputSpec]) -> int | None:
-    """Check one file's or feed's arrays against the model; return its sample count (None: no sample axis)."""
+def check_arrays(origin: str, arrays: _ArrayHeaders, signature: ModelSignature) -> int | None:
+    """Check one file's or feed's arrays (name -> shape and dtype) against the model; return its sample count
+    (None: no input has a sample axis).
+
+    Raises:
+        CalibrationError: an array is no input, an input has no array, a dtype or shape does not fit, or
+            the inputs disagree on the number of samples or hold none.
+    """
+    specs = signature.inputs
     for name in arrays.keys() - {spec.name for spec in specs}:
         expected = ", ".join(spec.describe() for spec in specs)
         raise CalibrationError(f"{origin}: array '{name}' is not a model input; the model's inputs are {expected}")
@@ -197,7 +114,8 @@ def _read_npy_header(stream: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def _npy_headers(path: Path, label: str, specs: Sequence[InputSpec]) -> _ArrayHeaders:
+def _npy_headers(path: Path, label: str, signature: ModelSignature) -> _ArrayHeaders:
+    specs = signature.inputs
     if len(specs) != 1:
         inputs = ", ".join(spec.describe() for spec in specs) or "none"
         raise CalibrationError(f"{label}: a .npy file holds one array, but the model has {len(specs)} inputs "
@@ -228,28 +146,28 @@ class _ArrayFile:
     samples: int | None
 
 
-def _inspect_array_file(path: Path, label: str, specs: Sequence[InputSpec]) -> _ArrayFile:
+def _inspect_array_file(path: Path, label: str, signature: ModelSignature) -> _ArrayFile:
     is_npz = path.suffix.lower() == ".npz"
-    headers = _npz_headers(path, label) if is_npz else _npy_headers(path, label, specs)
-    return _ArrayFile(path, label, _check_arrays(label, headers, specs))
+    headers = _npz_headers(path, label) if is_npz else _npy_headers(path, label, signature)
+    return _ArrayFile(path, label, check_arrays(label, headers, signature))
 
 
-def _load_array_file(file: _ArrayFile, specs: Sequence[InputSpec]) -> Feed:
+def _load_array_file(file: _ArrayFile, signature: ModelSignature) -> Feed:
     """Load one file: `.npz` members are read whole, `.npy` is memory-mapped. Never unpickles."""
     try:
         if file.path.suffix.lower() == ".npz":
             with np.load(file.path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
         else:
-            arrays = {specs[0].name: np.load(file.path, mmap_mode="r", allow_pickle=False)}
+            arrays = {signature.inputs[0].name: np.load(file.path, mmap_mode="r", allow_pickle=False)}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise CalibrationError(f"{file.label}: cannot read the arrays: {_first_line(err)}") from err
-    _check_arrays(file.label, {name: (a.shape, a.dtype) for name, a in arrays.items()}, specs)
+    check_arrays(file.label, {name: (a.shape, a.dtype) for name, a in arrays.items()}, signature)
     return arrays
 
 
-def _same_scalars(label: str, feed: Feed, specs: Sequence[InputSpec], previous: Feed | None) -> Feed:
-    current = {spec.name: np.array(feed[spec.name]) for spec in specs if not spec.batched}
+def _same_scalars(label: str, feed: Feed, signature: ModelSignature, previous: Feed | None) -> Feed:
+    current = {spec.name: np.array(feed[spec.name]) for spec in signature.inputs if not spec.batched}
     for name, earlier in (previous or {}).items():
         if not np.array_equal(current[name], earlier, equal_nan=earlier.dtype.kind in "fc"):
             raise CalibrationError(f"{label}: rank-0 input '{name}' is {current[name].item()!r} but earlier data "
@@ -257,30 +175,10 @@ def _same_scalars(label: str, feed: Feed, specs: Sequence[InputSpec], previous: 
     return current
 
 
-def sample_axes(specs: Sequence[InputSpec]) -> dict[str, int]:
-    """Input name -> its sample axis, for the inputs that have one."""
-    return {spec.name: spec.sample_axis for spec in specs if spec.sample_axis is not None}
-
-
-def cut_samples(array: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
-    """Samples [start, stop) of `array` along `axis` (a view)."""
-    return array[(slice(None),) * axis + (slice(start, stop),)]
-
-
-def samples_in(feed: Mapping[str, np.ndarray], axes: Mapping[str, int]) -> int:
-    """The number of samples in `feed` (1 when no input has a sample axis)."""
-    sizes = [np.shape(feed[name])[axis] for name, axis in axes.items() if name in feed]
-    return max(sizes) if sizes else 1
-
-
-def _join(pieces: list[Feed], scalars: Feed, axes: Mapping[str, int]) -> Feed:
-    return {name: np.concatenate([piece[name] for piece in pieces], axis=axes[name]) for name in pieces[0]} | scalars
-
-
-def _rebatch(feeds: Iterable[tuple[str, Feed]], specs: Sequence[InputSpec], batch_size: int) -> Iterator[Feed]:
-    """Split and concatenate labelled feeds along their sample axes into batches of `batch_size` samples."""
-    axes = sample_axes(specs)
-    batched_names = list(axes)
+def _rebatch(feeds: Iterable[tuple[str, Feed]], signature: ModelSignature, batch_size: int) -> Iterator[Feed]:
+    """Split and concatenate checked, labelled feeds along their sample axes into batches of `batch_size`
+    samples; rank-0 inputs, the same in every feed, go with every batch."""
+    batched_names = list(signature.sample_axes)
     scalars: Feed | None = None
     pending: list[Feed] = []
     pending_count = 0
@@ -288,31 +186,37 @@ def _rebatch(feeds: Iterable[tuple[str, Feed]], specs: Sequence[InputSpec], batc
         if not batched_names:  # nothing to split: every feed is one run
             yield {name: np.array(value) for name, value in feed.items()}
             continue
-        scalars = _same_scalars(label, feed, specs, scalars)
-        count = samples_in(feed, axes)
+        scalars = _same_scalars(label, feed, signature, scalars)
+        batched = {name: feed[name] for name in batched_names}
+        count = signature.samples_in(batched)
         start = 0
         while start < count:
             take = min(batch_size - pending_count, count - start)
-            pending.append({name: cut_samples(feed[name], axes[name], start, start + take) for name in batched_names})
+            pending.append(signature.cut(batched, start, start + take))
             pending_count += take
             start += take
             if pending_count == batch_size:
-                yield _join(pending, scalars, axes)
+                yield signature.join(pending) | scalars
                 pending, pending_count = [], 0
         # Copy the leftover samples so this file's arrays can be freed before the next file loads.
         pending = [{name: np.array(array) for name, array in piece.items()} for piece in pending]
-        del feed
+        del feed, batched
     if pending:
-        yield _join(pending, scalars or {}, axes)
+        yield signature.join(pending) | (scalars or {})
 
 
 class ArrayFilesSource:
     """Samples from one or more `.npz`/`.npy` files, checked up front and streamed one file at a time."""
 
-    def __init__(self, files: Sequence[_ArrayFile], specs: Sequence[InputSpec], location: str) -> None:
+    def __init__(self, files: Sequence[_ArrayFile], signature: Inputs, location: str) -> None:
         self._files = tuple(files)
-        self._specs = tuple(specs)
+        self._signature = ModelSignature.of(signature)
         self._location = location
+
+    @property
+    def signature(self) -> ModelSignature:
+        """The model inputs the files feed."""
+        return self._signature
 
     def describe(self) -> str:
         """E.g. "64 samples in calib.npz" or "192 samples in 3 array files in calib/"."""
@@ -327,8 +231,8 @@ class ArrayFilesSource:
         """Batches re-cut across file boundaries; see `CalibSource.batches`."""
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-        loaded = ((file.label, _load_array_file(file, self._specs)) for file in self._files)
-        return _rebatch(loaded, self._specs, batch_size)
+        loaded = ((file.label, _load_array_file(file, self._signature)) for file in self._files)
+        return _rebatch(loaded, self._signature, batch_size)
 
 
 def _import_loader(script: Path, function_name: str) -> Callable[[], Any]:
@@ -368,10 +272,15 @@ def _feed_arrays(label: str, feed: object) -> Feed:
 class ScriptSource:
     """Feeds from a user's Python function (Polygraphy's data-loader convention), checked as they come."""
 
-    def __init__(self, script: Path, function_name: str, specs: Sequence[InputSpec]) -> None:
+    def __init__(self, script: Path, function_name: str, signature: Inputs) -> None:
         self._label = f"{script}:{function_name}"
         self._loader = _import_loader(script, function_name)
-        self._specs = tuple(specs)
+        self._signature = ModelSignature.of(signature)
+
+    @property
+    def signature(self) -> ModelSignature:
+        """The model inputs the loader's feeds are checked against."""
+        return self._signature
 
     def describe(self) -> str:
         """E.g. "feeds from loader.py:load_data"."""
@@ -385,7 +294,7 @@ class ScriptSource:
         """Calls the loader anew and re-cuts its feeds; see `CalibSource.batches`."""
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-        return _rebatch(self._checked_feeds(), self._specs, batch_size)
+        return _rebatch(self._checked_feeds(), self._signature, batch_size)
 
     def _checked_feeds(self) -> Iterator[tuple[str, Feed]]:
         count = 0
@@ -397,7 +306,7 @@ class ScriptSource:
             for count, feed in enumerate([produced] if isinstance(produced, Mapping) else produced, start=1):
                 label = f"{self._label} feed {count - 1}"
                 arrays = _feed_arrays(label, feed)
-                _check_arrays(label, {name: (a.shape, a.dtype) for name, a in arrays.items()}, self._specs)
+                check_arrays(label, {name: (a.shape, a.dtype) for name, a in arrays.items()}, self._signature)
                 yield label, arrays
         except OnnxqError:
             raise
@@ -408,7 +317,7 @@ class ScriptSource:
             raise CalibrationError(f"{self._label} produced no feeds")
 
 
-def _open_directory(directory: Path, specs: Sequence[InputSpec], preprocess: ImagePreprocess) -> CalibSource:
+def _open_directory(directory: Path, signature: ModelSignature, preprocess: ImagePreprocess) -> CalibSource:
     try:
         entries = sorted((path for path in directory.iterdir() if path.is_file() and not path.name.startswith(".")),
                          key=lambda path: path.name)
@@ -420,39 +329,41 @@ def _open_directory(directory: Path, specs: Sequence[InputSpec], preprocess: Ima
         raise CalibrationError(f"{directory}: the directory mixes array files ({arrays[0].name}, ...) and images "
                                f"({images[0].name}, ...); keep one kind per directory")
     if images:
-        return ImageFolderSource(str(directory), images, specs, preprocess)
+        return ImageFolderSource(str(directory), images, signature, preprocess)
     if arrays:
-        files = [_inspect_array_file(path, str(path), specs) for path in arrays]
-        return ArrayFilesSource(files, specs, str(directory))
+        files = [_inspect_array_file(path, str(path), signature) for path in arrays]
+        return ArrayFilesSource(files, signature, str(directory))
     kinds = ", ".join(ARRAY_SUFFIXES + IMAGE_SUFFIXES)
     raise CalibrationError(f"{directory}: the directory holds no calibration files ({kinds})")
 
 
-def open_source(path: str | os.PathLike[str], specs: Sequence[InputSpec],
+def open_source(path: str | os.PathLike[str], signature: Inputs,
                 preprocess: ImagePreprocess = ImagePreprocess()) -> CalibSource:
-    """Open `--calib PATH` as a calibration source for a model with inputs `specs`.
+    """Open `--calib PATH` as a calibration source for a model with input signature `signature`.
 
     Args:
         path: an `.npz`, an `.npy`, a directory of array files or of images, or `file.py[:function]`.
-        specs: the model's inputs, from `input_specs`.
+        signature: the model's inputs, from `signature_of` (or, for compatibility, a sequence of
+            `InputSpec`s, e.g. from `input_specs`). The source's `signature` attribute holds it.
         preprocess: how images are turned into tensors (only used for image directories).
 
     Raises:
         CalibrationError: the path is missing or unsupported, or the data does not fit the model.
     """
     text = os.fspath(path)
+    signature = ModelSignature.of(signature)
     reference = _SCRIPT_REFERENCE.match(text)
     if reference:
         function_name = reference.group("function") or "load_data"
         if not function_name.isidentifier():
             raise CalibrationError(f"{text}: '{function_name}' is not a Python function name")
-        return ScriptSource(Path(reference.group("script")), function_name, specs)
+        return ScriptSource(Path(reference.group("script")), function_name, signature)
     location = Path(text)
     if not location.exists():
         raise CalibrationError(f"{text}: no such file or directory")
     if location.is_dir():
-        return _open_directory(location, specs, preprocess)
+        return _open_directory(location, signature, preprocess)
     if location.suffix.lower() in ARRAY_SUFFIXES:
-        return ArrayFilesSource([_inspect_array_file(location, text, specs)], specs, text)
+        return ArrayFilesSource([_inspect_array_file(location, text, signature)], signature, text)
     raise CalibrationError(f"{text}: unsupported calibration data '{location.name}'; expected an .npz, an .npy, "
                            "a directory of those or of images, or a loader script file.py[:function]")

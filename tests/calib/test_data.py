@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from onnxq.data.signature import ModelSignature
 from onnxq.data.sources import CalibSource, InputSpec, _rebatch, input_specs, open_source
 from onnxq.data.images import ColorOrder, ImagePreprocess, Layout, load_image
 from onnxq.errors import CalibrationError, ConfigError, ModelError
@@ -139,7 +140,7 @@ def test_rebatching_keeps_no_view_of_a_finished_file() -> None:
     files = [np.full((3, 1), index, np.float32) for index in range(3)]
     refs = [weakref.ref(array) for array in files]
     feeds = (("file", {"x": files.pop(0)}) for _ in range(3))
-    batches = _rebatch(feeds, (InputSpec("x", F32, (None, 1)),), 4)
+    batches = _rebatch(feeds, ModelSignature((InputSpec("x", F32, (None, 1)),)), 4)
     assert next(batches)["x"][:, 0].tolist() == [0, 0, 0, 1]
     assert refs[0]() is None  # the leftover samples of file 0 were copied, so file 0 could be freed
     assert [batch["x"][:, 0].tolist() for batch in batches] == [[1, 1, 2, 2], [2]]
