@@ -15,7 +15,6 @@ from onnxq.calib.ranges import activation_params
 from onnxq.runtime.session import open_session
 from onnxq.config import AccuracyGoal, Target
 from onnxq.options import CalibConfig, Selection
-from onnxq.errors import ConfigError
 from onnxq.io import from_graph
 from onnxq.lower.gate_qdq import gate_qdq
 from onnxq.lower.insert_qdq import insert_qdq
@@ -24,7 +23,6 @@ from onnxq.steps.accuracy.layers import LayerMap
 from onnxq.targets import get_target
 from onnxq.plan.core import QuantPlan
 from onnxq.targets import plan_quantization
-from onnxq.steps.accuracy.sensitivity import held_back_sources
 
 DAMAGED = "fc2/matmul"
 WIDTH = 32
@@ -147,25 +145,3 @@ def test_sensitivity_ranks_the_damaged_layer_first() -> None:
     assert sensitivity.float_vs_int8[0].cosine < 0.9
     assert all(layer.alone_cosine > 0.999 for layer in sensitivity.layers if layer is not damaged)
     assert "fc2.weight" in damaged.tensors
-
-
-def test_held_back_samples_are_every_fourth_and_never_calibrated() -> None:
-    x = np.arange(22, dtype=np.float32).reshape(22, 1)
-    calib, held = held_back_sources(FeedsSource([{"x": x}]), None, samples=4)
-    held_values = np.concatenate([feed["x"] for feed in held.batches(3)]).ravel()
-    calib_batches = list(calib.batches(3))
-    calib_values = np.concatenate([feed["x"] for feed in calib_batches]).ravel()
-    assert held_values.tolist() == [3, 7, 11, 15]  # capped at 4; 19 goes to calibration
-    assert sorted(calib_values.tolist() + held_values.tolist()) == list(range(22))
-    assert [len(feed["x"]) for feed in calib_batches] == [3, 3, 3, 3, 3, 3]
-    assert held.num_samples() == 4 and calib.num_samples() == 18
-
-
-def test_held_back_from_evaluation_data_takes_its_first_samples() -> None:
-    evaluation = FeedsSource([{"x": np.arange(10, dtype=np.float32).reshape(10, 1)}])
-    calib = FeedsSource([{"x": np.zeros((4, 1), np.float32)}])
-    kept, held = held_back_sources(calib, evaluation, samples=6)
-    assert kept is calib
-    assert np.concatenate([f["x"] for f in held.batches(4)]).ravel().tolist() == [0, 1, 2, 3, 4, 5]
-    with pytest.raises(ConfigError, match="--eval"):
-        held_back_sources(None, None, samples=6)

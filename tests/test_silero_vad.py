@@ -83,3 +83,37 @@ def test_feeds_source_takes_the_signature(vad_npz: Path) -> None:
     source = FeedsSource(feeds, signature=signature_of(onnx.load(SILERO)))
     assert source.num_samples() == SAMPLES
     assert [b["state"].shape for b in source.batches(5)] == [(2, 5, 128), (2, 5, 128), (2, 2, 128)]
+
+
+def test_an_accuracy_target_holds_back_state_samples_along_axis_1(vad_npz: Path, tmp_path: Path) -> None:
+    out = tmp_path / "vad.int8.onnx"
+    result = invoke("quantize", SILERO, "--calib", vad_npz, "--min-cosine", "0.99", "-o", out)
+    assert result.code == 0, result
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    held = SAMPLES // 4  # every 4th sample: 3 of 12
+    assert f"calibration  {SAMPLES - held} samples" in result.stdout
+    assert f"held back    {held} samples: every 4th of {SAMPLES} samples" in result.stdout
+    assert "fallback     cosine >= 0.99: met" in result.stdout
+
+
+def test_the_api_measures_an_accuracy_target_on_the_held_back_samples(vad_npz: Path) -> None:
+    import onnxq
+
+    model = onnxq.load_model(SILERO)
+    result = onnxq.quantize(model, vad_npz, accuracy=onnxq.AccuracyGoal(min_cosine=0.99))
+    held = SAMPLES // 4
+    assert result.sensitivity is not None and result.fallback is not None and result.fallback.met
+    assert result.sensitivity.samples == held and result.calibration.samples == SAMPLES - held
+    # Every output counts the held-back samples, stateN [2, N, 128] too (not its 2 layers).
+    assert [m.samples for m in result.sensitivity.float_vs_int8] == [held, held]
+    assert [m.samples for m in result.fallback.after] == [held, held]
+
+    signature = onnxq.signature_of(model)
+    with np.load(vad_npz) as data:
+        feed = {name: data[name] for name in data.files}
+    calib = onnxq.FeedsSource([signature.cut(feed, 0, 8)], signature=signature)
+    evaluation = onnxq.FeedsSource([signature.cut(feed, 8, SAMPLES)], signature=signature)
+    result = onnxq.quantize(model, calib, accuracy=onnxq.AccuracyGoal(min_cosine=0.99, samples=3),
+                            eval_source=evaluation)
+    assert result.calibration.samples == 8 and result.sensitivity.samples == 3
+    assert [m.samples for m in result.sensitivity.float_vs_int8] == [3, 3]

@@ -25,15 +25,17 @@ plus the Q/DQ and Where nodes (about 15% more).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxq.data.sources import CalibSource, Feed
+from onnxq.data.held_back import HELD_BACK_EVERY, held_back_sources
+from onnxq.data.signature import Feed, ModelSignature, signature_of
+from onnxq.data.sources import CalibSource
 from onnxq.runtime.session import CPU_PROVIDER, Session, open_session
-from onnxq.errors import CalibrationError, ConfigError
+from onnxq.errors import CalibrationError
 from onnxq.io import from_graph
 from onnxq.lower.gate_qdq import gate_qdq
 from onnxq.steps.accuracy.layers import LayerMap
@@ -45,90 +47,10 @@ __all__ = [
     "LayerSensitivity", "SensitivityResult", "measure_sensitivity", "worst",
 ]
 
-#: Without separate evaluation data, every HELD_BACK_EVERY-th calibration sample is held back.
-HELD_BACK_EVERY = 4
-
 RunCallback = Callable[[int, int | None], None]
 
 
 # --- held-back data ------------------------------------------------------------------------------
-
-class _Subset:
-    """The samples of `source` whose position (0, 1, ... over the whole source) `keep` accepts."""
-
-    def __init__(self, source: CalibSource, keep: Callable[[np.ndarray], np.ndarray], samples: int | None,
-                 description: str, stop: int | None = None) -> None:
-        self._source, self._keep, self._samples = source, keep, samples
-        self._description, self._stop = description, stop
-
-    def describe(self) -> str:
-        return self._description
-
-    def num_samples(self) -> int | None:
-        return self._samples
-
-    def batches(self, batch_size: int) -> Iterator[Feed]:
-        pending: list[Feed] = []
-        scalars: Feed = {}
-        position = count = 0
-        for feed in self._source.batches(batch_size):
-            batched = [name for name, array in feed.items() if np.ndim(array) > 0]
-            size = feed[batched[0]].shape[0] if batched else 1
-            mask = self._keep(np.arange(position, position + size))
-            position += size
-            if not batched:
-                if mask.all():
-                    yield feed
-                if self._stop is not None and position >= self._stop:
-                    break
-                continue
-            if mask.any():
-                pending.append({name: feed[name][mask] for name in batched})
-                count += int(mask.sum())
-                scalars = {name: array for name, array in feed.items() if name not in batched}
-            while count >= batch_size:
-                joined = {name: np.concatenate([piece[name] for piece in pending]) for name in batched}
-                yield {**{n: a[:batch_size] for n, a in joined.items()}, **scalars}
-                pending, count = [{n: a[batch_size:] for n, a in joined.items()}], count - batch_size
-            if self._stop is not None and position >= self._stop:
-                break  # nothing further is kept: do not read (decode) the rest
-        if count > 0:
-            yield {**{n: np.concatenate([p[n] for p in pending]) for n in pending[0]}, **scalars}
-
-
-def held_back_sources(calib: CalibSource | None, evaluation: CalibSource | None,
-                      samples: int) -> tuple[CalibSource | None, CalibSource]:
-    """Split off the held-back samples: (what calibration uses, what accuracy is measured on).
-
-    With `evaluation`, its first `samples` samples are held back and calibration keeps all of
-    `calib`. Without, every fourth calibration sample (the 4th, 8th, ...), up to `samples` of them,
-    is held back and never used for calibration. Interleaving, rather than the last quarter, keeps
-    both parts alike when the data is sorted, and needs no sample count (loader scripts have none).
-
-    Raises:
-        ConfigError: neither source is given (statistics files hold no samples to hold back).
-    """
-    if evaluation is not None:
-        total = evaluation.num_samples()
-        count = samples if total is None else min(samples, total)
-        where = evaluation.describe() if total is not None and total <= samples else \
-            f"the first {count} of {evaluation.describe()}"
-        return calib, _Subset(evaluation, lambda p: p < samples, count, where, stop=samples)
-    if calib is None:
-        raise ConfigError("an accuracy target needs held-back data: give --eval PATH (statistics files hold "
-                          "no samples)")
-    every = HELD_BACK_EVERY
-    total = calib.num_samples()
-    held = None if total is None else min(samples, total // every)
-
-    def is_held(p: np.ndarray) -> np.ndarray:
-        return (p % every == every - 1) & (p // every < samples)
-
-    held_source = _Subset(calib, is_held, held, f"every {every}th of {calib.describe()}, up to {samples} "
-                          "(not used for calibration)", stop=every * samples)
-    kept = None if total is None or held is None else total - held
-    return _Subset(calib, lambda p: ~is_held(p), kept, f"{calib.describe()} minus the held-back samples"), held_source
-
 
 @dataclass(frozen=True)
 class HeldBack:
@@ -140,6 +62,8 @@ class HeldBack:
         output_names: the graph outputs measured, in model order.
         samples: samples held back.
         description: where they come from.
+        feed_samples: the samples in each feed, counted along the model's sample axes (empty: each
+            output counts its own axis 0).
     """
 
     feeds: tuple[Feed, ...]
@@ -147,42 +71,49 @@ class HeldBack:
     output_names: tuple[str, ...]
     samples: int
     description: str
+    feed_samples: tuple[int, ...] = ()
 
 
 def load_held_back(model: onnx.ModelProto, source: CalibSource, batch_size: int,
-                   providers: Sequence[str] = (CPU_PROVIDER,), fixed_batch: int | None = None) -> HeldBack:
+                   providers: Sequence[str] = (CPU_PROVIDER,), fixed_batch: int | None = None, *,
+                   signature: ModelSignature | None = None) -> HeldBack:
     """Read `source` into memory and run the float `model` on it once.
 
     Args:
         model: the float model whose outputs are the reference.
         source: the held-back samples.
-        batch_size: samples per run (a model with a fixed batch `fixed_batch` gets only full batches).
+        batch_size: samples per run (a model with a fixed batch gets only full batches).
         providers: execution providers.
-        fixed_batch: the model's fixed batch size, if it has one.
+        fixed_batch: the model's fixed batch size, if it has one (default: the signature's).
+        signature: the model's inputs, along whose sample axes samples are counted (default:
+            `signature_of(model)`).
 
     Raises:
         CalibrationError: no samples were held back.
     """
-    feeds, samples = [], 0
-    for feed in source.batches(fixed_batch or batch_size):
-        size = max((a.shape[0] for a in feed.values() if np.ndim(a) > 0), default=1)
-        if fixed_batch is None or size == fixed_batch:
+    signature = signature_of(model) if signature is None else signature
+    fixed = signature.fixed_batch if fixed_batch is None else fixed_batch
+    feeds, sizes = [], []
+    for feed in source.batches(fixed or batch_size):
+        size = signature.samples_in(feed)
+        if fixed is None or size == fixed:
             feeds.append(feed)
-            samples += size
+            sizes.append(size)
     if not feeds:
         raise CalibrationError(f"{source.describe()}: no held-back samples to measure accuracy on")
     with open_session(model, providers) as session:
         references = tuple(session.run(feed) for feed in feeds)
         names = session.output_names
-    return HeldBack(tuple(feeds), references, names, samples, source.describe())
+    return HeldBack(tuple(feeds), references, names, sum(sizes), source.describe(), tuple(sizes))
 
 
 def _accumulate(held: HeldBack, run: Callable[[Feed], Mapping[str, np.ndarray]]) -> tuple[OutputMetrics, ...]:
     sums = {name: MetricsAccumulator() for name in held.output_names}
-    for feed, reference in zip(held.feeds, held.references):
+    sizes = held.feed_samples or (None,) * len(held.feeds)
+    for feed, reference, size in zip(held.feeds, held.references, sizes):
         outputs = run(feed)
         for name in held.output_names:
-            sums[name] = sums[name].update(reference[name], outputs[name])
+            sums[name] = sums[name].update(reference[name], outputs[name], size)
     return tuple(sums[name].result(name) for name in held.output_names)
 
 
