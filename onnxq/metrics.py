@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.runtime.session import CPU_PROVIDER, Session, open_session
 from onnxq.errors import CalibrationError, ModelError
 
@@ -29,13 +30,14 @@ class OutputMetrics:
 
     Attributes:
         name: the output's name.
-        samples: samples seen: the sum of the outputs' first dimensions (1 per run for a scalar), or
-            of the sample counts the caller gave (`MetricsAccumulator.update(..., samples=)`).
+        samples: samples seen: the sum of the sample counts the caller gave (`MetricsAccumulator.update(...,
+            samples=)`, counted on the inputs' sample axes), else of the outputs' first dimensions (1 per
+            run for a scalar).
         cosine: cosine similarity of the whole flattened output; 1.0 = identical.
         sqnr_db: 10*log10(sum(ref^2) / sum((ref-cand)^2)); +inf when identical.
         max_abs_error: the largest |ref - cand|.
         top1_agreement: the fraction of samples whose argmax over the last axis agrees; only for
-            outputs of rank 2 with at least 2 classes, else None.
+            outputs of rank 2 with at least 2 classes and one row per sample, else None.
     """
 
     name: str
@@ -95,10 +97,11 @@ class MetricsAccumulator:
             raise ModelError(f"reference output has shape {ref.shape} but candidate output has {cand.shape}")
         ref_flat, cand_flat = ref.ravel(), cand.ravel()
         error = ref_flat - cand_flat
-        applicable = ref.ndim == 2 and ref.shape[1] >= 2
+        count = samples if samples is not None else ref.shape[0] if ref.ndim else 1
+        applicable = ref.ndim == 2 and ref.shape[1] >= 2 and ref.shape[0] == count
         matches = int(np.count_nonzero(ref.argmax(axis=-1) == cand.argmax(axis=-1))) if applicable else 0
         batch = MetricsAccumulator(
-            samples=samples if samples is not None else ref.shape[0] if ref.ndim else 1,
+            samples=count,
             sum_ref_sq=float(np.dot(ref_flat, ref_flat)),
             sum_cand_sq=float(np.dot(cand_flat, cand_flat)),
             sum_dot=float(np.dot(ref_flat, cand_flat)),
@@ -181,6 +184,8 @@ def compare_models(
     candidate: onnx.ModelProto | Session,
     feeds: Iterable[Mapping[str, np.ndarray]],
     providers: Sequence[str] = (CPU_PROVIDER,),
+    *,
+    signature: ModelSignature | None = None,
 ) -> tuple[OutputMetrics, ...]:
     """Run both models on every feed and measure each candidate output against the reference.
 
@@ -191,6 +196,9 @@ def compare_models(
         candidate: the quantized model, or an open session of it; it must have the reference's outputs.
         feeds: input name -> array, one mapping per run; both models get the same arrays.
         providers: execution providers for the models given as ModelProto (sessions keep theirs).
+        signature: the models' inputs, along whose sample axes each feed's samples are counted
+            (default: `signature_of(reference)` for a ModelProto; for a session, or inputs without a
+            shape, each output's axis 0).
 
     Returns:
         One OutputMetrics per reference output, in the reference's output order.
@@ -208,11 +216,14 @@ def compare_models(
             if name not in candidate_session.output_names:
                 raise ModelError(f"output '{name}' of the reference model is missing from the candidate")
         accumulators = {name: MetricsAccumulator() for name in names}
+        if signature is None and isinstance(reference, onnx.ModelProto):
+            signature = _signature_or_none(reference)
         runs = 0
         for feed in feeds:
             runs += 1
             reference_outputs = reference_session.run(feed, names)
             candidate_outputs = candidate_session.run(feed, names)
+            samples = None if signature is None else signature.samples_in(feed)
             for name in names:
                 ref, cand = reference_outputs[name], candidate_outputs[name]
                 if np.shape(ref) != np.shape(cand):
@@ -220,7 +231,7 @@ def compare_models(
                         f"output '{name}': the reference model returns shape {np.shape(ref)} "
                         f"but the candidate model returns {np.shape(cand)}"
                     )
-                accumulators[name] = accumulators[name].update(ref, cand)
+                accumulators[name] = accumulators[name].update(ref, cand, samples)
             del reference_outputs, candidate_outputs
         if runs == 0:
             raise CalibrationError("no input samples to compare the models on: the feeds are empty")
@@ -228,6 +239,15 @@ def compare_models(
     finally:
         for session in opened:
             session.close()
+
+
+def _signature_or_none(model: onnx.ModelProto) -> ModelSignature | None:
+    """The model's signature, or None if its inputs have none (an input without a shape): then each
+    output counts its samples on its own axis 0."""
+    try:
+        return signature_of(model)
+    except ModelError:
+        return None
 
 
 def _as_session(model: onnx.ModelProto | Session, providers: Sequence[str], opened: list[Session]) -> Session:

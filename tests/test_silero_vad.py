@@ -117,3 +117,15 @@ def test_the_api_measures_an_accuracy_target_on_the_held_back_samples(vad_npz: P
                             eval_source=evaluation)
     assert result.calibration.samples == 8 and result.sensitivity.samples == 3
     assert [m.samples for m in result.sensitivity.float_vs_int8] == [3, 3]
+
+
+def test_compare_models_counts_samples_on_the_inputs_sample_axes(vad_npz: Path) -> None:
+    from onnxq import compare_models
+
+    model = onnx.load(SILERO)
+    with np.load(vad_npz) as data:
+        feeds = [{"input": data["input"][i:i + 5], "state": data["state"][:, i:i + 5], "sr": data["sr"]}
+                 for i in range(0, SAMPLES, 5)]
+    metrics = compare_models(model, model, feeds)
+    assert [m.name for m in metrics] == ["output", "stateN"]
+    assert all(m.samples == SAMPLES and m.cosine == 1.0 for m in metrics)  # stateN [2, N, 128]: N, not 2 per run

@@ -70,6 +70,13 @@ def test_top1_only_for_rank_two_with_two_classes() -> None:
     assert metrics_of([[1, 2]], [[2, 1]]).top1_agreement == 0.0
 
 
+def test_top1_only_when_the_output_has_one_row_per_sample() -> None:
+    ref = np.array([[0.0, 1.0], [1.0, 0.0]])
+    assert MetricsAccumulator().update(ref, ref, samples=2).result("y").top1_agreement == 1.0
+    per_layer = MetricsAccumulator().update(ref, ref, samples=5).result("y")  # e.g. a state [layers, hidden]
+    assert per_layer.samples == 5 and per_layer.top1_agreement is None
+
+
 # --- streaming --------------------------------------------------------------------------------
 
 
