@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from onnxq.pipeline import quantize
-from onnxq.data.sources import input_specs, open_source
+from onnxq.data.signature import signature_of
+from onnxq.data.sources import open_source
 from onnxq.data.images import ImagePreprocess
 from onnxq.config import AccuracyGoal
 from onnxq.options import Selection
@@ -86,7 +87,8 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if plan_path is not None and plan_path.resolve() == destination.resolve():
         raise click.UsageError(f"--engine {engine} names the output model")
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
-    evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
+    signature = signature_of(model)
+    evaluation = open_source(eval_path, signature, preprocess) if eval_path is not None else None
     with StageProgress() as progress:
         result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
                           accuracy=accuracy, eval_source=evaluation)
@@ -110,7 +112,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         click.echo(line)
     metrics = ()
     if evaluation is not None:
-        metrics = compare_models(model, result.model, evaluation.batches(config.calib.batch_size),
+        metrics = compare_models(model, result.model, evaluation.batches(signature.batch_size(config.calib.batch_size)),
                                  config.calib.providers)
         click.echo(f"  float vs int8 on {evaluation.describe()}:")
         click.echo("    " + format_metrics(metrics).replace("\n", "\n    "))

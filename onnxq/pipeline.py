@@ -19,7 +19,9 @@ from onnxq.calib.ranges import group_amax
 from onnxq.calib.stats_file import StatsFile, load_stats, model_digest
 from onnxq.config import AccuracyGoal, QuantConfig
 from onnxq.data.images import ImagePreprocess
-from onnxq.data.sources import CalibSource, input_specs, open_source
+from onnxq.data.held_back import held_back_sources
+from onnxq.data.signature import ModelSignature, signature_of
+from onnxq.data.sources import CalibSource, open_source
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 from onnxq.io import load_model, to_graph
 from onnxq.options import Selection
@@ -29,7 +31,7 @@ from onnxq.passes.upgrade_opset import upgrade_opset
 from onnxq.plan.core import QuantPlan
 from onnxq.plan.replan import Replanner
 from onnxq.steps.accuracy.fallback import FallbackResult
-from onnxq.steps.accuracy.sensitivity import SensitivityResult, held_back_sources
+from onnxq.steps.accuracy.sensitivity import SensitivityResult
 from onnxq.steps.accuracy.step import AccuracyFinding, MeetAccuracy
 from onnxq.steps.base import Job, ProgressCallback, Step, StepSkipped
 from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
@@ -100,10 +102,10 @@ def _as_model(model: ModelLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(Path(model))
 
 
-def _open(data: DataLike | None, model: onnx.ModelProto, preprocess: ImagePreprocess) -> CalibSource | None:
+def _open(data: DataLike | None, signature: ModelSignature, preprocess: ImagePreprocess) -> CalibSource | None:
     if data is None or not isinstance(data, (str, os.PathLike)):
         return data
-    return open_source(data, input_specs(model), preprocess)
+    return open_source(data, signature, preprocess)
 
 
 def prepare(model: ModelLike, target: QuantTarget | str | None = None) -> gs.Graph:
@@ -134,15 +136,16 @@ def steps_for(config: QuantConfig, *, accuracy: AccuracyGoal | None = None, eval
     return (*steps, MeetAccuracy(accuracy, eval_source)) if accuracy is not None else tuple(steps)
 
 
-def _start(model: onnx.ModelProto, data: CalibSource | None, config: QuantConfig, steps: Sequence[Step],
-           on_progress: ProgressCallback | None) -> Job:
+def _start(model: onnx.ModelProto, signature: ModelSignature, data: CalibSource | None, config: QuantConfig,
+           steps: Sequence[Step], on_progress: ProgressCallback | None) -> Job:
     """The job, checked by every step, with the held-back samples split off the calibration data."""
-    job = Job(model, config, data, on_progress=on_progress)
+    job = Job(model, signature, config, data, on_progress=on_progress)
     for step in steps:
         step.check(job)
     holds = [hold for hold in (step.hold_back(job) for step in steps) if hold is not None]
     if holds:
-        job.source, job.held_back = held_back_sources(data, holds[0].source, max(h.samples for h in holds))
+        job.source, job.held_back = held_back_sources(data, holds[0].source, max(h.samples for h in holds),
+                                                      signature=signature)
     return job
 
 
@@ -156,7 +159,7 @@ def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile
         return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
     assert job.source is not None and job.graph is not None
     return calibrate(job.graph, (*plan.activation_names, *extra), job.source, job.config.calib,
-                     job.progress("calibrating"), histograms=histograms)
+                     job.progress("calibrating"), histograms=histograms, signature=job.signature)
 
 
 def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfig = QuantConfig(), *,
@@ -188,9 +191,10 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
     if (calib is None) == (stats is None):
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
     model = _as_model(model)
-    steps = (*steps_for(config, accuracy=accuracy, eval_source=_open(eval_source, model, preprocess),
+    signature = signature_of(model)
+    steps = (*steps_for(config, accuracy=accuracy, eval_source=_open(eval_source, signature, preprocess),
                         latency=latency), *steps)
-    job = _start(model, _open(calib, model, preprocess), config, steps, on_progress)
+    job = _start(model, signature, _open(calib, signature, preprocess), config, steps, on_progress)
     graph = run(prepare(model, config.target), user_passes)
     for step in steps:
         graph = step.rewrite(job, graph)
@@ -210,7 +214,8 @@ def collect_stats(model: ModelLike, calib: DataLike, config: QuantConfig = Quant
                   user_passes: Sequence[GraphPass] = ()) -> tuple[StatsFile, CalibrationResult]:
     """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later."""
     model = _as_model(model)
-    job = Job(model, config, _open(calib, model, preprocess), on_progress=on_progress)
+    signature = signature_of(model)
+    job = Job(model, signature, config, _open(calib, signature, preprocess), on_progress=on_progress)
     job.graph = run(prepare(model, config.target), user_passes)
     calibration = _calibrate(job, config.target.plan(job.graph, config.selection), (), None, histograms=True)
     histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}

@@ -42,7 +42,7 @@ from onnxq.data.sources import CalibSource
 from onnxq.calib.readout import ActivationReader
 from onnxq.calib.stats import TensorStats, check_stats, new_accumulator
 
-__all__ = ["CalibrationResult", "calibrate", "full_batches", "model_batch_size"]
+__all__ = ["CalibrationResult", "calibrate", "full_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,6 @@ class CalibrationResult:
     def amax(self) -> dict[str, float]:
         """max |x| per tensor (NaN, Inf and sentinels left out)."""
         return {name: s.amax for name, s in self.stats.items()}
-
-
-def model_batch_size(graph: gs.Graph) -> int | None:
-    """The fixed batch size of the model's inputs, or None when it is free (use `signature_of(graph).fixed_batch`)."""
-    return signature_of(graph).fixed_batch
 
 
 def _fold_threads() -> int:

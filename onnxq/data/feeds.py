@@ -8,13 +8,13 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from onnxq.errors import CalibrationError
-from onnxq.data.signature import Feed, InputSpec, ModelSignature
+from onnxq.data.signature import Feed, InputSpec, ModelSignature, SignedSource
 from onnxq.data.sources import check_arrays
 
 __all__ = ["FeedsSource"]
 
 
-class FeedsSource:
+class FeedsSource(SignedSource):
     """Feeds held in memory, re-batched along their sample axes (rank-0 inputs are passed with every batch).
 
     With `signature` (`signature_of(model)`), every feed is checked against the model's inputs and the
@@ -49,11 +49,6 @@ class FeedsSource:
             for i, feed in enumerate(self._feeds):
                 check_arrays(f"{description} feed {i}", {n: (a.shape, a.dtype) for n, a in feed.items()},
                              self._signature)
-
-    @property
-    def signature(self) -> ModelSignature:
-        """The inputs the feeds are batched by: the one given, or the one the feeds imply."""
-        return self._signature
 
     def describe(self) -> str:
         """E.g. "64 samples of in-memory feeds"."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from onnxq.errors import CalibrationError, ConfigError
-from onnxq.data.signature import Feed, InputSpec, ModelSignature
+from onnxq.errors import CalibrationError, ConfigError, first_line
+from onnxq.data.signature import Feed, InputSpec, ModelSignature, SignedSource
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -137,7 +137,7 @@ def load_image(path: str | Path, preprocess: ImagePreprocess, size_hw: tuple[int
         with Image.open(path) as image:
             picture = image.convert("L" if channels == 1 else "RGB")
     except _DECODE_ERRORS as err:
-        raise CalibrationError(f"{path}: cannot decode the image: {_first_line(err)}") from err
+        raise CalibrationError(f"{path}: cannot decode the image: {first_line(err)}") from err
     if min(picture.size) == 0:
         raise CalibrationError(f"{path}: the image is empty ({picture.width}x{picture.height})")
     picture = _centre_crop(_resize_shorter_side(picture, preprocess.resize_for(size_hw)), height, width)
@@ -152,11 +152,6 @@ def load_image(path: str | Path, preprocess: ImagePreprocess, size_hw: tuple[int
     if layout is Layout.NCHW:
         pixels = pixels.transpose(2, 0, 1)
     return np.ascontiguousarray(pixels, dtype=np.float32)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -221,12 +216,12 @@ def _check_image_header(path: Path) -> None:
         with Image.open(path) as image:
             width, height = image.size
     except _DECODE_ERRORS as err:
-        raise CalibrationError(f"{path}: not a readable image: {_first_line(err)}") from err
+        raise CalibrationError(f"{path}: not a readable image: {first_line(err)}") from err
     if width == 0 or height == 0:
         raise CalibrationError(f"{path}: the image is empty ({width}x{height})")
 
 
-class ImageFolderSource:
+class ImageFolderSource(SignedSource):
     """One sample per image file, preprocessed with `load_image`; every file's header is checked up front."""
 
     def __init__(self, location: str, files: Sequence[Path], signature: ModelSignature | Sequence[InputSpec],
@@ -240,11 +235,6 @@ class ImageFolderSource:
         self._input = _image_input(location, self._signature.inputs, preprocess)
         for path in self._files:
             _check_image_header(path)
-
-    @property
-    def signature(self) -> ModelSignature:
-        """The model inputs the images feed (one 4-D float input)."""
-        return self._signature
 
     def describe(self) -> str:
         """E.g. "64 images in photos/ (shorter side 256, centre crop 224x224, nchw, rgb)"."""

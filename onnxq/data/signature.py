@@ -22,7 +22,7 @@ from onnx import helper
 
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 
-__all__ = ["Feed", "InputSpec", "ModelSignature", "batch_is_dynamic", "cut_samples", "input_specs", "sample_axis_of",
+__all__ = ["SignedSource", "Feed", "InputSpec", "ModelSignature", "batch_is_dynamic", "cut_samples", "input_specs", "sample_axis_of",
            "samples_in", "signature_of"]
 
 Feed = dict[str, np.ndarray]
@@ -257,3 +257,14 @@ def input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
     """The graph inputs that calibration data must feed: `signature_of(model).inputs` (kept for one release;
     use `signature_of`)."""
     return signature_of(model).inputs
+
+
+class SignedSource:
+    """Base of onnxq's data sources: `signature`, the model inputs their batches are checked and cut by
+    (set as `self._signature` by each source's constructor)."""
+
+    _signature: ModelSignature
+
+    @property
+    def signature(self) -> ModelSignature:
+        return self._signature

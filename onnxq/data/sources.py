@@ -20,9 +20,9 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from onnxq.errors import CalibrationError, ConfigError, OnnxqError
+from onnxq.errors import CalibrationError, ConfigError, OnnxqError, first_line
 from onnxq.data.images import IMAGE_SUFFIXES, ImageFolderSource, ImagePreprocess
-from onnxq.data.signature import Feed, InputSpec, ModelSignature, input_specs
+from onnxq.data.signature import Feed, InputSpec, ModelSignature, SignedSource, input_specs
 
 __all__ = ["ARRAY_SUFFIXES", "ArrayFilesSource", "CalibSource", "Feed", "InputSpec", "ModelSignature", "ScriptSource",
            "input_specs", "open_source"]
@@ -50,11 +50,6 @@ class CalibSource(Protocol):
 
     def batches(self, batch_size: int) -> Iterator[Feed]:
         """Feeds of exactly `batch_size` samples each, except that the last may be smaller."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _check_array(origin: str, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -124,7 +119,7 @@ def _npy_headers(path: Path, label: str, signature: ModelSignature) -> _ArrayHea
         with open(path, "rb") as stream:
             return {specs[0].name: _read_npy_header(stream)}
     except (OSError, ValueError, EOFError) as err:
-        raise CalibrationError(f"{label}: not a readable .npy file: {_first_line(err)}") from err
+        raise CalibrationError(f"{label}: not a readable .npy file: {first_line(err)}") from err
 
 
 def _npz_headers(path: Path, label: str) -> _ArrayHeaders:
@@ -135,7 +130,7 @@ def _npz_headers(path: Path, label: str) -> _ArrayHeaders:
                 with archive.open(member) as stream:
                     headers[member[:-len(".npy")] if member.endswith(".npy") else member] = _read_npy_header(stream)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise CalibrationError(f"{label}: not a readable .npz file: {_first_line(err)}") from err
+        raise CalibrationError(f"{label}: not a readable .npz file: {first_line(err)}") from err
     return headers
 
 
@@ -161,7 +156,7 @@ def _load_array_file(file: _ArrayFile, signature: ModelSignature) -> Feed:
         else:
             arrays = {signature.inputs[0].name: np.load(file.path, mmap_mode="r", allow_pickle=False)}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise CalibrationError(f"{file.label}: cannot read the arrays: {_first_line(err)}") from err
+        raise CalibrationError(f"{file.label}: cannot read the arrays: {first_line(err)}") from err
     check_arrays(file.label, {name: (a.shape, a.dtype) for name, a in arrays.items()}, signature)
     return arrays
 
@@ -205,18 +200,13 @@ def _rebatch(feeds: Iterable[tuple[str, Feed]], signature: ModelSignature, batch
         yield signature.join(pending) | (scalars or {})
 
 
-class ArrayFilesSource:
+class ArrayFilesSource(SignedSource):
     """Samples from one or more `.npz`/`.npy` files, checked up front and streamed one file at a time."""
 
     def __init__(self, files: Sequence[_ArrayFile], signature: Inputs, location: str) -> None:
         self._files = tuple(files)
         self._signature = ModelSignature.of(signature)
         self._location = location
-
-    @property
-    def signature(self) -> ModelSignature:
-        """The model inputs the files feed."""
-        return self._signature
 
     def describe(self) -> str:
         """E.g. "64 samples in calib.npz" or "192 samples in 3 array files in calib/"."""
@@ -249,7 +239,7 @@ def _import_loader(script: Path, function_name: str) -> Callable[[], Any]:
     except Exception as err:  # the user's code may raise anything
         del sys.modules[module_name]
         raise CalibrationError(f"{script}: importing the data loader failed: {type(err).__name__}: "
-                               f"{_first_line(err)}") from err
+                               f"{first_line(err)}") from err
     loader = getattr(module, function_name, None)
     if loader is None:
         raise CalibrationError(f"{script}: no function '{function_name}' (write `{script}:NAME` for another one)")
@@ -269,18 +259,13 @@ def _feed_arrays(label: str, feed: object) -> Feed:
     return arrays
 
 
-class ScriptSource:
+class ScriptSource(SignedSource):
     """Feeds from a user's Python function (Polygraphy's data-loader convention), checked as they come."""
 
     def __init__(self, script: Path, function_name: str, signature: Inputs) -> None:
         self._label = f"{script}:{function_name}"
         self._loader = _import_loader(script, function_name)
         self._signature = ModelSignature.of(signature)
-
-    @property
-    def signature(self) -> ModelSignature:
-        """The model inputs the loader's feeds are checked against."""
-        return self._signature
 
     def describe(self) -> str:
         """E.g. "feeds from loader.py:load_data"."""
@@ -312,7 +297,7 @@ class ScriptSource:
             raise
         except Exception as err:  # the user's code may raise anything
             raise CalibrationError(f"{self._label} raised {type(err).__name__} after {count} feeds: "
-                                   f"{_first_line(err)}") from err
+                                   f"{first_line(err)}") from err
         if count == 0:
             raise CalibrationError(f"{self._label} produced no feeds")
 
@@ -322,7 +307,7 @@ def _open_directory(directory: Path, signature: ModelSignature, preprocess: Imag
         entries = sorted((path for path in directory.iterdir() if path.is_file() and not path.name.startswith(".")),
                          key=lambda path: path.name)
     except OSError as err:
-        raise CalibrationError(f"{directory}: cannot list the directory: {_first_line(err)}") from err
+        raise CalibrationError(f"{directory}: cannot list the directory: {first_line(err)}") from err
     arrays = [path for path in entries if path.suffix.lower() in ARRAY_SUFFIXES]
     images = [path for path in entries if path.suffix.lower() in IMAGE_SUFFIXES]
     if arrays and images:

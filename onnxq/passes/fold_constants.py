@@ -44,8 +44,10 @@ from collections.abc import Iterator
 import onnx
 import onnx.helper
 import onnx_graphsurgeon as gs
+
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from onnxq.errors import first_line
 from onnxq.passes.core import graph_pass
 
 __all__ = ["fold_constants", "DEFAULT_SIZE_THRESHOLD"]
@@ -85,12 +87,12 @@ def fold_constants(graph: gs.Graph, *, size_threshold: int = DEFAULT_SIZE_THRESH
     try:
         return _fold_copy(graph, fold_shapes, size_threshold, partitioning=None)
     except Exception as err:  # noqa: BLE001 - gs and ONNX Runtime raise anything; folding is optional
-        log.info("constant folding in one piece failed (%s); retrying part by part", _first_line(err))
+        log.info("constant folding in one piece failed (%s); retrying part by part", first_line(err))
     try:
         return _fold_copy(graph, fold_shapes, size_threshold, partitioning="recursive")
     except Exception as err:  # noqa: BLE001
         log.warning("constant folding failed, continuing with the graph unfolded: %s",
-                    _first_line(err))
+                    first_line(err))
         return graph
 
 
@@ -161,8 +163,3 @@ def _is_cast_sandwich(node: gs.Node) -> bool:
         return False
     return any(producer.op == "Cast" and producer.attrs.get("to") == onnx.TensorProto.FLOAT
                for tensor in node.inputs for producer in tensor.inputs)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnxq.calib.calibrate import CalibrationResult, full_batches
 from onnxq.calib.ranges import activation_params
 from onnxq.config import QuantConfig
+from onnxq.data.signature import ModelSignature
 from onnxq.data.sources import CalibSource, Feed
 from onnxq.errors import InternalError
 from onnxq.io import check_model, from_graph
@@ -68,6 +69,7 @@ class Job:
 
     Attributes:
         model: the float model as given (reference outputs, metadata of every built model).
+        signature: its inputs as data must feed them (sample axes, fixed batch).
         config: the whole config; `target` is `config.target`.
         source: calibration data without the held-back samples (None with a statistics file).
         held_back: the held-back samples, when a step asked for them.
@@ -80,6 +82,7 @@ class Job:
     """
 
     model: onnx.ModelProto
+    signature: ModelSignature
     config: QuantConfig
     source: CalibSource | None
     held_back: CalibSource | None = None
@@ -141,7 +144,8 @@ class Job:
         """One calibration batch of the size the model runs (None without calibration data)."""
         if self.source is None or self.graph is None:
             return None
-        return next(iter(full_batches(self.source, self.graph, self.config.calib.batch_size)), None)
+        return next(iter(full_batches(self.source, self.graph, self.config.calib.batch_size,
+                                      signature=self.signature)), None)
 
 
 class Step:

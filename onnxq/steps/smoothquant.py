@@ -60,5 +60,5 @@ class SmoothQuant(Step):
         if not names:
             return graph
         assert job.source is not None
-        ranges = channel_absmax(graph, names, job.source, job.config.calib)
+        ranges = channel_absmax(graph, names, job.source, job.config.calib, signature=job.signature)
         return smoothquant(graph, ranges, alpha=self.alpha)

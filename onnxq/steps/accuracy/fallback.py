@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from onnxq.data.signature import ModelSignature
 from onnxq.data.sources import CalibSource
 from onnxq.calib.ranges import activation_params
 from onnxq.calib.stats import TensorStats
@@ -291,8 +292,8 @@ def _raise_unless_anyway(result: FallbackResult, held: HeldBack) -> None:
 
 def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template: onnx.ModelProto,
                  held_back: CalibSource | HeldBack, build: Callable[[QuantPlan], onnx.ModelProto],
-                 target: AccuracyGoal, calib: CalibConfig = CalibConfig(), *, fixed_batch: int | None = None,
-                 on_progress: RunCallback | None = None,
+                 target: AccuracyGoal, calib: CalibConfig = CalibConfig(), *,
+                 signature: ModelSignature | None = None, on_progress: RunCallback | None = None,
                  scheme: ActivationScheme = INT8_SYMMETRIC) -> AccuracyOutcome:
     """Measure sensitivity and, if `target` has a threshold, fall back until it is met.
 
@@ -305,7 +306,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
         build: makes the final model from a plan (the normal quantize path, same statistics).
         target: the thresholds.
         calib: batch size and providers for the runs.
-        fixed_batch: the model's fixed batch size, if any.
+        signature: the model's input signature (sample axes, fixed batch); default: read from `template`.
         on_progress: called after each pass over the held-back samples with (runs, planned or None).
         scheme: the target's activation scheme (the gated model's scales and zero points).
 
@@ -314,7 +315,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
     """
     started = time.perf_counter()
     held = held_back if isinstance(held_back, HeldBack) else load_held_back(
-        template, held_back, calib.batch_size, calib.providers, fixed_batch)
+        template, held_back, calib.batch_size, calib.providers, signature=signature)
     params = activation_params(layer_map.gated_plan, stats, calib, scheme)
     with GatedRunner(layer_map, params, template, held, calib.providers, on_progress) as runner:
         sensitivity = measure_sensitivity(runner, layer_map, started)

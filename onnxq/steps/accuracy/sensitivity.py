@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxq.data.held_back import HELD_BACK_EVERY, held_back_sources
 from onnxq.data.signature import Feed, ModelSignature, signature_of
 from onnxq.data.sources import CalibSource
 from onnxq.runtime.session import CPU_PROVIDER, Session, open_session
@@ -43,7 +42,7 @@ from onnxq.lower.scales import ActivationParams
 from onnxq.metrics import MetricsAccumulator, OutputMetrics
 
 __all__ = [
-    "HELD_BACK_EVERY", "HeldBack", "held_back_sources", "load_held_back", "GatedRunner", "measure_model",
+    "HeldBack", "load_held_back", "GatedRunner", "measure_model",
     "LayerSensitivity", "SensitivityResult", "measure_sensitivity", "worst",
 ]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from onnxq.calib.calibrate import model_batch_size
 from onnxq.config import AccuracyGoal
 from onnxq.data.sources import CalibSource
 from onnxq.plan.core import QuantPlan
@@ -66,7 +65,7 @@ class MeetAccuracy(Step):
         stats = job.calibration.stats
         layers = LayerMap(job.replanner, job.kept_float, available=stats)
         outcome = run_accuracy(layers, stats, job.model, job.held_back, job.build, self.goal, job.config.calib,
-                               fixed_batch=model_batch_size(job.replanner.graph),
+                               signature=job.signature,
                                on_progress=job.progress("measuring accuracy"), scheme=job.target.scheme)
         if outcome.fallback is not None:
             job.keep_float({layer.node_name: f"accuracy fallback: {layer.reason}"
