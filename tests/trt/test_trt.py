@@ -31,6 +31,7 @@ from onnxq.runtime.trt.build import BuildConfig, build_engine, layer_precisions,
 from onnxq.runtime.trt.engine import TrtEngine
 from onnxq.runtime.trt.runtime import require_gpu, require_tensorrt, summarize_log
 from onnxq_cli.main import run
+from tests.support.runtime import session
 
 REPO = Path(__file__).parents[2]
 OK = SimpleNamespace(value=0, name="cudaSuccess")
@@ -384,12 +385,11 @@ class TestOnGpu:
         assert gpu_build[1].layer_precisions.get("INT8", 0) > 0, gpu_build[1].layer_precisions
 
     def test_engine_matches_onnx_runtime_on_the_same_qdq_model(self, gpu_build: tuple[Path, Any]) -> None:
-        import onnxruntime
-
         path, result = gpu_build
         feed = random_feeds(onnx.load(str(path)), batch=4, seed=9)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        reference = dict(zip((output.name for output in session.get_outputs()), session.run(None, feed)))
+        reference_session = session(path, optimized=True)
+        reference = dict(zip((output.name for output in reference_session.get_outputs()),
+                             reference_session.run(None, feed)))
         with TrtEngine(result.plan) as engine:
             outputs = engine.run(feed)
             assert engine.time(feed, warmup=3, iterations=10).min() > 0
