@@ -18,7 +18,7 @@ from onnxq.data.images import ImagePreprocess
 from onnxq.runtime.session import open_session
 from onnxq.io import load_model
 from onnxq.metrics import compare_models
-from tests.qdq_checks import check_trt_qdq
+from tests.support.qdq_checks import check_trt_qdq
 
 MODELS = Path(__file__).parents[1] / "models"
 PHOTOS = MODELS / "data" / "photos"

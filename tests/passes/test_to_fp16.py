@@ -27,7 +27,7 @@ from onnxq.errors import ModelError
 from onnxq.io import from_graph, to_graph
 from onnxq.lower.to_fp16 import DEFAULT_KEEP_FP32, FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from onnxq.passes.upgrade_opset import upgrade_opset
-from tests.qdq_checks import WEIGHTED, ModelView, check_weight_dq
+from tests.support.qdq_checks import WEIGHTED, ModelView, check_weight_dq
 from tests.support.runtime import run_model
 
 EFFICIENTNET = Path(__file__).parents[2] / "models" / "efficientnet_lite0.onnx"
