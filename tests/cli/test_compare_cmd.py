@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxq
-from tests.cli.test_cli import assert_one_line_error, invoke
+from tests.support.cli import assert_one_line_error, invoke
 
 REPO = Path(__file__).parents[2]
 PPOCR = REPO / "models" / "ppocr_mobile_v2_cls.onnx"

@@ -8,9 +8,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from cli.quantize import _latency_search
 from onnxq.config import Target
-from tests.cli.test_cli import assert_one_line_error, invoke
+from onnxq_cli.quantize import _latency_search
+from tests.support.cli import assert_one_line_error, invoke
 
 REPO = Path(__file__).parents[2]
 PPOCR = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
