@@ -18,7 +18,7 @@ from onnxq.steps.accuracy.fallback import TargetNotMetError, search_fallback
 from onnxq.steps.accuracy.sensitivity import LayerSensitivity, SensitivityResult
 from onnxq.metrics import OutputMetrics, compare_models
 from tests.support.cli import invoke
-from tests.test_sensitivity import DAMAGED, damaged_mlp, mlp_feeds
+from tests.support.damaged_mlp import DAMAGED, damaged_mlp, mlp_feeds
 
 
 def _quantize(target: AccuracyTarget | None, config: QuantConfig = QuantConfig(), evaluation: bool = True):
