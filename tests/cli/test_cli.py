@@ -26,8 +26,8 @@ from onnxq.pipeline import prepare
 from onnxq_cli.main import cli
 from tests.support.cli import (CALIB_SAMPLES, Workspace, assert_one_line_error, assert_qdq_model, digest, invoke,
                                run_process)
+from tests.support.paths import REPO
 
-REPO = Path(__file__).parents[2]
 PPOCR_MODEL = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
 TEXTLINES = REPO / "models" / "data" / "textlines"
 

@@ -11,8 +11,8 @@ import pytest
 from onnxq.config import Target
 from onnxq_cli.quantize import _latency_search
 from tests.support.cli import assert_one_line_error, invoke
+from tests.support.paths import REPO
 
-REPO = Path(__file__).parents[2]
 PPOCR = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
 CALIB = REPO / "models" / "data" / "textlines" / "ppocr_cls_calib.npz"
 

@@ -16,9 +16,9 @@ from onnxq import io
 from onnxq.errors import ModelError
 from onnxq.passes import PREPARE, constants_to_initializers, fold_constants, fuse_bn, run, upgrade_opset
 from onnxq.passes.upgrade_opset import default_opset
+from tests.support.paths import MODELS
 from tests.support.runtime import run_model
 
-MODELS = Path(__file__).parents[2] / "models"
 LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_NAMES = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
                "shufflenet", "squeezenet", "vgg19", "zfnet512"]

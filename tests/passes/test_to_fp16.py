@@ -27,10 +27,11 @@ from onnxq.errors import ModelError
 from onnxq.io import from_graph, to_graph
 from onnxq.lower.to_fp16 import DEFAULT_KEEP_FP32, FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from onnxq.passes.upgrade_opset import upgrade_opset
+from tests.support.paths import MODELS
 from tests.support.qdq_checks import WEIGHTED, ModelView, check_weight_dq
 from tests.support.runtime import run_model
 
-EFFICIENTNET = Path(__file__).parents[2] / "models" / "efficientnet_lite0.onnx"
+EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
 SYNTHETIC = ["residual_cnn", "depthwise_cnn", "yolo_neck_head", "transformer_encoder", "gemm_mlp",
              "conv_transpose"]
 MODEL_NAMES = [*SYNTHETIC, "efficientnet_lite0"]

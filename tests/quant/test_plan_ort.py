@@ -15,9 +15,9 @@ from onnx import numpy_helper
 
 import models
 import onnxq
+from tests.support.paths import MODELS
 from tests.support.runtime import optimized_session, run_model
 
-MODELS = Path(__file__).parents[2] / "models"
 ORT_CPU = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU)
 
 

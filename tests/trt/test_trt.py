@@ -29,9 +29,9 @@ from onnxq.runtime.trt.build import BuildConfig, build_engine, layer_precisions,
 from onnxq.runtime.trt.engine import TrtEngine
 from onnxq.runtime.trt.runtime import require_gpu, require_tensorrt, summarize_log
 from tests.support.cli import assert_one_line_error, invoke
+from tests.support.paths import REPO
 from tests.support.runtime import session
 
-REPO = Path(__file__).parents[2]
 OK = SimpleNamespace(value=0, name="cudaSuccess")
 JSON_10X = json.dumps({"Layers": [
     {"Name": "quantize", "LayerType": "Reformat", "Inputs": [{"Format/Datatype": "Row major linear FP32"}],
