@@ -9,11 +9,12 @@ import click
 from onnxq.pipeline import collect_stats
 from onnxq.data.images import ImagePreprocess
 from onnxq.calib.stats_file import save_stats
-from onnxq.config import QuantConfig, Selection
+from onnxq.config import QuantConfig
+from onnxq.options import Selection
 from onnxq.io import load_model
 
 from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
-from .progress import Progress, plural
+from .progress import StageProgress, plural
 
 
 @click.command("calibrate", no_args_is_help=True)
@@ -41,7 +42,7 @@ def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, target
     config: QuantConfig = quant_config(selection, "max", target, "fp32", batch_size, providers)
     model = load_model(model_path)
     destination = output_path(model_path, output, suffix=".onnxq.npz", protected=(calib_path,))
-    with Progress("calibrating") as progress:
+    with StageProgress() as progress:
         stats, calibration = collect_stats(model, calib_path, config, preprocess=preprocess, on_progress=progress)
     save_stats(stats, destination)
     click.echo(f"wrote {destination}")

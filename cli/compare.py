@@ -8,7 +8,7 @@ import click
 
 from onnxq.data.images import ImagePreprocess
 from onnxq.compare import Backend, CompareConfig, CompareResult, ModelRun, compare, require_backend, write_json
-from onnxq.config import parse_enum
+from onnxq.options import parse_enum
 from onnxq.runtime.timing import format_latency
 from onnxq.metrics import format_metrics
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from onnxq.pipeline import inspect
-from onnxq.config import Selection, Target, parse_enum
-from onnxq.report.summary import format_plan, format_plan_summary
+from onnxq.options import Selection
+from .plan_text import format_plan, format_plan_summary
 
 from .options import selection_options, target_option
 
@@ -25,5 +25,5 @@ def inspect_cmd(model_path: Path, selection: Selection, target: str, summary: bo
     Example:
       onnxq inspect model.onnx --exclude-op-types Gemm
     """
-    plan = inspect(model_path, selection, parse_enum(Target, target, "--target"))
+    plan = inspect(model_path, selection, target)
     click.echo(format_plan_summary(plan) if summary else format_plan(plan))

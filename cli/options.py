@@ -10,7 +10,9 @@ from typing import Any
 import click
 
 from onnxq.data.images import ColorOrder, ImagePreprocess, Layout
-from onnxq.config import CalibConfig, CalibMethod, HighPrecision, QuantConfig, Selection, Target, parse_enum
+from onnxq.config import AccuracyGoal, QuantConfig
+from onnxq.targets import get_target, targets
+from onnxq.options import CalibConfig, CalibMethod, HighPrecision, Selection, parse_enum
 from onnxq.errors import ConfigError, ModelError
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -97,13 +99,21 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 TARGET_HELP = ("Runtime the Q/DQ placement is written for: trt (int8 symmetric, TensorRT's fusion rules) or "
-               "ort-cpu (uint8 activations, int8 weights, placed for ONNX Runtime's CPU integer kernels).")
+               "ort-cpu (uint8 activations, int8 weights, placed for ONNX Runtime's CPU integer kernels); "
+               "any registered onnxq.targets target.")
+
+
+def _registered_target(context: click.Context, parameter: click.Parameter, name: str) -> str:
+    """A registered target's name (checked when the command runs, so targets registered later count)."""
+    if name not in targets():
+        raise click.BadParameter(f"'{name}' is not one of {', '.join(targets())}", context, parameter)
+    return name
 
 
 def target_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --target (raw string; parsed into Target by quant_config)."""
-    return click.option("--target", type=click.Choice([t.value for t in Target]), default="trt",
-                        show_default=True, help=TARGET_HELP)(fn)
+    """Add --target (a registered target's name; looked up by quant_config)."""
+    return click.option("--target", metavar="NAME", default="trt", show_default=True, callback=_registered_target,
+                        help=TARGET_HELP)(fn)
 
 
 def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -115,15 +125,16 @@ def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def quant_config(selection: Selection, method: str, target: str, high_precision: str, batch_size: int,
-                 providers: tuple[str, ...], percentile: float = 99.99, smoothquant: float | None = None) -> QuantConfig:
+                 providers: tuple[str, ...], percentile: float = 99.99, smoothquant: float | None = None,
+                 latency_search: bool | None = False) -> QuantConfig:
     """Build the typed QuantConfig from the quantize command's raw option values."""
     from onnxq.runtime.session import resolve_providers
 
     calib = CalibConfig(method=parse_enum(CalibMethod, method, "--method"), batch_size=batch_size,
                         providers=resolve_providers(_split(providers) or ("cpu",)), percentile=percentile)
-    return QuantConfig(selection=selection, calib=calib, target=parse_enum(Target, target, "--target"),
+    return QuantConfig(selection=selection, calib=calib, target=get_target(target),
                        high_precision=parse_enum(HighPrecision, high_precision, "--high-precision"),
-                       smoothquant=smoothquant)
+                       smoothquant=smoothquant, latency_search=latency_search)
 
 
 def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx",
@@ -149,3 +160,35 @@ def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx
     if not folder.is_dir():
         raise ModelError(f"-o {target}: the folder {folder} does not exist")
     return target
+
+
+DEFAULT_HELD_BACK = AccuracyGoal().samples
+
+
+def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --min-cosine, --max-sqnr-drop, --write-anyway, --held-back; the command gets `accuracy`."""
+
+    @click.option("--min-cosine", type=float, metavar="C",
+                  help="Accuracy target: leave the fewest layers in float (most sensitive first) so that every "
+                       "output's cosine to the float model on held-back data is at least C, e.g. 0.99.")
+    @click.option("--max-sqnr-drop", type=float, metavar="DB",
+                  help="Accuracy target: quantization noise stays at least DB dB below each output's signal "
+                       "(SQNR >= DB on held-back data).")
+    @click.option("--write-anyway", is_flag=True,
+                  help="Write a model even when the target is not met (the fully quantized one when no model "
+                       "with a quantized layer meets it); exit 0.")
+    @click.option("--held-back", type=click.IntRange(min=1), default=DEFAULT_HELD_BACK, show_default=True,
+                  metavar="N", help="Held-back samples for the target: the first N of --eval, else every 4th "
+                                    "calibration sample (then not used for calibration), up to N.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, min_cosine: float | None, max_sqnr_drop: float | None, write_anyway: bool,
+                held_back: int, **kwargs: Any) -> Any:
+        accuracy = None
+        if min_cosine is not None or max_sqnr_drop is not None:
+            accuracy = AccuracyGoal(min_cosine=min_cosine, max_sqnr_drop_db=max_sqnr_drop,
+                                      write_anyway=write_anyway, samples=held_back)
+        elif write_anyway:
+            raise click.UsageError("--write-anyway needs an accuracy target: --min-cosine or --max-sqnr-drop")
+        return fn(*args, accuracy=accuracy, **kwargs)
+
+    return wrapper

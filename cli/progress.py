@@ -1,4 +1,4 @@
-"""A progress bar on stderr for the library's (done, total) callbacks."""
+"""Progress bars on stderr for the library's (stage, done, total) callback."""
 
 from __future__ import annotations
 
@@ -47,6 +47,64 @@ class Progress:
             self.bar.__exit__(None, None, None)
 
     def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RunProgress:
+    """The accuracy stage's bars: one for the sensitivity runs (total known), one for the fallback search."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.total: int | None = -1
+        self.offset = 0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if total != self.total:
+            self.close()
+            self.bar = _RunBar("sensitivity" if total is not None else "fallback", unit="runs")
+            self.total, self.offset = total, done - 1
+        assert self.bar is not None
+        self.bar(done - self.offset, None if total is None else total - self.offset)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _RunBar(Progress):
+    def _rate(self, _: object) -> str:
+        return f"{(time.perf_counter() - self.started) / max(self.done, 1):.1f} s/run"
+
+
+class StageProgress:
+    """The library's one (stage, done, total) callback as a bar per stage: a new stage closes the last bar.
+
+    The accuracy stage gets `RunProgress`; the others a `Progress` labelled with the stage's name.
+    """
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar: Progress | RunProgress | None = None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = RunProgress() if stage == "measuring accuracy" else Progress(
+                stage, unit="classes" if stage.startswith("timing") else "samples")
+        assert self.bar is not None
+        self.bar(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> StageProgress:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

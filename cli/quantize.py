@@ -9,16 +9,17 @@ import click
 from onnxq.pipeline import quantize
 from onnxq.data.sources import input_specs, open_source
 from onnxq.data.images import ImagePreprocess
-from onnxq.config import AccuracyTarget, Selection, Target
-from onnxq.steps.latency_search import LatencySearchConfig
+from onnxq.config import AccuracyGoal
+from onnxq.options import Selection
 from onnxq.io import load_model, save_model
-from onnxq.report.summary import plan_counts
+from .plan_text import plan_counts
 from onnxq.metrics import compare_models, format_metrics
 
 from .build import build_and_save, check_engine_build, require_engine_build
-from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
-from .progress import Progress, plural
-from .summary import RunProgress, accuracy_lines, accuracy_options, latency_lines, write_run_report
+from .options import (accuracy_options, calib_options, image_options, output_path, quant_config, selection_options,
+                      target_option)
+from .progress import StageProgress, plural
+from .summary import finding_lines, write_run_report
 
 
 @click.command("quantize", no_args_is_help=True)
@@ -57,7 +58,7 @@ from .summary import RunProgress, accuracy_lines, accuracy_options, latency_line
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
                  batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
-                 accuracy: AccuracyTarget | None, smoothquant: float | None, latency_search: bool | None,
+                 accuracy: AccuracyGoal | None, smoothquant: float | None, latency_search: bool | None,
                  report_dir: Path | None, preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
@@ -76,7 +77,8 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
     if engine is not None:  # a missing TensorRT or GPU must fail before any calibration
         require_engine_build()
-    config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile, smoothquant)
+    config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile, smoothquant,
+                          latency_search)
     model = load_model(model_path)
     destination = output_path(model_path, output, protected=(calib_path, eval_path, stats_path))
     plan_path = (check_engine_build(model_path, engine, model, {}, protected=(calib_path, eval_path, stats_path))
@@ -85,13 +87,9 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         raise click.UsageError(f"--engine {engine} names the output model")
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
     evaluation = open_source(eval_path, input_specs(model), preprocess) if eval_path is not None else None
-    search, skipped = _latency_search(latency_search, config.target, stats_path is not None, accuracy is not None)
-    latency = LatencySearchConfig(providers=config.calib.providers) if search else None
-    with Progress("calibrating") as progress, RunProgress(progress) as runs, \
-            Progress("timing layer classes", unit="classes") as timing:
+    with StageProgress() as progress:
         result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
-                          accuracy=accuracy, eval_source=evaluation, on_accuracy_progress=runs,
-                          latency=latency, on_latency_progress=timing)
+                          accuracy=accuracy, eval_source=evaluation)
     save_model(result.model, destination)
     engine_summary = build_and_save(destination, plan_path, {}) if plan_path is not None else None
     calib = result.calibration
@@ -106,14 +104,9 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if missing:
         click.echo(f"  note         {', '.join(missing)} requested but could not be loaded: "
                    f"calibration ran on {', '.join(calib.providers)}")
-    if skipped is not None:
-        click.echo(f"  note         {skipped}")
-    if not result.plan.quantized_nodes:
-        nested = sorted({n.op_type for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")})
-        where = (f"; the model computes inside {'/'.join(nested)} subgraphs, which onnxq does not quantize yet"
-                 if nested else "")
-        click.echo(f"  note         nothing was quantized: the output computes what the float model does{where}")
-    for line in accuracy_lines(result.sensitivity, result.fallback) + latency_lines(result.latency):
+    for note in result.notes:
+        click.echo(f"  note         {note}")
+    for line in finding_lines(result.findings):
         click.echo(line)
     metrics = ()
     if evaluation is not None:
@@ -129,17 +122,3 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                    f"layers {engine_summary.layers}")
     click.echo(f"  total        {result.seconds:.1f} s")
 
-
-def _latency_search(flag: bool | None, target: Target, from_stats: bool, accuracy: bool) -> tuple[bool, str | None]:
-    """Whether to run the latency search, and why the ort-cpu default was skipped (None if it was not).
-
-    An explicit --latency-search is passed on (the library refuses what it cannot combine); left unsaid,
-    it is on for --target ort-cpu, whose point is speed on this machine, when there is a batch to time.
-    """
-    if flag is not None or target is not Target.ORT_CPU:
-        return bool(flag), None
-    if from_stats:
-        return False, "no latency search: --stats holds no batch to time (give --calib for one)"
-    if accuracy:
-        return False, "no latency search: it cannot be combined with an accuracy target yet"
-    return True, None

@@ -1,10 +1,8 @@
-"""The accuracy-target options of `onnxq quantize` and the summary lines of their results."""
+"""The summary lines `onnxq quantize` prints for the steps' findings, and its `--report`."""
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,86 +11,15 @@ import click
 from pathlib import Path
 
 from onnxq.pipeline import QuantResult
-from onnxq.config import AccuracyTarget, QuantConfig
+from onnxq.config import QuantConfig
 from onnxq.steps.accuracy.fallback import FallbackResult
+from onnxq.steps.accuracy.step import AccuracyFinding
 from onnxq.steps.latency_search import LatencySearch
+from onnxq.steps.smoothquant import Smoothed
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
 from onnxq.metrics import OutputMetrics
 
-from .progress import Progress, plural
-
-DEFAULT_HELD_BACK = AccuracyTarget().samples
-
-
-def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --min-cosine, --max-sqnr-drop, --write-anyway, --held-back; the command gets `accuracy`."""
-
-    @click.option("--min-cosine", type=float, metavar="C",
-                  help="Accuracy target: leave the fewest layers in float (most sensitive first) so that every "
-                       "output's cosine to the float model on held-back data is at least C, e.g. 0.99.")
-    @click.option("--max-sqnr-drop", type=float, metavar="DB",
-                  help="Accuracy target: quantization noise stays at least DB dB below each output's signal "
-                       "(SQNR >= DB on held-back data).")
-    @click.option("--write-anyway", is_flag=True,
-                  help="Write a model even when the target is not met (the fully quantized one when no model "
-                       "with a quantized layer meets it); exit 0.")
-    @click.option("--held-back", type=click.IntRange(min=1), default=DEFAULT_HELD_BACK, show_default=True,
-                  metavar="N", help="Held-back samples for the target: the first N of --eval, else every 4th "
-                                    "calibration sample (then not used for calibration), up to N.")
-    @functools.wraps(fn)
-    def wrapper(*args: Any, min_cosine: float | None, max_sqnr_drop: float | None, write_anyway: bool,
-                held_back: int, **kwargs: Any) -> Any:
-        accuracy = None
-        if min_cosine is not None or max_sqnr_drop is not None:
-            accuracy = AccuracyTarget(min_cosine=min_cosine, max_sqnr_drop_db=max_sqnr_drop,
-                                      write_anyway=write_anyway, samples=held_back)
-        elif write_anyway:
-            raise click.UsageError("--write-anyway needs an accuracy target: --min-cosine or --max-sqnr-drop")
-        return fn(*args, accuracy=accuracy, **kwargs)
-
-    return wrapper
-
-
-class RunProgress:
-    """Progress bars for the accuracy stage: one for the sensitivity runs, one for the search.
-
-    Args:
-        before: the calibration bar, closed when the first run reports.
-    """
-
-    def __init__(self, before: Progress | None = None) -> None:
-        self.before = before
-        self.bar: Progress | None = None
-        self.total: int | None = -1
-        self.offset = 0
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if self.before is not None:  # the calibration bar is finished by now
-            self.before.close()
-            self.before.bar, self.before = None, None
-        if total != self.total:
-            self.close()
-            self.bar = _RunBar("sensitivity" if total is not None else "fallback")
-            self.total, self.offset = total, done - 1
-        assert self.bar is not None
-        self.bar(done - self.offset, None if total is None else total - self.offset)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __enter__(self) -> RunProgress:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class _RunBar(Progress):
-    def _rate(self, _: object) -> str:
-        return f"{(time.perf_counter() - self.started) / max(self.done, 1):.1f} s/run"
-
+from .progress import plural
 
 def _figures(metrics: Sequence[OutputMetrics]) -> tuple[str, str]:
     cosine, sqnr = worst(metrics)
@@ -159,6 +86,20 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
     return lines
 
 
+def finding_lines(findings: Sequence[object]) -> list[str]:
+    """The summary lines of every step's finding, in the order the steps ran."""
+    lines: list[str] = []
+    for finding in findings:
+        if isinstance(finding, LatencySearch):
+            lines += latency_lines(finding)
+        elif isinstance(finding, AccuracyFinding):
+            lines += accuracy_lines(finding.sensitivity, finding.fallback)
+        elif isinstance(finding, Smoothed):
+            lines.append(f"  smoothquant  alpha {finding.alpha:g}: {plural(len(finding.tensors), 'linear-layer input')} "
+                         f"smoothed, {len(finding.left_alone)} left alone")
+    return lines
+
+
 def write_run_report(result: QuantResult, metrics: Sequence[OutputMetrics], folder: Path, config: QuantConfig,
                      model_name: str) -> tuple[Path, ...]:
     """`--report DIR`: the plan, ranges, metrics (before/after fallback when it ran), sensitivity, fallback."""
@@ -173,5 +114,5 @@ def write_run_report(result: QuantResult, metrics: Sequence[OutputMetrics], fold
     fallen = tuple((layer.node_name, layer.reason) for layer in result.fallback.float_layers) if result.fallback else ()
     report = build_report(result, metrics=sets, sensitivity=layers, fallback=fallen,
                           percentile=config.calib.percentile, method=config.calib.method,
-                          target=config.target.value, model_name=model_name)
+                          target=config.target.name, model_name=model_name)
     return write_report(report, folder)

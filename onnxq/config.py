@@ -1,155 +1,62 @@
-"""Typed configuration. Strings from the command line become these enums and dataclasses once, in `cli/`."""
+"""The whole quantization config: the options of `onnxq.options` plus the target, and the accuracy goal.
+
+`QuantConfig.target` is a target object from `onnxq.targets` (`TRT`, `ORT_CPU`, or your own registered
+one); a name ("trt", "ort-cpu") or the deprecated `Target` enum is accepted and looked up once here.
+"""
 
 from __future__ import annotations
 
-import difflib
-import enum
 import math
-import re
 from dataclasses import dataclass, field
-
-import onnx.defs
+from types import SimpleNamespace
 
 from onnxq.errors import ConfigError
+from onnxq.options import CalibConfig, CalibMethod, HighPrecision, Selection, parse_enum
+from onnxq.targets import ORT_CPU, TRT, QuantTarget, get_target
 
 __all__ = [
-    "CalibMethod",
-    "Target",
-    "HighPrecision",
-    "Selection",
-    "CalibConfig",
-    "QuantConfig",
-    "AccuracyTarget",
+    "CalibMethod", "HighPrecision", "Selection", "CalibConfig", "QuantConfig", "AccuracyGoal", "Target",
     "parse_enum",
 ]
 
 
-class CalibMethod(enum.Enum):
-    """How an activation's clipping range (amax) is chosen from calibration statistics."""
-
-    MAX = "max"
-    ENTROPY = "entropy"
-    PERCENTILE = "percentile"
-    MSE = "mse"
-
-    @property
-    def needs_histogram(self) -> bool:
-        return self is not CalibMethod.MAX
-
-
-class Target(enum.Enum):
-    """The runtime the Q/DQ placement is written for."""
-
-    TRT = "trt"
-    ORT_CPU = "ort-cpu"
-
-
-class HighPrecision(enum.Enum):
-    """The float type of everything that is not quantized."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-
-
-def parse_enum(enum_type: type[enum.Enum], text: str, option: str) -> enum.Enum:
-    """Parse `text` as a member value of `enum_type`, or raise a ConfigError listing the choices."""
-    for member in enum_type:
-        if member.value == text.lower():
-            return member
-    choices = ", ".join(m.value for m in enum_type)
-    raise ConfigError(f"{option}: '{text}' is not one of {choices}")
-
-
-def _known_op_types() -> frozenset[str]:
-    return frozenset(schema.name for schema in onnx.defs.get_all_schemas_with_history())
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which nodes the user keeps out of quantization.
-
-    Attributes:
-        exclude_node_patterns: regular expressions; a node whose name matches any (re.search) stays float.
-        exclude_op_types: ONNX op types that stay float.
-        quantize_attention: quantize the attention MatMuls next to a Softmax (True) or keep them float
-            like the Softmax, LayerNorm and attention-mask arithmetic around them (False). None: the
-            target's default, float for TensorRT, quantized for ORT's CPU provider (its integer MatMul
-            is where ORT's speed-up on transformers comes from; ORT's quantize_static does the same).
-    """
-
-    exclude_node_patterns: tuple[str, ...] = ()
-    exclude_op_types: tuple[str, ...] = ()
-    quantize_attention: bool | None = None
-
-    def __post_init__(self) -> None:
-        for pattern in self.exclude_node_patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ConfigError(f"--exclude-nodes: invalid regular expression '{pattern}': {err}") from None
-        known = _known_op_types()
-        for op_type in self.exclude_op_types:
-            if op_type not in known:
-                close = difflib.get_close_matches(op_type, known, n=1)
-                hint = f" Hint: did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"--exclude-op-types: '{op_type}' is not an ONNX op type.{hint}")
-
-    def excluded_by(self, node_name: str, op_type: str) -> str | None:
-        """The reason a node is excluded by the user, or None."""
-        if op_type in self.exclude_op_types:
-            return f"excluded by the user: op type {op_type}"
-        for pattern in self.exclude_node_patterns:
-            if re.search(pattern, node_name):
-                return f"excluded by the user: name matches '{pattern}'"
-        return None
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    """How calibration runs.
-
-    Attributes:
-        method: how amax is chosen for activations (weights always use per-channel max).
-        batch_size: samples per inference run; models with a fixed batch dimension use that instead.
-        providers: ONNX Runtime execution providers, in order of preference.
-        percentile: the share of |x| kept below amax by the percentile method, in percent.
-        num_bins: histogram bins per tensor for the histogram methods.
-    """
-
-    method: CalibMethod = CalibMethod.MAX
-    batch_size: int = 8
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    percentile: float = 99.99
-    num_bins: int = 2048
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.percentile <= 100.0:
-            raise ConfigError(f"--percentile must be in (0, 100], got {self.percentile}")
-        if self.num_bins < 128:
-            raise ConfigError(f"histograms need at least 128 bins, got {self.num_bins}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not self.providers:
-            raise ConfigError("--providers: give at least one execution provider")
+#: Deprecated (one release): the built-in target objects under their old enum names; use
+#: `onnxq.targets.TRT` / `onnxq.targets.ORT_CPU` (or the names "trt", "ort-cpu").
+Target = SimpleNamespace(TRT=TRT, ORT_CPU=ORT_CPU)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Everything `onnxq.quantize` needs besides the model and the data."""
+    """Everything `onnxq.quantize` needs besides the model, the data and the steps.
+
+    Attributes:
+        selection: which nodes stay float.
+        calib: how calibration runs and which range method.
+        target: the runtime the model is written for (its placement rules, scheme, defaults).
+        high_precision: the float type of everything not quantized (the target must allow it).
+        smoothquant: SmoothQuant's migration strength alpha in (0, 1), or None (no SmoothQuant);
+            shorthand for the `SmoothQuant` step.
+        latency_search: time layer classes in INT8 and float and keep the faster (the `LatencySearch`
+            step). None: the target's default (on for ort-cpu when there is calibration data to time).
+    """
 
     selection: Selection = field(default_factory=Selection)
     calib: CalibConfig = field(default_factory=CalibConfig)
-    target: Target = Target.TRT
+    target: QuantTarget = TRT
     high_precision: HighPrecision = HighPrecision.FP32
-    smoothquant: float | None = None  # migration strength alpha in (0, 1); None: no SmoothQuant
+    smoothquant: float | None = None
+    latency_search: bool | None = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.target, QuantTarget):
+            object.__setattr__(self, "target", get_target(self.target))
         if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
             raise ConfigError(f"--smoothquant: alpha must be between 0 and 1 (exclusive), got {self.smoothquant}")
+        self.target.check(self.high_precision)
 
 
 @dataclass(frozen=True)
-class AccuracyTarget:
+class AccuracyGoal:
     """How close to the float model the INT8 model must stay; layers fall back to float until it is.
 
     Both thresholds apply to every graph output, measured on held-back samples against the float

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "MissingDependencyError",
     "InternalError",
+    "first_line",
 ]
 
 
@@ -38,3 +39,10 @@ class MissingDependencyError(OnnxqError):
 
 class InternalError(Exception):
     """An onnxq bug: an invariant that should always hold did not."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): what a
+    one-line error quotes of an error raised by another library."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,4 +1,6 @@
-"""The quantization pipeline, spelled out once: load → prepare → plan → calibrate → write back → check."""
+"""The quantization pipeline, spelled out once: load → prepare → [steps rewrite] → plan → calibrate →
+[steps refine] → build → check. What differs between runtimes is the target (`onnxq.targets`); what is
+optional is a step (`onnxq.steps`)."""
 
 from __future__ import annotations
 
@@ -11,207 +13,205 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxq.calib.calibrate import CalibrationResult, ProgressCallback, calibrate, model_batch_size
-from onnxq.data.sources import CalibSource, input_specs, open_source
-from onnxq.data.images import ImagePreprocess
-from onnxq.calib.channel_absmax import channel_absmax
+from onnxq.calib.calibrate import CalibrationResult, calibrate
 from onnxq.calib.histogram import Histogram
-from onnxq.calib.ranges import activation_params, group_amax
+from onnxq.calib.ranges import group_amax
 from onnxq.calib.stats_file import StatsFile, load_stats, model_digest
-from onnxq.config import AccuracyTarget, HighPrecision, QuantConfig, Selection, Target
+from onnxq.config import AccuracyGoal, QuantConfig
+from onnxq.data.images import ImagePreprocess
+from onnxq.data.sources import CalibSource, input_specs, open_source
 from onnxq.errors import CalibrationError, ConfigError, ModelError
-from onnxq.steps.accuracy.fallback import FallbackResult, run_accuracy
-from onnxq.io import check_model, from_graph, load_model, to_graph
+from onnxq.io import load_model, to_graph
+from onnxq.options import Selection
 from onnxq.passes import PREPARE, GraphPass, run
-from onnxq.lower.gate_qdq import LayerMap
-from onnxq.lower.insert_qdq import insert_qdq
 from onnxq.passes.name_nodes import name_nodes
-from onnxq.passes.shuffle_to_gather import shuffle_to_gather
-from onnxq.passes.smoothquant import smoothquant, smoothquant_targets
-from onnxq.lower.to_fp16 import FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
 from onnxq.passes.upgrade_opset import upgrade_opset
-from onnxq.plan.core import QuantPlan, plan_quantization
-from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, search_latency
+from onnxq.plan.core import QuantPlan
+from onnxq.plan.replan import Replanner
+from onnxq.steps.accuracy.fallback import FallbackResult
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, held_back_sources
+from onnxq.steps.accuracy.step import AccuracyFinding, MeetAccuracy
+from onnxq.steps.base import Job, ProgressCallback, Step, StepSkipped
+from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
+from onnxq.steps.smoothquant import SmoothQuant
+from onnxq.targets import QuantTarget, get_target
 
-__all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "group_amax"]
+__all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "steps_for"]
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
+DataLike = CalibSource | str | os.PathLike[str]
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"})
 
 
 @dataclass(frozen=True)
 class QuantResult:
-    """The quantized model and how it was made (`sensitivity`, `fallback`: with an accuracy target)."""
+    """The quantized model and how it was made.
+
+    Attributes:
+        model: the INT8 Q/DQ model.
+        plan: the plan it was built from (every node's decision and reason).
+        calibration: the statistics and what collecting them took.
+        group_amax: the chosen range of every scale group.
+        seconds: wall time of the whole run.
+        findings: what each step found and did, in pipeline order (`LatencySearch`, `AccuracyFinding`,
+            `Smoothed`, `StepSkipped`, ...).
+    """
 
     model: onnx.ModelProto
     plan: QuantPlan
     calibration: CalibrationResult
     group_amax: Mapping[str, float]
     seconds: float
-    sensitivity: SensitivityResult | None = None
-    fallback: FallbackResult | None = None
-    latency: LatencySearch | None = None
+    findings: tuple[object, ...] = ()
+
+    def finding(self, kind: type) -> object | None:
+        """The first finding of type `kind`, or None."""
+        return next((f for f in self.findings if isinstance(f, kind)), None)
+
+    @property
+    def sensitivity(self) -> SensitivityResult | None:
+        found = self.finding(AccuracyFinding)
+        return found.sensitivity if isinstance(found, AccuracyFinding) else None
+
+    @property
+    def fallback(self) -> FallbackResult | None:
+        found = self.finding(AccuracyFinding)
+        return found.fallback if isinstance(found, AccuracyFinding) else None
+
+    @property
+    def latency(self) -> LatencySearch | None:
+        found = self.finding(LatencySearch)
+        return found if isinstance(found, LatencySearch) else None
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What a user should know beyond the figures: steps that did not run, a plan that quantizes nothing."""
+        notes = [f.reason for f in self.findings if isinstance(f, StepSkipped)]
+        if not self.plan.quantized_nodes:
+            nested = sorted({d.op_type for d in self.plan.decisions if d.op_type in ("If", "Loop", "Scan")})
+            where = (f"; the model computes inside {'/'.join(nested)} subgraphs, which onnxq does not quantize yet"
+                     if nested else "")
+            notes.append(f"nothing was quantized: the output computes what the float model does{where}")
+        return tuple(notes)
 
 
 def _as_model(model: ModelLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(Path(model))
 
 
-# Rewrites that pay off on one target's runtime only (see each pass's measurements).
-TARGET_PREPARE: dict[Target, tuple[GraphPass, ...]] = {Target.ORT_CPU: (shuffle_to_gather,)}
+def _open(data: DataLike | None, model: onnx.ModelProto, preprocess: ImagePreprocess) -> CalibSource | None:
+    if data is None or not isinstance(data, (str, os.PathLike)):
+        return data
+    return open_source(data, input_specs(model), preprocess)
 
 
-def prepare(model: ModelLike, target: Target | None = None) -> gs.Graph:
+def prepare(model: ModelLike, target: QuantTarget | str | None = None) -> gs.Graph:
     """Upgrade to opset >= 13, import, move Constant weights to initializers, fold constants and BN;
-    then the rewrites for `target`'s runtime, if any."""
+    then the rewrites of `target`'s runtime, if any."""
     model = _as_model(model)
     already = sorted({n.op_type for n in model.graph.node} & _QDQ_OPS)
     if already:
         raise ModelError(f"the model is already quantized (contains {', '.join(already)})")
-    target_passes = TARGET_PREPARE.get(target, ()) if target is not None else ()
+    target_passes = get_target(target).prepare_passes if target is not None else ()
     return run(to_graph(upgrade_opset(model)), (*PREPARE, *target_passes, name_nodes))
 
 
-def inspect(model: ModelLike, selection: Selection = Selection(), target: Target = Target.TRT) -> QuantPlan:
+def inspect(model: ModelLike, selection: Selection = Selection(), target: QuantTarget | str = "trt") -> QuantPlan:
     """The quantization plan for `model`, without calibrating."""
-    return plan_quantization(prepare(model, target), selection, target)
+    return get_target(target).plan(prepare(model, target), selection)
 
 
-def _open(calib: CalibSource | str | os.PathLike[str], model: onnx.ModelProto,
-          preprocess: ImagePreprocess) -> CalibSource:
-    return open_source(calib, input_specs(model), preprocess) if isinstance(calib, (str, os.PathLike)) else calib
+def steps_for(config: QuantConfig, *, accuracy: AccuracyGoal | None = None, eval_source: CalibSource | None = None,
+              latency: LatencySearchConfig | None = None) -> tuple[Step, ...]:
+    """The steps the config asks for, in pipeline order: SmoothQuant, the latency search (the target's
+    default when `config.latency_search` is None), the accuracy target."""
+    steps: list[Step] = [SmoothQuant(config.smoothquant)] if config.smoothquant is not None else []
+    if latency is not None or config.latency_search:
+        steps.append(SearchLatency(latency or LatencySearchConfig(providers=config.calib.providers)))
+    elif config.latency_search is None and config.target.latency_search:
+        steps.append(SearchLatency(LatencySearchConfig(providers=config.calib.providers), requested=False))
+    return (*steps, MeetAccuracy(accuracy, eval_source)) if accuracy is not None else tuple(steps)
 
 
-def collect_stats(model: ModelLike, calib: CalibSource | str | os.PathLike[str],
-                  config: QuantConfig = QuantConfig(), *, preprocess: ImagePreprocess = ImagePreprocess(),
-                  on_progress: ProgressCallback | None = None,
-                  user_passes: Sequence[GraphPass] = ()) -> tuple[StatsFile, CalibrationResult]:
-    """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later."""
-    model = _as_model(model)
-    graph = run(prepare(model, config.target), user_passes)
-    plan = plan_quantization(graph, config.selection, config.target)
-    calibration = calibrate(graph, plan.activation_names, _open(calib, model, preprocess), config.calib,
-                            on_progress, histograms=True)
-    histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}
-    return StatsFile(model_digest(model), calibration.samples, calibration.batches, histograms), calibration
+def _start(model: onnx.ModelProto, data: CalibSource | None, config: QuantConfig, steps: Sequence[Step],
+           on_progress: ProgressCallback | None) -> Job:
+    """The job, checked by every step, with the held-back samples split off the calibration data."""
+    job = Job(model, config, data, on_progress=on_progress)
+    for step in steps:
+        step.check(job)
+    holds = [hold for hold in (step.hold_back(job) for step in steps) if hold is not None]
+    if holds:
+        job.source, job.held_back = held_back_sources(data, holds[0].source, max(h.samples for h in holds))
+    return job
 
 
-def _stats_as_calibration(stats: StatsFile | str | os.PathLike[str], model: onnx.ModelProto) -> CalibrationResult:
-    loaded = stats if isinstance(stats, StatsFile) else load_stats(stats)
-    if loaded.model_digest != model_digest(model):
-        raise CalibrationError("the statistics were collected for a different model (digest mismatch). "
-                               "Hint: run onnxq calibrate on this model")
-    return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
+def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile | str | os.PathLike[str] | None,
+               histograms: bool | None = None) -> CalibrationResult:
+    if stats is not None:
+        loaded = stats if isinstance(stats, StatsFile) else load_stats(stats)
+        if loaded.model_digest != model_digest(job.model):
+            raise CalibrationError("the statistics were collected for a different model (digest mismatch). "
+                                   "Hint: run onnxq calibrate on this model")
+        return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
+    assert job.source is not None and job.graph is not None
+    return calibrate(job.graph, (*plan.activation_names, *extra), job.source, job.config.calib,
+                     job.progress("calibrating"), histograms=histograms)
 
 
-def _smooth(graph: gs.Graph, source: CalibSource | None, config: QuantConfig) -> gs.Graph:
-    """SmoothQuant: per-input-channel ranges of the smoothable MatMul/Gemm inputs, then the rewrite."""
-    if source is None or config.smoothquant is None:
-        raise ConfigError("--smoothquant needs --calib: a statistics file holds no per-channel ranges")
-    names = [t.tensor_name for t in smoothquant_targets(graph) if t.smoothable]
-    if not names:
-        return graph
-    return smoothquant(graph, channel_absmax(graph, names, source, config.calib), alpha=config.smoothquant)
-
-
-def _build(graph: gs.Graph, plan: QuantPlan, calibration: CalibrationResult, config: QuantConfig,
-           template: onnx.ModelProto, amax: Mapping[str, float] | None = None) -> onnx.ModelProto:
-    """The checked INT8 model of `plan` with the calibrated statistics: insert_qdq, fp16, export, check.
-
-    `amax`: the plan's group amaxes if already computed (else computed here).
-    """
-    params = activation_params(plan, calibration.stats, config.calib, config.target, amax)
-    graph = insert_qdq(graph, plan, params)
-    if config.high_precision is HighPrecision.FP16:
-        graph = to_fp16(upgrade_graph_opset(graph, FP16_MIN_OPSET))
-    quantized = from_graph(graph, template=template)
-    check_model(quantized, "the quantized model")
-    return quantized
-
-
-def quantize(model: ModelLike, calib: CalibSource | str | os.PathLike[str] | None = None,
-             config: QuantConfig = QuantConfig(), *, stats: StatsFile | str | os.PathLike[str] | None = None,
-             preprocess: ImagePreprocess = ImagePreprocess(), on_progress: ProgressCallback | None = None,
-             user_passes: Sequence[GraphPass] = (), accuracy: AccuracyTarget | None = None,
-             eval_source: CalibSource | str | os.PathLike[str] | None = None,
-             on_accuracy_progress: ProgressCallback | None = None,
-             latency: LatencySearchConfig | None = None,
-             on_latency_progress: ProgressCallback | None = None) -> QuantResult:
-    """Quantize `model` to INT8 Q/DQ for TensorRT, calibrating on `calib` or reusing `stats`.
+def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfig = QuantConfig(), *,
+             stats: StatsFile | str | os.PathLike[str] | None = None, steps: Sequence[Step] = (),
+             preprocess: ImagePreprocess = ImagePreprocess(), user_passes: Sequence[GraphPass] = (),
+             on_progress: ProgressCallback | None = None, accuracy: AccuracyGoal | None = None,
+             eval_source: DataLike | None = None, latency: LatencySearchConfig | None = None) -> QuantResult:
+    """Quantize `model` to INT8 Q/DQ for `config.target`, calibrating on `calib` or reusing `stats`.
 
     Args:
         model: a ModelProto or the path of an .onnx file.
         calib: a calibration source, or a path `open_source` understands (.npz, .npy, a folder of
             them or of images, `loader.py:function`).
-        config: selection, calibration and target options.
+        config: selection, calibration, target and the shorthands for steps (smoothquant, latency_search).
         stats: statistics from `collect_stats` (or a file `save_stats` wrote), instead of `calib`:
             no inference runs, and any method can be applied.
+        steps: more steps, run after the config's (e.g. `MeetAccuracy(goal)`, your own `Step`).
         preprocess: how images are turned into tensors, when `calib` is a folder of images.
-        on_progress: called after each calibration batch with (samples done, total or None).
         user_passes: your own graph passes, run in order after the prepare stage and before planning.
-        accuracy: measure every layer's sensitivity on held-back samples and leave the fewest layers
-            in float that meet the target (see `onnxq.steps.accuracy.fallback`); the result's `sensitivity` and
-            `fallback` say what was measured and what fell back. Raises `TargetNotMetError` when no
-            model with a quantized layer meets it, unless `accuracy.write_anyway`.
-        eval_source: the held-back samples for `accuracy` (its first `accuracy.samples`); without
-            it every fourth calibration sample is held back and not used for calibration.
-        on_accuracy_progress: called after each pass over the held-back samples with (runs done,
-            runs planned or None).
-        latency: `--target ort-cpu` only: time each class of quantized layers in INT8 and in float on
-            the first calibration batch and leave in float those ORT runs faster in float (see
-            `onnxq.steps.latency_search`); the result's `latency` holds the measurements (None when the plan
-            quantizes nothing). Needs `calib`. Off unless given (the CLI turns it on for ort-cpu).
-        on_latency_progress: called after each class timed with (classes done, classes total).
+        on_progress: called with (stage, done, total or None) during long work.
+        accuracy, eval_source, latency: shorthands for `MeetAccuracy(accuracy, eval_source)` and
+            `SearchLatency(latency)` (kept for one release).
+
+    Raises:
+        ConfigError: both or neither of `calib` and `stats`, or a step that cannot run here.
+        TargetNotMetError: an accuracy goal is not met (unless `write_anyway`).
     """
     started = time.perf_counter()
     if (calib is None) == (stats is None):
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
-    if config.high_precision is HighPrecision.FP16 and config.target is not Target.TRT:
-        raise ConfigError("--high-precision fp16 is for --target trt; ONNX Runtime's CPU kernels run float32")
-    if latency is not None:
-        if config.target is not Target.ORT_CPU:
-            raise ConfigError("--latency-search is for --target ort-cpu: TensorRT times its own kernel choices")
-        if calib is None:
-            raise ConfigError("--latency-search needs calibration data (--calib): it times the model on one batch")
-        if accuracy is not None:
-            raise ConfigError("--latency-search cannot be combined with an accuracy target yet")
     model = _as_model(model)
+    steps = (*steps_for(config, accuracy=accuracy, eval_source=_open(eval_source, model, preprocess),
+                        latency=latency), *steps)
+    job = _start(model, _open(calib, model, preprocess), config, steps, on_progress)
     graph = run(prepare(model, config.target), user_passes)
-    source = None if calib is None else _open(calib, model, preprocess)
-    held_back = layers = None
-    if accuracy is not None:
-        evaluation = None if eval_source is None else _open(eval_source, model, preprocess)
-        source, held_back = held_back_sources(source, evaluation, accuracy.samples)
-    if config.smoothquant is not None:
-        graph = _smooth(graph, source, config)
-    plan = plan_quantization(graph, config.selection, config.target)
-    if accuracy is not None:
-        layers = LayerMap(graph, plan, config.selection, config.target)  # falling back may quantize more tensors
-    if stats is not None:
-        calibration = _stats_as_calibration(stats, model)
-    else:
-        assert source is not None
-        names = plan.activation_names if layers is None else layers.calibrated_names
-        calibration = calibrate(graph, names, source, config.calib, on_progress)
-    if held_back is None or layers is None or accuracy is None:
-        searched = None
-        if latency is not None and plan.quantized_nodes:  # nothing quantized: nothing to time
-            assert source is not None
-            feed = next(iter(source.batches(model_batch_size(graph) or config.calib.batch_size)))
-            plan, quantized, searched = search_latency(
-                graph, plan, config.selection, calibration.stats,
-                lambda candidate: _build(graph, candidate, calibration, config, model), model, feed,
-                latency, on_latency_progress)
-        amax = group_amax(plan, calibration.stats, config.calib)
-        if searched is None:
-            quantized = _build(graph, plan, calibration, config, model, amax)
-        return QuantResult(quantized, plan, calibration, amax, time.perf_counter() - started, latency=searched)
-    outcome = run_accuracy(
-        layers.restricted(calibration.stats), calibration.stats, model, held_back,
-        lambda final_plan: _build(graph, final_plan, calibration, config, model), accuracy, config.calib,
-        fixed_batch=model_batch_size(graph), on_progress=on_accuracy_progress)
-    return QuantResult(outcome.model, outcome.plan, calibration,
-                       group_amax(outcome.plan, calibration.stats, config.calib), time.perf_counter() - started,
-                       outcome.sensitivity, outcome.fallback)
+    for step in steps:
+        graph = step.rewrite(job, graph)
+    job.graph, job.replanner = graph, Replanner(graph, config.target.plan, config.selection)
+    plan = job.replanner.plan_without(())
+    job.calibration = _calibrate(job, plan, [t for step in steps for t in step.extra_tensors(job, plan)], stats)
+    for step in steps:
+        plan, finding = step.refine(job, plan)
+        job.findings += [finding] if finding is not None else []
+    amax = group_amax(plan, job.calibration.stats, config.calib, config.target.scheme)
+    return QuantResult(job.build(plan), plan, job.calibration, amax, time.perf_counter() - started,
+                       tuple(job.findings))
+
+
+def collect_stats(model: ModelLike, calib: DataLike, config: QuantConfig = QuantConfig(), *,
+                  preprocess: ImagePreprocess = ImagePreprocess(), on_progress: ProgressCallback | None = None,
+                  user_passes: Sequence[GraphPass] = ()) -> tuple[StatsFile, CalibrationResult]:
+    """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later."""
+    model = _as_model(model)
+    job = Job(model, config, _open(calib, model, preprocess), on_progress=on_progress)
+    job.graph = run(prepare(model, config.target), user_passes)
+    calibration = _calibrate(job, config.target.plan(job.graph, config.selection), (), None, histograms=True)
+    histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}
+    return StatsFile(model_digest(model), calibration.samples, calibration.batches, histograms), calibration

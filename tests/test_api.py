@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
+import pytest
 import onnx_graphsurgeon as gs
 from onnx import helper
 
@@ -44,20 +47,47 @@ def test_quantize_with_a_user_pass() -> None:
     assert isinstance(result.plan, onnxq.QuantPlan)
 
 
-def test_stages_chain_by_hand_like_quantize() -> None:
-    model = models.BUILDERS["gemm_mlp"]()
-    feeds = [models.random_feeds(model, batch=4, seed=s) for s in range(2)]
-    graph = passes.run(onnxq.prepare(model), [drop_identity])
-    plan = onnxq.plan_quantization(graph, onnxq.Selection(exclude_node_patterns=("^fc2$",)))
-    calibration = onnxq.calibrate(graph, plan.activation_names, onnxq.FeedsSource(feeds), onnxq.CalibConfig())
-    by_hand = onnxq.from_graph(onnxq.insert_qdq(graph, plan, onnxq.group_amax(plan, calibration.stats, onnxq.CalibConfig())), model)
-    config = onnxq.QuantConfig(selection=onnxq.Selection(exclude_node_patterns=("^fc2$",)))
-    whole = onnxq.quantize(model, onnxq.FeedsSource(feeds), config).model
-    assert [n.op_type for n in by_hand.graph.node] == [n.op_type for n in whole.graph.node]
-    scales = {t.name: onnx.numpy_helper.to_array(t) for t in by_hand.graph.initializer if t.name.endswith("_scale")}
-    whole_scales = {t.name: onnx.numpy_helper.to_array(t) for t in whole.graph.initializer if t.name.endswith("_scale")}
-    assert scales.keys() == whole_scales.keys() and all(np.array_equal(scales[k], whole_scales[k]) for k in scales)
-    assert not plan.decision("fc2").quantized
+@pytest.mark.parametrize("target", [onnxq.TRT, onnxq.ORT_CPU], ids=str)
+@pytest.mark.parametrize("method", [onnxq.CalibMethod.MAX, onnxq.CalibMethod.MSE], ids=lambda m: m.value)
+def test_stages_chain_by_hand_like_quantize(target: onnxq.QuantTarget, method: onnxq.CalibMethod) -> None:
+    """The README's stage-by-stage example gives the very bytes `quantize` writes."""
+    model = models.BUILDERS["residual_cnn"]()
+    feeds = onnxq.FeedsSource([models.random_feeds(model, batch=4, seed=s) for s in range(2)])
+    selection = onnxq.Selection(exclude_node_patterns=("^block1/conv2$",))
+    calib = onnxq.CalibConfig(method=method)
+    graph = passes.run(onnxq.prepare(model, target), [drop_identity])
+    plan = target.plan(graph, selection)
+    calibration = onnxq.calibrate(graph, plan.activation_names, feeds, calib)
+    params = onnxq.activation_params(plan, calibration.stats, calib, target.scheme)
+    by_hand = onnxq.from_graph(target.lower(onnxq.insert_qdq(graph, plan, params), onnxq.HighPrecision.FP32), model)
+    onnxq.check_model(by_hand)
+    config = onnxq.QuantConfig(selection=selection, calib=calib, target=target)
+    whole = onnxq.quantize(model, feeds, config, user_passes=[drop_identity]).model
+    assert by_hand.SerializeToString() == whole.SerializeToString()
+    assert not plan.decision("block1/conv2").quantized
+
+
+@dataclass(frozen=True)
+class KeepStemFloat(onnxq.Step):
+    """The README's example step: keep the first quantized Conv in float."""
+
+    name = "keep the stem float"
+
+    def refine(self, job, plan):  # type: ignore[no-untyped-def]
+        stem = next(d.node_name for d in plan.quantized_nodes if d.op_type == "Conv")
+        job.keep_float({stem: "stem kept float by KeepStemFloat"})
+        return job.replan(), None
+
+
+def test_a_user_step_gives_the_model_of_the_same_exclusion() -> None:
+    model = models.BUILDERS["residual_cnn"]()
+    feeds = onnxq.FeedsSource([models.random_feeds(model, batch=4, seed=s) for s in range(2)])
+    stepped = onnxq.quantize(model, feeds, steps=[KeepStemFloat()])
+    stem = next(d for d in stepped.plan.decisions if d.reason == "stem kept float by KeepStemFloat")
+    assert not stem.quantized and stem.op_type == "Conv"
+    excluded = onnxq.quantize(model, feeds, onnxq.QuantConfig(
+        selection=onnxq.Selection(exclude_node_patterns=(f"^{stem.node_name}$",))))
+    assert stepped.model.SerializeToString() == excluded.model.SerializeToString()
 
 
 def test_calibrated_scale_is_max_over_all_batches_divided_by_127() -> None:

@@ -13,7 +13,8 @@ import pytest
 import models
 from onnxq.pipeline import prepare, quantize
 from onnxq.data.feeds import FeedsSource
-from onnxq.config import CalibConfig, QuantConfig
+from onnxq.config import QuantConfig
+from onnxq.options import CalibConfig
 from onnxq.io import from_graph
 from onnxq.metrics import compare_models
 from tests.support.qdq_checks import check_trt_qdq, float_weighted_with_constant_weight

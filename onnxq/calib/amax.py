@@ -27,7 +27,9 @@ with TensorRT") with the refinements of pytorch_quantization (`_compute_amax_ent
   bins, empty bins 0 (TensorRT slides); D(i) = KL(P || Q) = sum p ln(p / q) of the normalised P and Q,
   natural log, +inf where q = 0 < p (bin i-1 empty while the tail is not), no smoothing;
 * i* = the LAST argmin (pytorch_quantization); amax = i* * w, the right edge of the kept range
-  (TensorRT's slides use the bin centre (i* - 0.5) * w).
+  (TensorRT's slides use the bin centre (i* - 0.5) * w);
+* `num_quantized_bins` = L + 1 levels of |x| (128 for symmetric INT8; 256 for a one-signed uint8
+  range, whose search then starts at bin 256), see `ActivationScheme.levels`.
 Vectorised with prefix sums: with u = bins / N, t the tail share, S = 1 - t and U_c, n_c the share and
 non-empty-bin count of chunk c,
     D(i) = sum_{j<i-1} u_j ln u_j + p_last ln p_last - sum_c U_c ln(U_c / n_c) - t ln(U_c' / n_c') + ln S
@@ -35,13 +37,14 @@ non-empty-bin count of chunk c,
 O(#bins^2) Python loop of the reference (about 2 s for 2048 bins).
 
 MSE (after pytorch_quantization `_compute_amax_mse`, but with the deployment quantizer so that amax
-fits what TensorRT will run): the expected squared error of fq_a(y) = clamp(rne(y / s), -128, 127) * s,
-s = a / 127 (ONNX QuantizeLinear/DequantizeLinear; on |x| only the clamp at 127 applies), with each
+fits what the target will run): the expected squared error of fq_a(y) = clamp(rne(y / s), -L, L) * s,
+s = a / L with L the target's levels on |x| (`ActivationScheme.levels`: 127 for symmetric INT8, 255
+for a one-signed uint8 range; ONNX QuantizeLinear/DequantizeLinear; on |x| only the clamp at L applies), with each
 bin's count spread uniformly over the bin:
     E(a) = sum_j counts_j / w * integral over [j w, (j + 1) w) of (fq_a(y) - y)^2 dy
          = s^3 / w * sum_j counts_j * (g(u_j / s) - g(l_j / s)),   g(t) = k / 12 + (t - k)^3 / 3,
-k = min(rint(t), 127): g is the integral of (fq(t) - t)^2 from 0 in units of s (each rounding cell adds
-1/12, the clipped tail adds (t - 127)^3 / 3), so E is exact for the piecewise-uniform model and needs
+k = min(rint(t), L): g is the integral of (fq(t) - t)^2 from 0 in units of s (each rounding cell adds
+1/12, the clipped tail adds (t - L)^3 / 3), so E is exact for the piecewise-uniform model and needs
 no case analysis. pytorch_quantization instead puts a bin's values at its centre; as a moves, the
 rounding boundaries slide across those fixed centres and E(a) ripples: on a Laplace the centre model
 lands 3 to 15 bins from the analytic optimum (up to 0.3 % excess error), the in-bin integral within 2
@@ -59,9 +62,9 @@ import numpy as np
 from onnxq.errors import ConfigError
 from onnxq.calib.histogram import Histogram
 
-__all__ = ["max_amax", "percentile_amax", "entropy_amax", "mse_amax"]
+__all__ = ["INT8_LEVELS", "max_amax", "percentile_amax", "entropy_amax", "mse_amax"]
 
-_QMAX = 127  # symmetric INT8: s = amax / 127, q in [-128, 127]
+INT8_LEVELS = 127  # symmetric INT8: s = amax / 127, q in [-128, 127]
 _BLOCK = 1 << 16  # candidates x edges (or chunks) per block: 0.5 MB float64 temporaries, in cache
 
 
@@ -82,16 +85,14 @@ def percentile_amax(h: Histogram, percentile: float = 99.99) -> float:
     return min((k + 1) * h.bin_width, float(h.amax))
 
 
-def entropy_amax(h: Histogram, num_quantized_bins: int = 128, start_bin: int = 128, stride: int = 1) -> float:
+def entropy_amax(h: Histogram, num_quantized_bins: int = INT8_LEVELS + 1, start_bin: int = INT8_LEVELS + 1,
+                 stride: int = 1) -> float:
     """The amax whose clipped, `num_quantized_bins`-level histogram is KL-closest to the original."""
-    _check_search(start_bin, stride)
     if num_quantized_bins < 1:
         raise ConfigError(f"num_quantized_bins must be >= 1, got {num_quantized_bins}")
-    if h.exponent is None:
-        return 0.0
-    used = _used_bins(h)
-    if used < start_bin:  # too coarse to search below the maximum: max calibration
-        return float(h.amax)
+    used, fallback = _search_bins(h, start_bin, stride)
+    if fallback is not None:
+        return fallback
     bins = np.array(h.counts[:used], dtype=np.int64)
     if used > 1:
         bins[0] = bins[1]  # pytorch_quantization calib/histogram.py, _compute_amax_entropy
@@ -101,16 +102,16 @@ def entropy_amax(h: Histogram, num_quantized_bins: int = 128, start_bin: int = 1
     return min(int(best) * h.bin_width, float(h.amax))
 
 
-def mse_amax(h: Histogram, start_bin: int = 128, stride: int = 1) -> float:
-    """The amax that minimises the squared INT8 quantization error over the histogram."""
-    _check_search(start_bin, stride)
-    if h.exponent is None:
-        return 0.0
-    used = _used_bins(h)
-    if used < start_bin:  # too coarse to search below the maximum: max calibration
-        return float(h.amax)
+def mse_amax(h: Histogram, start_bin: int = 128, stride: int = 1, levels: int = INT8_LEVELS) -> float:
+    """The amax that minimises the squared quantization error over the histogram, for a grid of `levels`
+    steps between 0 and amax (127: symmetric INT8; see `ActivationScheme.levels`)."""
+    if levels < 1:
+        raise ConfigError(f"levels must be >= 1, got {levels}")
+    used, fallback = _search_bins(h, start_bin, stride)
+    if fallback is not None:
+        return fallback
     candidates = np.minimum(np.arange(start_bin, used + 1, stride) * h.bin_width, h.amax)
-    errors = _quantization_errors(h.counts[:used], h.bin_width, candidates)
+    errors = _quantization_errors(h.counts[:used], h.bin_width, candidates, levels)
     return float(candidates[int(np.argmin(errors))])
 
 
@@ -154,7 +155,8 @@ def _kl_block(bins: np.ndarray, cum: np.ndarray, cum_nonempty: np.ndarray, cum_u
     return np.where((tail > 0) & (last == 0), np.inf, divergences)  # q = 0 < p: scipy.stats.entropy's inf
 
 
-def _quantization_errors(counts: np.ndarray, width: float, candidates: np.ndarray) -> np.ndarray:
+def _quantization_errors(counts: np.ndarray, width: float, candidates: np.ndarray,
+                         levels: int = INT8_LEVELS) -> np.ndarray:
     """E(a) for each candidate a > 0: the quantization error with counts spread uniformly over bins.
 
     Summation by parts: sum_j n_j (g(u_j) - g(l_j)) = sum_e g(e w / s) (n_{e-1} - n_e) over the edges
@@ -169,14 +171,14 @@ def _quantization_errors(counts: np.ndarray, width: float, candidates: np.ndarra
     block = max(1, _BLOCK // max(1, edges.size))
     for start in range(0, candidates.size, block):
         part = candidates[start:start + block]
-        t = edges * (_QMAX / part[:, None])  # edges in units of s; g is continuous, so ties do not matter
-        errors[start:start + block] = (part / _QMAX) ** 3 * (_cell_error(t) @ steps)
+        t = edges * (levels / part[:, None])  # edges in units of s; g is continuous, so ties do not matter
+        errors[start:start + block] = (part / levels) ** 3 * (_cell_error(t, levels) @ steps)
     return errors
 
 
-def _cell_error(t: np.ndarray) -> np.ndarray:
-    """g(t) = integral_0^t (min(rint(t'), 127) - t')^2 dt' for t >= 0, elementwise; overwrites t."""
-    level = np.minimum(np.rint(t), _QMAX)
+def _cell_error(t: np.ndarray, levels: int = INT8_LEVELS) -> np.ndarray:
+    """g(t) = integral_0^t (min(rint(t'), levels) - t')^2 dt' for t >= 0, elementwise; overwrites t."""
+    level = np.minimum(np.rint(t), levels)
     t -= level
     cube = t * t
     cube *= t
@@ -192,8 +194,15 @@ def _used_bins(h: Histogram) -> int:
     return int(occupied[-1]) + 1 if occupied.size else 0
 
 
-def _check_search(start_bin: int, stride: int) -> None:
+def _search_bins(h: Histogram, start_bin: int, stride: int) -> tuple[int, float | None]:
+    """(used bins, None) when the entropy/MSE search can run; else (used, the answer without a search):
+    0.0 for a histogram without a non-zero value, `h.amax` when it is too coarse to search below its
+    maximum (fewer used bins than `start_bin`: max calibration)."""
     if start_bin < 1:
         raise ConfigError(f"start_bin must be >= 1, got {start_bin}")
     if stride < 1:
         raise ConfigError(f"stride must be >= 1, got {stride}")
+    if h.exponent is None:
+        return 0, 0.0
+    used = _used_bins(h)
+    return used, (float(h.amax) if used < start_bin else None)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.config import CalibConfig
+from onnxq.options import CalibConfig
 from onnxq.errors import CalibrationError
 from onnxq.data.sources import CalibSource, graph_sample_axes, samples_in
 from onnxq.calib.readout import ActivationReader

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.config import CalibConfig
+from onnxq.options import CalibConfig
 from onnxq.errors import CalibrationError, ModelError
 from onnxq.io import from_graph
 from onnxq.calib.expose import expose_tensors

@@ -17,7 +17,7 @@ from types import TracebackType
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.config import CalibConfig
+from onnxq.options import CalibConfig
 from onnxq.graph.names import NameSource
 from onnxq.io import from_graph
 from onnxq.calib.expose import expose_channel_max, expose_tensors

@@ -1,6 +1,7 @@
 """Write a QuantPlan back into the graph.
 
-Activations:  x ─▶ QuantizeLinear(s, zp=0 int8) ─▶ DequantizeLinear(s, 0) ─▶ x_dq ─▶ planned consumers
+Activations:  x ─▶ QuantizeLinear(s, zp) ─▶ DequantizeLinear(s, zp) ─▶ x_dq ─▶ planned consumers
+              (int8 zp 0 for TensorRT, uint8 zp for ONNX Runtime's CPU kernels: the target's scheme)
 Weights:      W (float) becomes W_int8 = clamp(rne(W / s_c), -128, 127) ─▶ DequantizeLinear(s_c, 0, axis)
 Scales are float32 initializers (the activation's dtype for float16 graphs); zero points are explicit
 INT8 zeros of the scale's shape; per-channel nodes always carry `axis` (TensorRT's parser reads a
@@ -17,8 +18,8 @@ import onnx_graphsurgeon as gs
 
 from onnxq.graph.names import NameSource
 from onnxq.errors import InternalError
-from onnxq.plan.core import ActivationTarget, BiasTarget, QuantPlan, WeightTarget
-from onnxq.lower.scales import ActivationParams, quantize_bias, quantize_weight, symmetric_int8, weight_scales
+from onnxq.plan.core import QuantizedActivation, QuantizedBias, QuantPlan, QuantizedWeight
+from onnxq.lower.scales import ActivationParams, quantize_bias, quantize_weight, weight_scales
 from onnxq.passes.core import graph_pass
 
 __all__ = ["insert_qdq"]
@@ -41,7 +42,7 @@ def _dequantize(graph: gs.Graph, names: NameSource, source: gs.Tensor, params: t
 
 
 def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node],
-                       tensor: gs.Tensor, target: ActivationTarget, activation: ActivationParams) -> None:
+                       tensor: gs.Tensor, planned: QuantizedActivation, activation: ActivationParams) -> None:
     dtype = np.float16 if tensor.dtype == np.float16 else np.float32
     params = _scale_and_zero_point(names, tensor.name, np.asarray(activation.scale, dtype=dtype),
                                    activation.zero_point)
@@ -49,71 +50,71 @@ def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, g
     graph.nodes.append(gs.Node("QuantizeLinear", names(f"{tensor.name}_QuantizeLinear"),
                                inputs=[tensor, *params], outputs=[quantized]))
     dequantized = _dequantize(graph, names, quantized, params, tensor, axis=None)
-    for node_name, index in target.consumers:
+    for node_name, index in planned.consumers:
         nodes[node_name].inputs[index] = dequantized
 
 
 def _insert_weight(graph: gs.Graph, names: NameSource, weight: gs.Constant,
-                   targets: list[WeightTarget], nodes: Mapping[str, gs.Node]) -> np.ndarray:
+                   uses: list[QuantizedWeight], nodes: Mapping[str, gs.Node]) -> np.ndarray:
     values = np.asarray(weight.values)
-    axis = targets[0].axis
+    axis = uses[0].axis
     scales = weight_scales(values, axis)
     int8 = gs.Constant(names(f"{weight.name}_int8"), quantize_weight(values, scales, axis))
     params = _scale_and_zero_point(names, weight.name, scales.astype(values.dtype))
     dequantized = _dequantize(graph, names, int8, params, weight, axis=axis)
-    for target in targets:
-        nodes[target.consumer].inputs[target.input_index] = dequantized
+    for use in uses:
+        nodes[use.consumer].inputs[use.input_index] = dequantized
     return scales
 
 
 def _insert_bias(graph: gs.Graph, names: NameSource, nodes: Mapping[str, gs.Node], bias: gs.Constant,
-                 target: BiasTarget, input_scale: np.float32, weight_scale: np.ndarray) -> None:
+                 quantized_bias: QuantizedBias, input_scale: np.float32, weight_scale: np.ndarray) -> None:
     values = np.asarray(bias.values)
     if weight_scale.size != values.size:
         return  # a per-tensor or mismatched layout: leave the bias float
     quantized, scale = quantize_bias(values, input_scale, weight_scale)
     params = _scale_and_zero_point(names, bias.name, scale, np.zeros(scale.shape, np.int32))
     int32 = gs.Constant(names(f"{bias.name}_int32"), quantized)
-    nodes[target.consumer].inputs[target.input_index] = _dequantize(graph, names, int32, params, bias, axis=0)
+    nodes[quantized_bias.consumer].inputs[quantized_bias.input_index] = _dequantize(graph, names, int32, params, bias, axis=0)
 
 
-def _params(target: ActivationTarget, group_params: Mapping[str, float | ActivationParams]) -> ActivationParams:
-    if target.group not in group_params:
-        raise InternalError(f"no calibrated range for tensor group '{target.group}'")
-    value = group_params[target.group]
-    return value if isinstance(value, ActivationParams) else symmetric_int8(target.tensor_name, value)
+def _params(activation: QuantizedActivation, group_params: Mapping[str, ActivationParams]) -> ActivationParams:
+    if activation.group not in group_params:
+        raise InternalError(f"no calibrated range for tensor group '{activation.group}'")
+    return group_params[activation.group]
 
 
 @graph_pass
-def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, float | ActivationParams]) -> gs.Graph:
+def insert_qdq(graph: gs.Graph, plan: QuantPlan, group_params: Mapping[str, ActivationParams]) -> gs.Graph:
     """Insert the plan's Q/DQ pairs.
 
     Args:
         graph: the prepared float graph the plan was made for.
         plan: where Q/DQ goes.
-        group_params: per activation group, its parameters, or an amax for symmetric INT8 (s = amax/127).
+        group_params: per activation group, its scale and zero point (`onnxq.calib.ranges.activation_params`
+            with the target's scheme).
     """
     names = NameSource(graph)
     nodes = {node.name: node for node in graph.nodes}
     tensors = graph.tensors()
     activation_params: dict[str, ActivationParams] = {}
-    for target in plan.activations:
-        activation_params[target.tensor_name] = _params(target, group_params)
-        _insert_activation(graph, names, nodes, tensors[target.tensor_name], target,
-                           activation_params[target.tensor_name])
-    by_weight: dict[tuple[str, int], list[WeightTarget]] = {}
-    for weight_target in plan.weights:
-        by_weight.setdefault((weight_target.tensor_name, weight_target.axis), []).append(weight_target)
+    for activation in plan.activations:
+        activation_params[activation.tensor_name] = _params(activation, group_params)
+        _insert_activation(graph, names, nodes, tensors[activation.tensor_name], activation,
+                           activation_params[activation.tensor_name])
+    by_weight: dict[tuple[str, int], list[QuantizedWeight]] = {}
+    for use in plan.weights:
+        by_weight.setdefault((use.tensor_name, use.axis), []).append(use)
     weight_scale: dict[str, np.ndarray] = {}
-    for (tensor_name, _), targets in by_weight.items():
+    for (tensor_name, _), uses in by_weight.items():
         weight = tensors[tensor_name]
         if not isinstance(weight, gs.Constant):
             raise InternalError(f"planned weight '{tensor_name}' is not a constant")
-        weight_scale[tensor_name] = _insert_weight(graph, names, weight, targets, nodes)
-    for bias_target in plan.biases:
-        bias = tensors[bias_target.tensor_name]
-        input_params = activation_params.get(bias_target.activation_name)
+        weight_scale[tensor_name] = _insert_weight(graph, names, weight, uses, nodes)
+    for planned_bias in plan.biases:
+        bias = tensors[planned_bias.tensor_name]
+        input_params = activation_params.get(planned_bias.activation_name)
         if isinstance(bias, gs.Constant) and input_params is not None:
-            _insert_bias(graph, names, nodes, bias, bias_target, input_params.scale,
-                         weight_scale[bias_target.weight_name])
+            _insert_bias(graph, names, nodes, bias, planned_bias, input_params.scale,
+                         weight_scale[planned_bias.weight_name])
     return graph

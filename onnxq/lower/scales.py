@@ -1,4 +1,8 @@
-"""INT8 symmetric scales: `s = amax / 127`, zero point 0, `q = clamp(rne(x / s), -128, 127)`.
+"""Quantization schemes and scales.
+
+Activations follow a target's `ActivationScheme`: symmetric INT8 (TensorRT: `s = amax / 127`, zero point
+0, `q = clamp(rne(x / s), -128, 127)`) or asymmetric uint8 (ONNX Runtime's CPU kernels: the range
+[low, high] over 255 steps with a zero point). Weights are always symmetric INT8 per channel.
 
 Source: ONNX QuantizeLinear (round half to even, saturate to [-128, 127]); TensorRT IQuantizeLayer
 (symmetric only, every scale strictly positive). Per-channel weight amax is the max of |W| over
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from onnxq.errors import CalibrationError
 
 __all__ = [
-    "AMAX_FLOOR", "ActivationParams", "activation_scale", "symmetric_int8", "asymmetric_uint8", "weight_amax",
+    "AMAX_FLOOR", "ActivationParams", "ActivationScheme", "INT8_SYMMETRIC", "UINT8_ASYMMETRIC", "activation_scale", "symmetric_int8", "asymmetric_uint8", "weight_amax",
     "weight_scales", "quantize_weight", "quantize_bias",
 ]
 
@@ -81,3 +85,40 @@ def quantize_weight(values: np.ndarray, scales: np.ndarray, axis: int) -> np.nda
     shape[axis] = -1
     scaled = values.astype(np.float32) / scales.reshape(shape)
     return np.clip(np.rint(scaled), -128, 127).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How a target quantizes activations; every range method and `insert_qdq` follow it.
+
+    Attributes:
+        name: for messages and reports, e.g. "int8 symmetric".
+        symmetric: True: int8, s = amax / 127, zero point 0. False: uint8 over [low, high] clipped to
+            +-amax, s = (high - low) / 255, zero point from the range (`asymmetric_uint8`).
+    """
+
+    name: str
+    symmetric: bool
+
+    def levels(self, low: float, high: float) -> int:
+        """Quantization steps between 0 and amax on |x|: the grid the MSE and entropy searches fit.
+
+        Symmetric INT8: 127. Asymmetric uint8: 255 for a one-signed range (a ReLU output: all 255 steps
+        lie on one side of 0); 127 when both signs occur (255 steps over about [-amax, amax], 127.5 a
+        side, rounded down to the integer grid that is not finer than the real one).
+        """
+        if self.symmetric or (low < 0.0 < high):
+            return 127
+        return 255
+
+    def params(self, tensor_name: str, low: float, high: float, amax: float) -> ActivationParams:
+        """The scale and zero point for a tensor seen over [low, high] whose chosen range is +-amax."""
+        if self.symmetric:
+            return symmetric_int8(tensor_name, amax)
+        return asymmetric_uint8(tensor_name, max(low, -amax), min(high, amax))
+
+
+#: TensorRT's explicit quantization: signed INT8, zero point 0.
+INT8_SYMMETRIC = ActivationScheme("int8 symmetric", symmetric=True)
+#: ONNX Runtime's x86 integer kernels (u8s8): uint8 activations with a zero point.
+UINT8_ASYMMETRIC = ActivationScheme("uint8 asymmetric", symmetric=False)

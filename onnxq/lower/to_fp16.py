@@ -34,7 +34,7 @@ the graph's opset:
     touched. Graph inputs and outputs keep their names and float32 types.
 
 Float16 Q/DQ scales need opset 19 (QuantizeLinear/DequantizeLinear-19): `upgrade_graph_opset`
-converts the graph with the ONNX version converter first.
+converts the graph with the ONNX version converter first (`onnxq.passes.upgrade_opset`).
 """
 
 from __future__ import annotations
@@ -50,11 +50,10 @@ import onnx_graphsurgeon as gs
 
 from onnxq.graph.names import NameSource
 from onnxq.errors import ModelError
-from onnxq.io import from_graph, to_graph
 from onnxq.passes.core import graph_pass
-from onnxq.passes.upgrade_opset import DEFAULT_DOMAINS, upgrade_opset
+from onnxq.passes.upgrade_opset import DEFAULT_DOMAINS
 
-__all__ = ["to_fp16", "upgrade_graph_opset", "DEFAULT_KEEP_FP32", "FP16_MIN_OPSET"]
+__all__ = ["to_fp16", "DEFAULT_KEEP_FP32", "FP16_MIN_OPSET"]
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +80,6 @@ _TYPE_STRS = {FLOAT32: "tensor(float)", FLOAT16: "tensor(float16)"}
 _SWITCHABLE = frozenset({FLOAT32, FLOAT16})
 _QDQ_SCALE_INPUT = 1
 _INT8_MAGNITUDE = 128
-
-
-def upgrade_graph_opset(graph: gs.Graph, min_opset: int = FP16_MIN_OPSET) -> gs.Graph:
-    """`graph` converted to opset `min_opset` by the ONNX version converter (unchanged if newer).
-
-    Raises:
-        ModelError: the converter cannot convert one of the graph's ops.
-    """
-    if graph.opset >= min_opset:
-        return graph
-    return to_graph(upgrade_opset(from_graph(graph), min_opset))
 
 
 def _dtype(tensor: gs.Tensor) -> np.dtype | None:

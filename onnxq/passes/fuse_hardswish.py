@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import ModelError
 from onnxq.passes.core import graph_pass
+from onnxq.passes.upgrade_opset import upgrade_graph_opset
 
 __all__ = ["fuse_hardswish", "HARDSWISH_OPSET"]
 
@@ -156,7 +157,6 @@ def _has_hardswish_chain(graph: gs.Graph) -> bool:
 def fuse_hardswish(graph: gs.Graph) -> gs.Graph:
     """Rewrite every hard-sigmoid / hard-swish chain into one HardSigmoid / HardSwish node."""
     if graph.opset < HARDSWISH_OPSET and _has_hardswish_chain(graph):
-        from onnxq.lower.to_fp16 import upgrade_graph_opset  # the converter round trip (import here: no cycle)
         try:
             graph = upgrade_graph_opset(graph, HARDSWISH_OPSET)
         except ModelError:

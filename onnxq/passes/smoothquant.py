@@ -49,7 +49,7 @@ from onnxq.graph.names import unique_name
 from onnxq.errors import CalibrationError, ConfigError
 from onnxq.passes.core import graph_pass
 
-__all__ = ["SmoothTarget", "smoothquant", "smoothquant_targets", "smooth_scales", "check_alpha", "MIN_SCALE",
+__all__ = ["SmoothCandidate", "smoothquant", "smoothquant_candidates", "smooth_scales", "check_alpha", "MIN_SCALE",
            "MAX_SCALE"]
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 
 @dataclass(frozen=True)
-class SmoothTarget:
+class SmoothCandidate:
     """An activation read by linear layers with constant weights, and whether it can be smoothed.
 
     Attributes:
@@ -96,9 +96,9 @@ class _Fold:
 
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """A smoothable target with the rewrites that apply it."""
+    """A smoothable candidate with the rewrites that apply it."""
 
-    target: SmoothTarget
+    candidate: SmoothCandidate
     tensor: gs.Tensor
     folds: tuple[_Fold, ...]
     readers: tuple[tuple[gs.Node, int], ...]  # (linear consumer, row axis of its weight)
@@ -204,8 +204,8 @@ def _describe(folds: tuple[_Fold, ...]) -> str:
     return " <- ".join(reversed(nodes))
 
 
-def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tuple[SmoothTarget, _Plan | None]:
-    """The target for `tensor` (which has at least one linear reader) and, if smoothable, its plan."""
+def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tuple[SmoothCandidate, _Plan | None]:
+    """The candidate for `tensor` (which has at least one linear reader) and, if smoothable, its plan."""
     readers: dict[int, tuple[gs.Node, int | None]] = {}
     for node in tensor.outputs:
         readers.setdefault(id(node), (node, _linear_row_axis(node, tensor)))
@@ -215,10 +215,10 @@ def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tu
     producer = tensor.inputs[0] if tensor.inputs else None
     names = tuple(node.name for node, _ in linear)
 
-    def result(why: str, folds: tuple[_Fold, ...] = (), channels: int = 0) -> tuple[SmoothTarget, _Plan | None]:
-        target = SmoothTarget(tensor.name, producer.name if producer else "", producer.op if producer else "",
+    def result(why: str, folds: tuple[_Fold, ...] = (), channels: int = 0) -> tuple[SmoothCandidate, _Plan | None]:
+        candidate = SmoothCandidate(tensor.name, producer.name if producer else "", producer.op if producer else "",
                               names, others if folds else (), bool(folds), why)
-        return target, (_Plan(target, tensor, folds, linear, channels) if folds else None)
+        return candidate, (_Plan(candidate, tensor, folds, linear, channels) if folds else None)
 
     sizes = {int(np.asarray(node.inputs[1].values).shape[axis]) for node, axis in linear}
     if len(sizes) != 1:
@@ -235,10 +235,10 @@ def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tu
     return result(why, folds, channels)
 
 
-def _plans(graph: gs.Graph, compensate: bool) -> list[tuple[SmoothTarget, _Plan | None]]:
-    """One (target, plan or None) per activation input of a linear layer, in graph order."""
+def _plans(graph: gs.Graph, compensate: bool) -> list[tuple[SmoothCandidate, _Plan | None]]:
+    """One (candidate, plan or None) per activation input of a linear layer, in graph order."""
     outputs = frozenset(t.name for t in graph.outputs)
-    found: list[tuple[SmoothTarget, _Plan | None]] = []
+    found: list[tuple[SmoothCandidate, _Plan | None]] = []
     seen: set[str] = set()
     for node in graph.nodes:
         tensor = node.inputs[0] if node.inputs else None
@@ -250,7 +250,7 @@ def _plans(graph: gs.Graph, compensate: bool) -> list[tuple[SmoothTarget, _Plan 
     return found
 
 
-def smoothquant_targets(graph: gs.Graph, *, compensate: bool = True) -> tuple[SmoothTarget, ...]:
+def smoothquant_candidates(graph: gs.Graph, *, compensate: bool = True) -> tuple[SmoothCandidate, ...]:
     """Every activation read by a MatMul/Gemm with a constant weight, smoothable or not, and why.
 
     Args:
@@ -258,9 +258,9 @@ def smoothquant_targets(graph: gs.Graph, *, compensate: bool = True) -> tuple[Sm
         compensate: as in `smoothquant`: whether readers other than linear layers are given X back.
 
     Returns:
-        One `SmoothTarget` per activation, in graph order.
+        One `SmoothCandidate` per activation, in graph order.
     """
-    return tuple(target for target, _ in _plans(graph, compensate))
+    return tuple(candidate for candidate, _ in _plans(graph, compensate))
 
 
 def smooth_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -> np.ndarray:
@@ -337,7 +337,7 @@ def _apply(graph: gs.Graph, plan: _Plan, act_amax: np.ndarray, alpha: float, nam
         _replace_constant(fold.node, fold.index, _rescaled(values, scales, fold.axis, fold.divide), names)
     for node, axis in plan.readers:
         _replace_constant(node, 1, _rescaled(np.asarray(node.inputs[1].values), scales, axis, False), names)
-    if plan.target.restored:
+    if plan.candidate.restored:
         _restore(graph, plan, scales, names)
     return scales
 
@@ -345,7 +345,7 @@ def _apply(graph: gs.Graph, plan: _Plan, act_amax: np.ndarray, alpha: float, nam
 def _checked_amax(plan: _Plan, amax: np.ndarray) -> np.ndarray:
     values = np.asarray(amax, dtype=np.float64).reshape(-1)
     if values.size != plan.channels:
-        raise CalibrationError(f"tensor '{plan.target.tensor_name}': {values.size} channel ranges given, "
+        raise CalibrationError(f"tensor '{plan.candidate.tensor_name}': {values.size} channel ranges given, "
                                f"its readers have {plan.channels} input channels")
     return values
 
@@ -353,7 +353,7 @@ def _checked_amax(plan: _Plan, amax: np.ndarray) -> np.ndarray:
 @graph_pass
 def smoothquant(graph: gs.Graph, channel_amax: Mapping[str, np.ndarray], *, alpha: float = 0.5,
                 compensate: bool = True) -> gs.Graph:
-    """Smooth every activation of `smoothquant_targets` that has ranges in `channel_amax`.
+    """Smooth every activation of `smoothquant_candidates` that has ranges in `channel_amax`.
 
     Args:
         graph: the prepared float graph (the pass works on a copy).
@@ -374,15 +374,15 @@ def smoothquant(graph: gs.Graph, channel_amax: Mapping[str, np.ndarray], *, alph
     names = set(graph.tensors()) | {node.name for node in graph.nodes}
     plans = _plans(graph, compensate)
     smoothed = 0
-    for target, plan in plans:
+    for candidate, plan in plans:
         if plan is None:
-            log.info("SmoothQuant: '%s' left alone: %s", target.tensor_name, target.reason)
-        elif target.tensor_name not in channel_amax:
-            log.warning("SmoothQuant: '%s' left alone: no channel ranges given for it", target.tensor_name)
+            log.info("SmoothQuant: '%s' left alone: %s", candidate.tensor_name, candidate.reason)
+        elif candidate.tensor_name not in channel_amax:
+            log.warning("SmoothQuant: '%s' left alone: no channel ranges given for it", candidate.tensor_name)
         else:
-            scales = _apply(graph, plan, _checked_amax(plan, channel_amax[target.tensor_name]), alpha, names)
+            scales = _apply(graph, plan, _checked_amax(plan, channel_amax[candidate.tensor_name]), alpha, names)
             smoothed += 1
-            log.debug("SmoothQuant: '%s' smoothed (s in [%.3g, %.3g]): %s", target.tensor_name,
-                      scales.min(), scales.max(), target.reason)
+            log.debug("SmoothQuant: '%s' smoothed (s in [%.3g, %.3g]): %s", candidate.tensor_name,
+                      scales.min(), scales.max(), candidate.reason)
     log.info("SmoothQuant (alpha %.2f): %d of %d linear-layer inputs smoothed", alpha, smoothed, len(plans))
     return graph

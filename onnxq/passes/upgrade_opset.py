@@ -16,10 +16,12 @@ import onnx
 import onnx.defs
 import onnx.helper
 import onnx.version_converter
+import onnx_graphsurgeon as gs
 
 from onnxq.errors import ModelError
+from onnxq.io import from_graph, to_graph
 
-__all__ = ["upgrade_opset", "default_opset", "DEFAULT_DOMAINS"]
+__all__ = ["upgrade_opset", "upgrade_graph_opset", "default_opset", "DEFAULT_DOMAINS"]
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +110,14 @@ def _has_schema(op_type: str, opset: int) -> bool:
     except onnx.defs.SchemaError:
         return False
     return True
+
+
+def upgrade_graph_opset(graph: gs.Graph, min_opset: int) -> gs.Graph:
+    """`graph` converted to opset `min_opset` by the ONNX version converter (unchanged if newer).
+
+    Raises:
+        ModelError: the converter cannot convert one of the graph's ops.
+    """
+    if graph.opset >= min_opset:
+        return graph
+    return to_graph(upgrade_opset(from_graph(graph), min_opset))

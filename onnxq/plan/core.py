@@ -1,35 +1,38 @@
-"""Plan where Q/DQ goes: an analysis that reads the graph and returns a frozen `QuantPlan`.
+"""What a plan is, and the planning helpers every target's planner shares.
 
-Every node gets a `NodeDecision` with a reason, whether it is quantized or left in float.
-The stages, in order:
-  1. weighted ops (Conv, ConvTranspose, Gemm, MatMul): activation input per-tensor, constant weight
-     per-channel on its output-channel axis;
-  2. residual Adds: the skip input only;
-  3. pooling: its input, when its output reaches a quantized input (through data movement);
-  4. Concat: quantized inputs and the quantized output share one scale group.
+A plan is an analysis: it reads the graph and returns a frozen `QuantPlan` in which every node has a
+`NodeDecision` with a reason, whether it is quantized or left in float. Each target's planner
+(`onnxq.targets.trt`, `onnxq.targets.ort_cpu`) fills a `PlanDraft` with its own rule tables and these
+public helpers:
+  * `plan_weighted`: a weighted op's (Conv, ConvTranspose, Gemm, MatMul) activation input per-tensor
+    and constant weight per-channel on its output-channel axis;
+  * `plan_pooling`: a pooling input, when its output reaches a quantized input;
+  * `float_reason`: why a node outside the rules stays float, from the target's reason table;
+  * `PlanDraft.finish`: the frozen plan, with scale groups.
 Graph outputs and biases never get Q/DQ; consumers outside the plan keep reading the float tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.config import Selection, Target
 from onnxq.graph.query import GraphIndex, is_constant, is_float
-from onnxq.plan.residual import feeds_softmax, is_silu_mul, residual_skip_input
-from onnxq.plan.rules import DEFAULT_FLOAT_REASON, FLOAT_REASONS, PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
-from onnxq.plan.scale_groups import scale_groups
+from onnxq.options import Selection
+from onnxq.plan.residual import feeds_softmax, is_silu_mul
+from onnxq.plan.rules import PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
 
 __all__ = [
-    "ActivationTarget", "WeightTarget", "BiasTarget", "NodeDecision", "QuantPlan", "PlanDraft", "plan_quantization",
+    "QuantizedActivation", "QuantizedWeight", "QuantizedBias", "NodeDecision", "QuantPlan", "PlanDraft",
+    "plan_weighted", "plan_pooling", "plan_rule_ops", "float_reason", "on_softmax_path",
 ]
 
 
 @dataclass(frozen=True)
-class ActivationTarget:
+class QuantizedActivation:
     """A tensor that gets one QuantizeLinear -> DequantizeLinear pair, read by `consumers`."""
 
     tensor_name: str
@@ -39,7 +42,7 @@ class ActivationTarget:
 
 
 @dataclass(frozen=True)
-class WeightTarget:
+class QuantizedWeight:
     """A constant weight stored as INT8 + per-channel DequantizeLinear for one consumer input."""
 
     tensor_name: str
@@ -50,7 +53,7 @@ class WeightTarget:
 
 
 @dataclass(frozen=True)
-class BiasTarget:
+class QuantizedBias:
     """A float bias stored as INT32 with scale s_input * s_weight (ONNX Runtime's QLinearConv/QGemm)."""
 
     tensor_name: str
@@ -71,10 +74,10 @@ class NodeDecision:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    activations: tuple[ActivationTarget, ...]
-    weights: tuple[WeightTarget, ...]
+    activations: tuple[QuantizedActivation, ...]
+    weights: tuple[QuantizedWeight, ...]
     decisions: tuple[NodeDecision, ...]
-    biases: tuple[BiasTarget, ...] = ()
+    biases: tuple[QuantizedBias, ...] = ()
 
     @property
     def activation_names(self) -> tuple[str, ...]:
@@ -97,13 +100,23 @@ class QuantPlan:
 
 @dataclass
 class PlanDraft:
-    """Mutable working state of one planning run (never leaves this module)."""
+    """Mutable working state of one planning run (a planner's own; only `finish` leaves it).
+
+    Attributes:
+        index: the graph's producer/consumer index.
+        runtime: the runtime's name as the reasons say it ("TensorRT", "ONNX Runtime").
+        quantize_attention: whether attention MatMuls on the Softmax path are quantized.
+        edges: tensor -> {(consumer, input index): why} for every quantized input slot.
+        weights, biases: the quantized weights and INT32 biases so far.
+        decisions: node name -> decision so far.
+    """
 
     index: GraphIndex
-    edges: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)  # tensor -> {(node, i): why}
-    weights: list[WeightTarget] = field(default_factory=list)
-    biases: list[BiasTarget] = field(default_factory=list)
+    runtime: str
     quantize_attention: bool = False
+    edges: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)
+    weights: list[QuantizedWeight] = field(default_factory=list)
+    biases: list[QuantizedBias] = field(default_factory=list)
     decisions: dict[str, NodeDecision] = field(default_factory=dict)
 
     def quantize_input(self, node: gs.Node, input_index: int, reason: str) -> None:
@@ -113,8 +126,17 @@ class PlanDraft:
     def decide(self, node: gs.Node, quantized: bool, reason: str) -> None:
         self.decisions[node.name] = NodeDecision(node.name, node.op, quantized, reason)
 
+    def finish(self, nodes: list[gs.Node], group_of: Callable[[str], str]) -> QuantPlan:
+        """The frozen plan: one `QuantizedActivation` per quantized tensor (its scale group from
+        `group_of`), the weights and biases, and the decisions in graph order."""
+        activations = tuple(
+            QuantizedActivation(name, tuple(sorted(uses)), group_of(name), "; ".join(sorted(set(uses.values()))))
+            for name, uses in self.edges.items())
+        return QuantPlan(activations, tuple(self.weights), tuple(self.decisions[n.name] for n in nodes),
+                         tuple(self.biases))
 
-def _on_softmax_path(node: gs.Node, index: GraphIndex) -> bool:
+
+def on_softmax_path(node: gs.Node, index: GraphIndex) -> bool:
     """An attention BMM: its output feeds a Softmax (through scaling/masking), or an input comes from one."""
     if feeds_softmax(node.outputs[0], index):
         return True
@@ -127,7 +149,7 @@ def _on_softmax_path(node: gs.Node, index: GraphIndex) -> bool:
     return False
 
 
-def _plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
+def plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
     """Quantize a weighted op's inputs, or return why it stays float."""
     rule = WEIGHTED_OPS[node.op]
     if len(node.inputs) <= rule.weight_input:
@@ -139,13 +161,13 @@ def _plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
         return f"input '{activation.name}' is a constant"
     if not is_constant(weight):
         if node.op == "MatMul" and is_float(weight):
-            if not draft.quantize_attention and _on_softmax_path(node, draft.index):
+            if not draft.quantize_attention and on_softmax_path(node, draft.index):
                 return ("attention MatMul on the Softmax path: kept float by default, like Softmax itself "
                         "(--quantize-attention quantizes it)")
             draft.quantize_input(node, 0, "activation x activation MatMul: both inputs per-tensor")
             draft.quantize_input(node, 1, "activation x activation MatMul: both inputs per-tensor")
             return None
-        return f"weight '{weight.name}' is computed at run time: TensorRT needs constant INT8 weights"
+        return f"weight '{weight.name}' is computed at run time: {draft.runtime} needs constant INT8 weights"
     weight_values = np.asarray(weight.values)
     if weight_values.dtype.kind != "f":
         return f"weight '{weight.name}' is {weight_values.dtype}, not float"
@@ -153,7 +175,7 @@ def _plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
         return f"weight '{weight.name}' has rank {weight_values.ndim}; per-channel needs rank >= 2"
     axis = rule.weight_axis(node, weight_values.ndim)
     draft.quantize_input(node, rule.activation_input, f"activation input of {node.op}: per-tensor")
-    draft.weights.append(WeightTarget(
+    draft.weights.append(QuantizedWeight(
         weight.name, node.name, rule.weight_input, axis,
         f"{node.op} weight {rule.layout}: per-channel on axis {axis}"))
     return None
@@ -169,7 +191,8 @@ def _reaches_quantized_input(tensor: gs.Tensor, draft: PlanDraft) -> bool:
     return False
 
 
-def _plan_pooling(nodes: list[gs.Node], draft: PlanDraft) -> None:
+def plan_pooling(nodes: list[gs.Node], draft: PlanDraft) -> None:
+    """Quantize each pooling input whose output reaches a quantized input; the others stay float."""
     # Reverse topological order lets a chain of pools (SPPF) follow the last one's consumer.
     for node in reversed(nodes):
         if node.op not in POOLING_OPS or node.name in draft.decisions:
@@ -181,48 +204,24 @@ def _plan_pooling(nodes: list[gs.Node], draft: PlanDraft) -> None:
             draft.decide(node, False, "pooling with no quantized consumer: kept float")
 
 
-def _float_reason(node: gs.Node, index: GraphIndex) -> str:
+def float_reason(node: gs.Node, draft: PlanDraft, reasons: Mapping[str, str], default: str) -> str:
+    """Why `node`, outside the planner's rules, stays float: from the target's `reasons` table by op type."""
     if node.outputs and not any(is_float(t) for t in node.outputs):
         return "works on integer/shape tensors: nothing to quantize"
-    if is_silu_mul(node, index) is not None:
-        return "SiLU (x * Sigmoid(x)): TensorRT fuses it into the preceding layer"
-    return FLOAT_REASONS.get(node.op, DEFAULT_FLOAT_REASON)
+    if is_silu_mul(node, draft.index) is not None:
+        return f"SiLU (x * Sigmoid(x)): {draft.runtime} fuses it into the preceding layer"
+    return reasons.get(node.op, default)
 
 
-def plan_quantization(graph: gs.Graph, selection: Selection = Selection(), target: Target = Target.TRT) -> QuantPlan:
-    """Decide, for every node of the main graph, whether and where it is quantized, and why."""
-    if target is Target.ORT_CPU:
-        from onnxq.targets.ort_cpu import plan_ort_cpu
-
-        return plan_ort_cpu(graph, selection)
-    return _plan_trt(graph, selection)
-
-
-def _plan_trt(graph: gs.Graph, selection: Selection) -> QuantPlan:
-    draft = PlanDraft(GraphIndex.build(graph), quantize_attention=selection.quantize_attention is True)
-    nodes = list(graph.nodes)
+def plan_rule_ops(nodes: list[gs.Node], draft: PlanDraft, selection: Selection, ops: Container[str],
+                  plan_one: Callable[[gs.Node, PlanDraft], str | None], why_quantized: str) -> None:
+    """The first pass of every planner: each node the user excludes stays float saying so; each node of
+    `ops` is planned by `plan_one` (None: quantized, saying `why_quantized` with {op} filled in; else
+    the reason it stays float). Other nodes are left for later passes."""
     for node in nodes:
         excluded = selection.excluded_by(node.name, node.op)
         if excluded is not None:
             draft.decide(node, False, excluded)
-        elif node.op in WEIGHTED_OPS:
-            why_not = _plan_weighted(node, draft)
-            draft.decide(node, why_not is None, why_not or f"{node.op}: INT8 kernel (TensorRT rule 1)")
-    # Only a GEMM/conv with a constant weight has an epilogue an Add can be fused into.
-    weighted = frozenset(w.consumer for w in draft.weights)
-    for node in nodes:
-        if node.op == "Add" and node.name not in draft.decisions:
-            skip, reason = residual_skip_input(node, draft.index, weighted)
-            if skip is not None and is_float(node.inputs[skip]):
-                draft.quantize_input(node, skip, reason)
-            draft.decide(node, skip is not None, reason)
-    _plan_pooling(nodes, draft)
-    for node in nodes:
-        if node.name not in draft.decisions:
-            draft.decide(node, False, _float_reason(node, draft.index))
-    groups = scale_groups(nodes, draft.edges, draft.index)
-    activations = tuple(
-        ActivationTarget(name, tuple(sorted(uses)), groups.get(name, name), "; ".join(sorted(set(uses.values()))))
-        for name, uses in draft.edges.items()
-    )
-    return QuantPlan(activations, tuple(draft.weights), tuple(draft.decisions[n.name] for n in nodes))
+        elif node.op in ops:
+            why_not = plan_one(node, draft)
+            draft.decide(node, why_not is None, why_not or why_quantized.format(op=node.op))

@@ -20,8 +20,8 @@ __all__ = [
     "POOLING_OPS",
     "PASS_THROUGH_OPS",
     "EPILOGUE_OPS",
-    "FLOAT_REASONS",
-    "DEFAULT_FLOAT_REASON",
+    "float_reasons",
+    "default_float_reason",
 ]
 
 
@@ -81,34 +81,38 @@ EPILOGUE_OPS = frozenset({
     "Tanh", "Elu", "Selu", "Softplus", "Identity", "Add", "Sub", "Mul", "Div",
 })
 
-_FUSED_ACTIVATION = "activation: TensorRT fuses it into the preceding layer; its input stays as produced"
-_DATA_MOVEMENT = "data movement: TensorRT moves Q/DQ across it, no Q/DQ of its own"
-_SENSITIVE = "numerically sensitive: kept in high precision (TensorRT runs it in float)"
-_POINTWISE = "element-wise arithmetic: kept in high precision (TensorRT fuses pointwise chains in float)"
-_SHAPE = "shape or index computation: not a quantizable tensor"
 
-FLOAT_REASONS: Mapping[str, str] = MappingProxyType({
-    **{op: _FUSED_ACTIVATION for op in (
-        "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
-        "Selu", "Softplus", "Gelu", "Mish", "ThresholdedRelu")},
-    **{op: _DATA_MOVEMENT for op in (
-        "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Split",
-        "Gather", "GatherElements", "GatherND", "Pad", "Expand", "Tile", "Resize", "Upsample",
-        "DepthToSpace", "SpaceToDepth", "Concat")},
-    **{op: _SENSITIVE for op in (
-        "Softmax", "LogSoftmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "Sqrt", "Pow", "Exp", "Log",
-        "Erf", "Reciprocal", "TopK", "ArgMax", "ArgMin", "CumSum", "Einsum", "LSTM", "GRU", "RNN")},
-    **{op: _SHAPE for op in (
-        "Shape", "Size", "ConstantOfShape", "Range", "NonZero", "Cast", "CastLike", "Equal", "Less",
-        "Greater", "Not", "And", "Or", "Where", "Constant", "OneHot")},
-    **{op: _POINTWISE for op in ("Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Sum", "Mean")},
-    "BatchNormalization": "BatchNormalization not folded into a Conv: runs in float",
-    "If": "control flow: its subgraphs are not quantized",
-    "Loop": "control flow: its subgraphs are not quantized",
-    "Scan": "control flow: its subgraphs are not quantized",
-    "QuantizeLinear": "already a quantization node",
-    "DequantizeLinear": "already a quantization node",
-})
+def float_reasons(runtime: str) -> Mapping[str, str]:
+    """Why each op type outside the INT8 rules stays float, as `runtime` ("TensorRT", "ONNX Runtime") runs it."""
+    fused = f"activation: {runtime} fuses it into the preceding layer; its input stays as produced"
+    movement = f"data movement: {runtime} moves Q/DQ across it, no Q/DQ of its own"
+    sensitive = f"numerically sensitive: kept in high precision ({runtime} runs it in float)"
+    pointwise = f"element-wise arithmetic: kept in high precision ({runtime} fuses pointwise chains in float)"
+    shape = "shape or index computation: not a quantizable tensor"
+    control_flow = "control flow: its subgraphs are not quantized"
+    return MappingProxyType({
+        **{op: fused for op in (
+            "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
+            "Selu", "Softplus", "Gelu", "Mish", "ThresholdedRelu")},
+        **{op: movement for op in (
+            "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Split",
+            "Gather", "GatherElements", "GatherND", "Pad", "Expand", "Tile", "Resize", "Upsample",
+            "DepthToSpace", "SpaceToDepth", "Concat")},
+        **{op: sensitive for op in (
+            "Softmax", "LogSoftmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
+            "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "Sqrt", "Pow", "Exp", "Log",
+            "Erf", "Reciprocal", "TopK", "ArgMax", "ArgMin", "CumSum", "Einsum", "LSTM", "GRU", "RNN")},
+        **{op: shape for op in (
+            "Shape", "Size", "ConstantOfShape", "Range", "NonZero", "Cast", "CastLike", "Equal", "Less",
+            "Greater", "Not", "And", "Or", "Where", "Constant", "OneHot")},
+        **{op: pointwise for op in ("Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Sum", "Mean")},
+        "BatchNormalization": "BatchNormalization not folded into a Conv: runs in float",
+        **{op: control_flow for op in ("If", "Loop", "Scan")},
+        "QuantizeLinear": "already a quantization node",
+        "DequantizeLinear": "already a quantization node",
+    })
 
-DEFAULT_FLOAT_REASON = "not in TensorRT's INT8 fusion rules: kept in high precision"
+
+def default_float_reason(runtime: str) -> str:
+    """Why an op type no rule names stays float."""
+    return f"not in {runtime}'s INT8 fusion rules: kept in high precision"

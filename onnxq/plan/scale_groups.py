@@ -6,14 +6,14 @@ DQ -> Q requantization survives between them. One scale for the whole group remo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import onnx_graphsurgeon as gs
 
 from onnxq.graph.query import GraphIndex
 from onnxq.plan.rules import PASS_THROUGH_OPS
 
-__all__ = ["scale_groups"]
+__all__ = ["TensorGroups", "scale_groups"]
 
 
 def _quantized_downstream(tensor: gs.Tensor, edges: Mapping[str, object], index: GraphIndex) -> list[str]:
@@ -26,25 +26,37 @@ def _quantized_downstream(tensor: gs.Tensor, edges: Mapping[str, object], index:
     return found
 
 
-def scale_groups(nodes: list[gs.Node], edges: Mapping[str, object], index: GraphIndex) -> dict[str, str]:
-    """Map each grouped tensor name to its group's name (the first member in graph order)."""
-    parent: dict[str, str] = {}
+class TensorGroups:
+    """Union-find of tensors that must share one scale and zero point.
 
-    def find(name: str) -> str:
-        while parent.get(name, name) != name:
-            name = parent[name]
+    A group is named after its member seen first (by `union` or `find` order, or by `order` when given),
+    so group names are stable across runs.
+    """
+
+    def __init__(self, order: Iterable[str] = ()) -> None:
+        self._parent: dict[str, str] = {}
+        self._rank: dict[str, int] = {name: i for i, name in enumerate(order)}
+
+    def _position(self, name: str) -> int:
+        return self._rank.setdefault(name, len(self._rank))
+
+    def find(self, name: str) -> str:
+        """The name of `name`'s group (`name` itself when it is alone)."""
+        while self._parent.get(name, name) != name:
+            name = self._parent[name]
         return name
 
-    def union(a: str, b: str) -> None:
-        root_a, root_b = find(a), find(b)
+    def union(self, a: str, b: str) -> None:
+        """Put `a` and `b` in one group."""
+        root_a, root_b = self.find(a), self.find(b)
         if root_a != root_b:
-            parent[max(root_a, root_b, key=order)] = min(root_a, root_b, key=order)
+            first, second = sorted((root_a, root_b), key=self._position)
+            self._parent[second] = first
 
-    position = {name: i for i, name in enumerate(edges)}
 
-    def order(name: str) -> int:
-        return position.get(name, len(position))
-
+def scale_groups(nodes: list[gs.Node], edges: Mapping[str, object], index: GraphIndex) -> TensorGroups:
+    """The Concat groups: each Concat's quantized inputs with the quantized tensors its output reaches."""
+    groups = TensorGroups(edges)
     for node in nodes:
         if node.op != "Concat":
             continue
@@ -53,5 +65,5 @@ def scale_groups(nodes: list[gs.Node], edges: Mapping[str, object], index: Graph
             continue
         members += [t.name for t in node.inputs if t.name in edges]
         for name in members[1:]:
-            union(members[0], name)
-    return {name: find(name) for name in edges if find(name) != name or name in parent.values()}
+            groups.union(members[0], name)
+    return groups

@@ -29,10 +29,12 @@ from onnx import numpy_helper
 from onnxq.pipeline import QuantResult
 from onnxq.calib.histogram import Histogram
 from onnxq.calib.ranges import AMAX_METHODS, group_amax
-from onnxq.config import CalibConfig, CalibMethod
+from onnxq.lower.scales import ActivationScheme
+from onnxq.targets import get_target
+from onnxq.options import CalibConfig, CalibMethod
 from onnxq.atomic import write_atomic
 from onnxq.errors import OnnxqError
-from onnxq.plan.core import ActivationTarget, NodeDecision, QuantPlan
+from onnxq.plan.core import QuantizedActivation, NodeDecision, QuantPlan
 from onnxq.report.chart import CHART_FILE, LayerRow, SensitivityRow, available, rank_layers, sensitivity_png
 from onnxq.metrics import OutputMetrics
 
@@ -131,15 +133,17 @@ def build_report(result: QuantResult, *, metrics: Mapping[str, Sequence[OutputMe
 
     calibration = result.calibration
     config = CalibConfig(percentile=percentile)
-    method_name = (method.value if isinstance(method, CalibMethod) else method) or _infer_method(result, config)
+    target = target or _infer_target(result.model)
+    scheme = get_target(target).scheme
+    method_name = (method.value if isinstance(method, CalibMethod) else method) or _infer_method(result, config, scheme)
     return QuantReport(
         model_name=model_name or result.model.graph.name or "model",
-        target=target or _infer_target(result.model),
+        target=target,
         method=method_name,
         onnxq_version=__version__,
         decisions=tuple(result.plan.decisions),
         activations=tuple(_activation_row(t, calibration.stats.get(t.tensor_name), result.group_amax.get(t.group),
-                                          config) for t in result.plan.activations),
+                                          config, scheme) for t in result.plan.activations),
         weights=_weight_rows(result.model, result.plan),
         metrics=MappingProxyType({str(key): tuple(rows) for key, rows in metrics.items()}),
         sensitivity=rank_layers(sensitivity),
@@ -155,14 +159,14 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _infer_method(result: QuantResult, config: CalibConfig) -> str:
+def _infer_method(result: QuantResult, config: CalibConfig, scheme: ActivationScheme) -> str:
     if not any(isinstance(s, Histogram) for s in result.calibration.stats.values()):
         return CalibMethod.MAX.value
     chosen = dict(result.group_amax)
     matches = []
     for method in CalibMethod:
         try:
-            if group_amax(result.plan, result.calibration.stats, replace(config, method=method)) == chosen:
+            if group_amax(result.plan, result.calibration.stats, replace(config, method=method), scheme) == chosen:
                 matches.append(method.value)
         except OnnxqError:
             continue
@@ -176,14 +180,16 @@ def _infer_target(model: onnx.ModelProto) -> str:
     return "ort-cpu" if uses_uint8 else "trt"
 
 
-def _activation_row(target: ActivationTarget, stats: Any, chosen: float | None, config: CalibConfig) -> ActivationRow:
+def _activation_row(activation: QuantizedActivation, stats: Any, chosen: float | None, config: CalibConfig,
+                    scheme: ActivationScheme) -> ActivationRow:
     by_method: dict[str, float | None] = dict.fromkeys(METHODS)
     if isinstance(stats, Histogram):
-        by_method.update({m.value: float(AMAX_METHODS[m](stats, config)) for m in CalibMethod})
+        levels = scheme.levels(stats.low, stats.high)
+        by_method.update({m.value: float(AMAX_METHODS[m](stats, config, levels)) for m in CalibMethod})
     elif stats is not None:
         by_method["max"] = float(stats.amax)
     counts = [int(getattr(stats, name, 0)) for name in ("num_values", "nan_count", "inf_count", "sentinel_count")]
-    return ActivationRow(target.tensor_name, target.group, tuple(target.consumers), _float(chosen),
+    return ActivationRow(activation.tensor_name, activation.group, tuple(activation.consumers), _float(chosen),
                          MappingProxyType(by_method), *counts,
                          _float(getattr(stats, "low", None)), _float(getattr(stats, "high", None)))
 

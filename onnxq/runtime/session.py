@@ -12,13 +12,11 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -27,6 +25,7 @@ import onnx.numpy_helper
 import onnxruntime
 
 from onnxq.errors import ConfigError, ModelError
+from onnxq.runtime.ort_errors import describe_array, ort_message
 
 __all__ = ["PROVIDER_ALIASES", "CPU_PROVIDER", "resolve_providers", "Session", "open_session"]
 
@@ -159,8 +158,8 @@ class Session:
         try:
             arrays = self.ort_session.run(names, dict(feed), run_options)
         except Exception as err:  # onnxruntime's exceptions share no base class but Exception
-            shapes = ", ".join(f"{name} {_describe_array(value)}" for name, value in feed.items())
-            raise ModelError(f"{_ort_message(err)} (inputs: {shapes or 'none'})") from None
+            shapes = ", ".join(f"{name} {describe_array(value)}" for name, value in feed.items())
+            raise ModelError(f"{ort_message(err)} (inputs: {shapes or 'none'})") from None
         feed_arrays = [value for value in feed.values() if isinstance(value, np.ndarray)]
         outputs: dict[str, np.ndarray] = {}
         for name, array in zip(names, arrays):
@@ -241,7 +240,7 @@ def open_session(
     except Exception as err:  # onnxruntime's exceptions share no base class but Exception
         if temp_dir is not None:
             temp_dir.cleanup()
-        raise ModelError(f"ONNX Runtime cannot load the model: {_ort_message(err)}") from None
+        raise ModelError(f"ONNX Runtime cannot load the model: {ort_message(err)}") from None
 
     session = Session(ort_session=ort_session, requested=requested, _temp_dir=temp_dir)
     if temp_dir is not None:
@@ -351,72 +350,6 @@ def _save_with_external_data(model: onnx.ModelProto, directory: Path) -> str:
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot write a temporary copy of the model: {err}") from None
     return os.fspath(model_path)
-
-
-def _describe_array(value: Any) -> str:
-    dtype = getattr(value, "dtype", type(value).__name__)
-    return f"{dtype}{tuple(np.shape(value))}"
-
-
-_ORT_CODE_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
-_NODE_FAILURE = re.compile(
-    r"running (?P<op>\S+) node\. Name:'(?P<name>[^']*)' Status Message: (?P<rest>.*)", re.S
-)
-_NODE_NAME_PATTERNS = (
-    re.compile(r"Name:'(?P<name>[^']+)'"),
-    re.compile(r"\bNode \((?P<name>[^)]+)\)"),
-    re.compile(r"\bnode '(?P<name>[^']+)'", re.I),
-)
-_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h|hpp):\d+\s+")
-# Detail lines after the first (e.g. "index: 0 Got: 3 Expected: 2") are kept if they are this short.
-_DETAIL_LINE_MAX_CHARS = 80
-_DETAIL_LINES_KEPT = 2
-
-
-def _strip_source_location(text: str) -> str:
-    """Drop a leading `file.cc:123 namespace::Function(args) ` that ORT puts before a message."""
-    location = _SOURCE_LOCATION.match(text)
-    if location is None:
-        return text
-    text = text[location.end() :]
-    open_paren = text.find("(")
-    if open_paren <= 0 or "::" not in text[:open_paren]:
-        return text
-    depth = 0
-    for index in range(open_paren, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[index], 0)
-        if depth == 0:
-            rest = text[index + 1 :].lstrip()
-            return rest[len("const") :].lstrip() if rest.startswith("const ") else rest
-    return text
-
-
-def _one_line(text: str) -> str:
-    """The first line of `text`, followed by up to two short detail lines, minus ORT's boilerplate."""
-    lines = [line.strip() for line in _strip_source_location(text).splitlines() if line.strip()]
-    if not lines:
-        return ""
-    details = [
-        line for line in lines[1:] if len(line) <= _DETAIL_LINE_MAX_CHARS and not line.startswith("Please ")
-    ]
-    return "; ".join([lines[0], *details[:_DETAIL_LINES_KEPT]])
-
-
-def _ort_message(err: Exception) -> str:
-    """One line from an ONNX Runtime exception, naming the node if ORT names one."""
-    text = _ORT_CODE_PREFIX.sub("", str(err).strip())
-    node_failure = _NODE_FAILURE.search(text)
-    if node_failure is not None:
-        detail = _one_line(node_failure["rest"].strip()) or "failed"
-        return f"node '{node_failure['name']}' ({node_failure['op']}): {detail}"
-    message = _one_line(text) or type(err).__name__
-    for pattern in _NODE_NAME_PATTERNS:
-        named = pattern.search(text)
-        if named is not None:
-            if named["name"] not in message:
-                message = f"{message} (node '{named['name']}')"
-            break
-    return message
 
 
 def set_runtime_log_level(verbose: bool) -> None:

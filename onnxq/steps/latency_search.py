@@ -29,16 +29,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxq.calib.calibrate import ProgressCallback
-from onnxq.runtime.session import open_session
-from onnxq.calib.stats import TensorStats
-from onnxq.config import Selection, Target
 from onnxq.errors import ConfigError
+from onnxq.plan.core import QuantPlan
+from onnxq.runtime.session import open_session
 from onnxq.runtime.timing import time_interleaved, wall_clock_timer
-from onnxq.lower.gate_qdq import exclude_nodes, gate_slots, restrict_plan
-from onnxq.plan.core import QuantPlan, plan_quantization
+from onnxq.steps.base import Job, Step, StepSkipped
 
-__all__ = ["LatencySearchConfig", "ClassTrial", "LatencySearch", "layer_classes", "search_latency"]
+__all__ = ["LatencySearchConfig", "ClassTrial", "LatencySearch", "SearchLatency", "layer_classes", "search_latency"]
+
+Replan = Callable[[Mapping[str, str]], QuantPlan]
+Progress = Callable[[int, int | None], None]
 
 # Sweeps over the classes: putting one class in float changes its neighbours' Q/DQ and layouts, so a
 # class that lost while everything around it was INT8 may win once they are float. A second sweep
@@ -75,18 +75,25 @@ class ClassTrial:
     Attributes:
         layer_class: e.g. "Conv depthwise 5x5".
         nodes: the class's quantized nodes.
-        int8_ms: median latency of the best model so far (the class INT8).
-        float_ms: median latency with the class also in float.
         kept_int8: the decision.
         reason: why, with the figures.
+        medians_ms: (the best model so far with the class INT8, the same with the class also in float),
+            median latencies in ms; also as `int8_ms` and `float_ms`.
     """
 
     layer_class: str
     nodes: tuple[str, ...]
-    int8_ms: float
-    float_ms: float
     kept_int8: bool
     reason: str
+    medians_ms: tuple[float, float]
+
+    @property
+    def int8_ms(self) -> float:
+        return self.medians_ms[0]
+
+    @property
+    def float_ms(self) -> float:
+        return self.medians_ms[1]
 
 
 @dataclass(frozen=True)
@@ -138,12 +145,6 @@ def layer_classes(graph: gs.Graph, plan: QuantPlan) -> dict[str, tuple[str, ...]
     return {name: tuple(members) for name, members in ordered}
 
 
-def _calibrated(plan: QuantPlan, stats: Mapping[str, TensorStats]) -> QuantPlan:
-    """`plan` without activation slots whose tensor has no statistics (excluding layers can add some)."""
-    allowed = {slot.key for slot in gate_slots(plan) if slot.kind != "activation" or slot.tensor_name in stats}
-    return restrict_plan(plan, allowed, "its Q/DQ would need a tensor calibration did not measure")
-
-
 class _Timer:
     """Times models on one feed: sessions with ORT's optimisations on and no spinning threads."""
 
@@ -177,20 +178,19 @@ def _trial(timer: _Timer, best: onnx.ModelProto, candidate: onnx.ModelProto, nam
                   f"({int8_ms:.2f} vs {float_ms:.2f} ms)")
     if sweep > 0:
         reason += f" [sweep {sweep + 1}]"
-    return ClassTrial(name, members, int8_ms, float_ms, gain <= config.min_gain, reason)
+    return ClassTrial(name, members, gain <= config.min_gain, reason, (int8_ms, float_ms))
 
 
-def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats: Mapping[str, TensorStats],
-                   build: Callable[[QuantPlan], onnx.ModelProto], float_model: onnx.ModelProto,
-                   feed: Mapping[str, np.ndarray], config: LatencySearchConfig = LatencySearchConfig(),
-                   on_progress: ProgressCallback | None = None) -> tuple[QuantPlan, onnx.ModelProto, LatencySearch]:
+def search_latency(graph: gs.Graph, plan: QuantPlan, replan: Replan, build: Callable[[QuantPlan], onnx.ModelProto],
+                   float_model: onnx.ModelProto, feed: Mapping[str, np.ndarray],
+                   config: LatencySearchConfig = LatencySearchConfig(),
+                   on_progress: Progress | None = None) -> tuple[QuantPlan, onnx.ModelProto, LatencySearch]:
     """Leave in float every class of layers that ORT's CPU provider runs faster in float (see module doc).
 
     Args:
         graph: the prepared float graph the plan was made for.
-        plan: the full `--target ort-cpu` plan.
-        selection: the user's selection (exclusions are added to it).
-        stats: the calibration statistics (a plan that needs a tensor without them drops that slot).
+        plan: the plan to start from.
+        replan: the plan with these nodes (name -> reason) also kept float (`Job.replan`).
         build: makes the checked INT8 model of a plan.
         float_model: the float model as given, for the reference latency.
         feed: one calibration batch to time on.
@@ -204,22 +204,21 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats
     classes = layer_classes(graph, plan)
     best_plan, best_model = plan, build(plan)
     float_ms, start_ms = timer.medians([float_model, best_model])
-    float_nodes: list[str] = []
+    float_nodes: dict[str, str] = {}
     trials: list[ClassTrial] = []
     pending = dict(classes)
     total = len(classes)
     for sweep in range(_SWEEPS):
         changed = False
         for name, members in list(pending.items()):
-            candidate_plan = _calibrated(
-                plan_quantization(graph, exclude_nodes(selection, [*float_nodes, *members]), Target.ORT_CPU), stats)
+            candidate_plan = replan({**float_nodes, **dict.fromkeys(members, "")})
             candidate = build(candidate_plan)
             trial = _trial(timer, best_model, candidate, name, members, config, sweep)
             if not trial.kept_int8:
-                float_nodes.extend(members)
+                float_nodes.update(dict.fromkeys(members, f"latency search: {name} kept float, {trial.reason}"))
                 del pending[name]
                 changed = True
-                best_plan, best_model = candidate_plan, candidate
+                best_plan, best_model = replan(float_nodes), candidate
             trials.append(trial)
             if on_progress is not None:
                 on_progress(len(trials), total)
@@ -231,3 +230,45 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, selection: Selection, stats
     else:
         final_ms = start_ms
     return best_plan, best_model, LatencySearch(float_ms, start_ms, final_ms, tuple(trials), tuple(float_nodes))
+
+
+@dataclass(frozen=True)
+class SearchLatency(Step):
+    """The latency search as a step of `quantize` (after calibration: needs a batch to time).
+
+    Attributes:
+        config: how it measures.
+        requested: True when the user asked for it (refused where it cannot run); False when it runs
+            as the target's default (then skipped, with a finding saying why, where it cannot).
+    """
+
+    config: LatencySearchConfig = LatencySearchConfig()
+    requested: bool = True
+    name = "latency search"
+
+    def _why_not(self, job: Job) -> str | None:
+        if job.target.latency_search_unsupported:
+            return f"it is not for --target {job.target.name} ({job.target.latency_search_unsupported})"
+        if job.source is None:
+            return "a statistics file holds no batch to time (give --calib for one)"
+        return None
+
+    def check(self, job: Job) -> None:
+        why_not = self._why_not(job)
+        if why_not is not None and self.requested:
+            raise ConfigError(f"--latency-search cannot run: {why_not}")
+
+    def refine(self, job: Job, plan: QuantPlan) -> tuple[QuantPlan, LatencySearch | StepSkipped | None]:
+        why_not = self._why_not(job)
+        if why_not is not None:
+            return plan, StepSkipped(self.name, f"no latency search: {why_not}")
+        if not plan.quantized_nodes:
+            return plan, None  # nothing to time (the result notes that nothing was quantized)
+        feed = job.first_batch()
+        if feed is None:
+            return plan, StepSkipped(self.name, "no latency search: the calibration data holds no full batch")
+        assert job.graph is not None
+        chosen, _, found = search_latency(job.graph, plan, job.replan, job.build, job.model, feed, self.config,
+                                          job.progress("timing layer classes"))
+        job.keep_float({d.node_name: d.reason for d in chosen.decisions if d.node_name in found.float_nodes})
+        return chosen, found

@@ -18,13 +18,24 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxq.config import Selection
-from onnxq.graph.query import GraphIndex, is_constant, is_float
-from onnxq.plan.core import ActivationTarget, BiasTarget, PlanDraft, QuantPlan, _float_reason, _plan_weighted
-from onnxq.plan.residual import feeds_softmax
-from onnxq.plan.rules import WEIGHTED_OPS
+from dataclasses import dataclass
 
-__all__ = ["plan_ort_cpu", "QLINEAR_OPS", "SAME_SCALE_OPS"]
+from onnxq.graph.query import GraphIndex, is_constant, is_float
+from onnxq.lower.scales import UINT8_ASYMMETRIC, ActivationScheme
+from onnxq.options import Selection
+from onnxq.passes.core import GraphPass
+from onnxq.passes.shuffle_to_gather import shuffle_to_gather
+from onnxq.plan.core import PlanDraft, QuantizedBias, QuantPlan, float_reason, plan_rule_ops, plan_weighted
+from onnxq.plan.residual import feeds_softmax
+from onnxq.plan.rules import WEIGHTED_OPS, default_float_reason, float_reasons
+from onnxq.plan.scale_groups import TensorGroups
+from onnxq.targets.base import QuantTarget
+
+__all__ = ["OrtCpu", "QLINEAR_OPS", "SAME_SCALE_OPS"]
+
+_RUNTIME = "ONNX Runtime"
+_FLOAT_REASONS = float_reasons(_RUNTIME)
+_DEFAULT_FLOAT_REASON = default_float_reason(_RUNTIME)
 
 # Ops ORT runs as integer kernels when every float input and the output are quantized.
 QLINEAR_OPS = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"})
@@ -38,23 +49,6 @@ SAME_SCALE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqu
 ABSORBED_OPS = frozenset({"Relu", "Clip"})
 # Outputs quantized only when an integer kernel reads them.
 FLOAT_OUTPUT_OK = frozenset({"MatMul", "Gemm"})
-
-
-class _Groups:
-    """Union-find of tensors that must share scale and zero point."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, name: str) -> str:
-        while self.parent.get(name, name) != name:
-            name = self.parent[name]
-        return name
-
-    def union(self, keep: str, other: str) -> None:
-        root_keep, root_other = self.find(keep), self.find(other)
-        if root_keep != root_other:
-            self.parent[root_other] = root_keep
 
 
 def _absorbed_output(node: gs.Node, index: GraphIndex) -> gs.Tensor:
@@ -89,7 +83,7 @@ def _integer_produced(tensor: gs.Tensor, draft: PlanDraft) -> bool:
     return decision is not None and decision.quantized and producer.op not in FLOAT_OUTPUT_OK
 
 
-def _bias_target(node: gs.Node, draft: PlanDraft) -> BiasTarget | None:
+def _bias_target(node: gs.Node, draft: PlanDraft) -> QuantizedBias | None:
     bias_index = 2
     if node.op not in ("Conv", "Gemm") or len(node.inputs) <= bias_index or not is_constant(node.inputs[bias_index]):
         return None
@@ -99,7 +93,7 @@ def _bias_target(node: gs.Node, draft: PlanDraft) -> BiasTarget | None:
         return None
     if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
         return None
-    return BiasTarget(bias.name, node.name, bias_index, node.inputs[0].name, weight.tensor_name, weight.axis)
+    return QuantizedBias(bias.name, node.name, bias_index, node.inputs[0].name, weight.tensor_name, weight.axis)
 
 
 def _plan_qlinear(node: gs.Node, draft: PlanDraft) -> str | None:
@@ -110,7 +104,7 @@ def _plan_qlinear(node: gs.Node, draft: PlanDraft) -> str | None:
     if not variables or not all(is_float(t) for t in variables):
         return "has no float activation input"
     if node.op in WEIGHTED_OPS:
-        why_not = _plan_weighted(node, draft)
+        why_not = plan_weighted(node, draft)
         if why_not is not None:
             return why_not
         bias = _bias_target(node, draft)
@@ -130,19 +124,12 @@ def _plan_qlinear(node: gs.Node, draft: PlanDraft) -> str | None:
     return None
 
 
-def plan_ort_cpu(graph: gs.Graph, selection: Selection = Selection()) -> QuantPlan:
+def _plan(graph: gs.Graph, selection: Selection, quantize_attention: bool) -> QuantPlan:
     """Plan uint8-activation / int8-weight Q/DQ that ONNX Runtime's CPU provider fuses."""
-    # Attention MatMuls are quantized unless the user said otherwise (see Selection.quantize_attention).
-    draft = PlanDraft(GraphIndex.build(graph), quantize_attention=selection.quantize_attention is not False)
-    groups = _Groups()
+    draft = PlanDraft(GraphIndex.build(graph), _RUNTIME, quantize_attention)
+    groups = TensorGroups()
     nodes = list(graph.nodes)
-    for node in nodes:
-        excluded = selection.excluded_by(node.name, node.op)
-        if excluded is not None:
-            draft.decide(node, False, excluded)
-        elif node.op in QLINEAR_OPS:
-            why_not = _plan_qlinear(node, draft)
-            draft.decide(node, why_not is None, why_not or f"{node.op}: ONNX Runtime integer kernel")
+    plan_rule_ops(nodes, draft, selection, QLINEAR_OPS, _plan_qlinear, "{op}: ONNX Runtime integer kernel")
     for node in nodes:  # graph order: a producer's output is marked before its consumers are visited
         if node.name in draft.decisions or node.op not in SAME_SCALE_OPS:
             continue
@@ -153,12 +140,28 @@ def plan_ort_cpu(graph: gs.Graph, selection: Selection = Selection()) -> QuantPl
             draft.decide(node, True, f"{node.op} on uint8: same scale on both sides")
     for node in nodes:
         if node.name not in draft.decisions:
-            reason = _float_reason(node, draft.index).replace("TensorRT", "ONNX Runtime")
+            reason = float_reason(node, draft, _FLOAT_REASONS, _DEFAULT_FLOAT_REASON)
             if node.op in ABSORBED_OPS:
                 reason = "activation: folded into the following QuantizeLinear by ONNX Runtime"
             draft.decide(node, False, reason)
-    activations = tuple(
-        ActivationTarget(name, tuple(sorted(uses)), groups.find(name), "; ".join(sorted(set(uses.values()))))
-        for name, uses in draft.edges.items())
-    return QuantPlan(activations, tuple(draft.weights), tuple(draft.decisions[n.name] for n in nodes),
-                     tuple(draft.biases))
+    return draft.finish(nodes, groups.find)
+
+
+@dataclass(frozen=True)
+class OrtCpu(QuantTarget):
+    """ONNX Runtime's CPU provider: uint8 activations, int8 per-channel weights, int32 biases.
+
+    Attention MatMuls are quantized by default (ORT's integer MatMul is where its speed-up on
+    transformers comes from; its own quantize_static does the same), and the latency search runs by
+    default, because whether an integer kernel beats its float one depends on the machine.
+    """
+
+    name: str = "ort-cpu"
+    runtime: str = _RUNTIME
+    scheme: ActivationScheme = UINT8_ASYMMETRIC
+    prepare_passes: tuple[GraphPass, ...] = (shuffle_to_gather,)
+    quantize_attention: bool = True
+    latency_search: bool = True
+
+    def plan(self, graph: gs.Graph, selection: Selection) -> QuantPlan:
+        return _plan(graph, selection, self.attention_quantized(selection))

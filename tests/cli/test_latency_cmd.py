@@ -8,8 +8,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnxq.config import Target
-from onnxq_cli.quantize import _latency_search
+import onnxq
+from onnxq.steps.latency_search import SearchLatency
 from tests.support.cli import assert_one_line_error, invoke
 from tests.support.paths import REPO
 
@@ -19,7 +19,7 @@ CALIB = REPO / "models" / "data" / "textlines" / "ppocr_cls_calib.npz"
 
 def test_latency_search_needs_the_ort_cpu_target(tmp_path: Path) -> None:
     outcome = invoke("quantize", PPOCR, "--calib", CALIB, "-o", tmp_path / "q.onnx", "--latency-search")
-    assert_one_line_error(outcome, 2, "--latency-search is for --target ort-cpu")
+    assert_one_line_error(outcome, 2, "--latency-search cannot run: it is not for --target trt")
     assert not any(tmp_path.iterdir())
 
 
@@ -47,19 +47,40 @@ def test_ort_cpu_from_a_statistics_file_says_why_it_did_not_search(tmp_path: Pat
     assert invoke("calibrate", PPOCR, "--calib", CALIB, "-o", stats, "--target", "ort-cpu").code == 0
     outcome = invoke("quantize", PPOCR, "--stats", stats, "-o", tmp_path / "q.onnx", "--target", "ort-cpu")
     assert outcome.code == 0, outcome
-    assert "no latency search: --stats holds no batch to time" in outcome.stdout
+    assert "no latency search: a statistics file holds no batch to time" in outcome.stdout
 
 
-@pytest.mark.parametrize(("flag", "target", "from_stats", "accuracy", "search", "skipped"), [
-    (None, Target.ORT_CPU, False, False, True, False),
-    (None, Target.ORT_CPU, True, False, False, True),
-    (None, Target.ORT_CPU, False, True, False, True),
-    (None, Target.TRT, False, False, False, False),
-    (False, Target.ORT_CPU, False, False, False, False),
-    (True, Target.ORT_CPU, False, True, True, False),  # explicit: the library refuses the combination
-    (True, Target.TRT, False, False, True, False),
+@pytest.mark.parametrize(("flag", "target", "search", "requested"), [
+    (None, "ort-cpu", True, False),  # the target's default: skipped with a note where it cannot run
+    (None, "trt", False, None),
+    (False, "ort-cpu", False, None),
+    (True, "ort-cpu", True, True),  # asked for: refused where it cannot run
+    (True, "trt", True, True),
 ])
-def test_the_default_is_resolved_from_target_data_and_accuracy(flag: bool | None, target: Target, from_stats: bool,
-                                                              accuracy: bool, search: bool, skipped: bool) -> None:
-    decided, note = _latency_search(flag, target, from_stats, accuracy)
-    assert decided is search and (note is not None) is skipped
+def test_the_library_resolves_the_default_from_the_target(flag: bool | None, target: str, search: bool,
+                                                          requested: bool | None) -> None:
+    steps = onnxq.steps_for(onnxq.QuantConfig(target=target, latency_search=flag))
+    found = [step for step in steps if isinstance(step, SearchLatency)]
+    assert bool(found) is search
+    if found:
+        assert found[0].requested is requested
+
+
+def test_latency_search_and_an_accuracy_target_compose_in_that_order() -> None:
+    steps = onnxq.steps_for(onnxq.QuantConfig(target="ort-cpu", latency_search=True),
+                            accuracy=onnxq.AccuracyGoal(min_cosine=0.9))
+    assert [type(step).__name__ for step in steps] == ["SearchLatency", "MeetAccuracy"]
+
+
+def test_latency_search_then_an_accuracy_target_on_one_run(tmp_path: Path) -> None:
+    """Both steps run on one model: the latency search first, then the fallback from its plan; the summary
+    shows both findings in that order and the written model meets the target on the held-back samples."""
+    out = tmp_path / "q.onnx"
+    outcome = invoke("quantize", PPOCR, "--calib", CALIB, "-o", out, "--target", "ort-cpu", "--min-cosine", "0.99",
+                     "--held-back", "8")
+    assert outcome.code == 0, outcome
+    lines = outcome.stdout.splitlines()
+    order = [i for i, line in enumerate(lines) if line.startswith(("  latency ", "  sensitivity ", "  fallback "))]
+    assert [lines[i].split()[0] for i in order] == ["latency", "sensitivity", "fallback"]
+    assert "cosine >= 0.99: met" in lines[order[2]]
+    onnx.checker.check_model(str(out), full_check=True)

@@ -1,4 +1,4 @@
-"""Gated Q/DQ (`gate_qdq`, `LayerMap`): the gates reproduce the quantized, the float and every fallen-back model."""
+"""Gated Q/DQ (`gate_qdq`): the gates reproduce the quantized, the float and every fallen-back model."""
 
 from __future__ import annotations
 
@@ -9,27 +9,31 @@ import pytest
 import models
 from onnxq.calib.calibrate import calibrate
 from onnxq.calib.ranges import activation_params
-from onnxq.config import CalibConfig, Selection, Target
+from onnxq.config import Target
 from onnxq.data.feeds import FeedsSource
 from onnxq.io import from_graph
-from onnxq.lower.gate_qdq import LayerMap, gate_qdq
+from onnxq.lower.gate_qdq import gate_qdq
 from onnxq.lower.insert_qdq import insert_qdq
+from onnxq.options import CalibConfig, Selection
 from onnxq.pipeline import prepare
-from onnxq.plan.core import QuantPlan, plan_quantization
+from onnxq.plan.core import QuantPlan
+from onnxq.plan.replan import Replanner
 from onnxq.runtime.session import open_session
+from onnxq.steps.accuracy.layers import LayerMap
+from onnxq.targets import get_target, plan_quantization
 
 
 def _setup(model: onnx.ModelProto, target: Target):
     graph = prepare(model)
     plan = plan_quantization(graph, Selection(), target)
-    layers = LayerMap(graph, plan, Selection(), target)
+    layers = LayerMap(Replanner(graph, get_target(target).plan, Selection()))
     source = FeedsSource([models.random_feeds(model, batch=4, seed=s) for s in range(2)])
     stats = calibrate(graph, layers.calibrated_names, source, CalibConfig()).stats
     return graph, layers, stats
 
 
 def _params(plan: QuantPlan, stats, target: Target):
-    return activation_params(plan, stats, CalibConfig(), target)
+    return activation_params(plan, stats, CalibConfig(), get_target(target).scheme)
 
 
 @pytest.mark.parametrize(("name", "target"), [("residual_cnn", Target.TRT), ("transformer_encoder", Target.TRT),
@@ -71,18 +75,3 @@ def _same_scales(plan: QuantPlan, gated_plan: QuantPlan, gated_scales, stats, ta
     groups = {a.tensor_name: a.group for a in gated_plan.activations}
     scales = _params(plan, stats, target)
     return all(scales[a.group] == gated_scales[groups[a.tensor_name]] for a in plan.activations)
-
-
-def test_falling_back_a_conv_moves_the_residual_quantization_to_the_other_branch() -> None:
-    graph = prepare(models.BUILDERS["residual_cnn"]())
-    plan = plan_quantization(graph)
-    layers = LayerMap(graph, plan, Selection(), Target.TRT)
-    extra = set(layers.calibrated_names) - set(plan.activation_names)
-    assert extra, "excluding a Conv of a two-Conv residual block should quantize the Add's other input"
-    owners = {layers.slots[i].consumer: layer.node_name for layer in layers.layers for i in layer.slots
-              if layers.slots[i].consumer != layer.node_name}
-    assert owners, "a Conv should take the skip input of the Add fused into it along when it falls back"
-    restricted = layers.restricted(set(plan.activation_names))
-    assert restricted.calibrated_names == plan.activation_names
-    fallen = [layer.node_name for layer in layers.layers]
-    assert not restricted.final_plan(fallen).activations

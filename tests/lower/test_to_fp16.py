@@ -22,10 +22,12 @@ from onnx import TensorProto, helper, numpy_helper
 import models
 from onnxq.pipeline import prepare, quantize
 from onnxq.data.feeds import FeedsSource
-from onnxq.config import HighPrecision, QuantConfig
+from onnxq.config import QuantConfig
+from onnxq.options import HighPrecision
 from onnxq.errors import ModelError
 from onnxq.io import from_graph, to_graph
-from onnxq.lower.to_fp16 import DEFAULT_KEEP_FP32, FP16_MIN_OPSET, to_fp16, upgrade_graph_opset
+from onnxq.lower.to_fp16 import DEFAULT_KEEP_FP32, FP16_MIN_OPSET, to_fp16
+from onnxq.passes.upgrade_opset import upgrade_graph_opset
 from onnxq.passes.upgrade_opset import upgrade_opset
 from tests.support.paths import MODELS
 from tests.support.qdq_checks import WEIGHTED, ModelView, check_weight_dq
@@ -121,7 +123,7 @@ def test_fp16_model_numerics(name: str, quantized) -> None:
 def test_opset_19_conversion_keeps_outputs(name: str) -> None:
     """The version converter's 17 -> 19 step leaves every op's semantics (ORT outputs) unchanged."""
     prepared = from_graph(prepare(_load(name)))
-    upgraded = from_graph(upgrade_graph_opset(to_graph(prepared)))
+    upgraded = from_graph(upgrade_graph_opset(to_graph(prepared), FP16_MIN_OPSET))
     assert prepared.opset_import[0].version < FP16_MIN_OPSET <= upgraded.opset_import[0].version
     onnx.checker.check_model(upgraded, full_check=True)
     feeds = models.random_feeds(prepared, batch=1, seed=3)

@@ -22,14 +22,14 @@ from onnxq.calib.calibrate import calibrate
 from onnxq.calib.channel_absmax import channel_absmax
 from onnxq.data.sources import CalibSource
 from onnxq.data.feeds import FeedsSource
-from onnxq.calib.ranges import group_amax
+from onnxq.calib.ranges import activation_params
 from onnxq.runtime.session import open_session
-from onnxq.config import CalibConfig
+from onnxq.options import CalibConfig
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 from onnxq.io import check_model, from_graph
 from onnxq.lower.insert_qdq import insert_qdq
-from onnxq.passes.smoothquant import MAX_SCALE, MIN_SCALE, smooth_scales, smoothquant, smoothquant_targets
-from onnxq.plan.core import plan_quantization
+from onnxq.passes.smoothquant import MAX_SCALE, MIN_SCALE, smooth_scales, smoothquant, smoothquant_candidates
+from onnxq.targets import plan_quantization
 from onnxq.metrics import OutputMetrics, compare_models
 
 RELATIVE_ATOL = 1e-4
@@ -44,11 +44,11 @@ def quantize_smoothed(model: onnx.ModelProto, source: CalibSource, alpha: float 
     config = CalibConfig(batch_size=4)
     graph = prepare(model)
     if alpha is not None:
-        names = [t.tensor_name for t in smoothquant_targets(graph) if t.smoothable]
+        names = [t.tensor_name for t in smoothquant_candidates(graph) if t.smoothable]
         graph = smoothquant(graph, channel_absmax(graph, names, source, config), alpha=alpha)
     plan = plan_quantization(graph)
     calibration = calibrate(graph, plan.activation_names, source, config)
-    quantized = from_graph(insert_qdq(graph, plan, group_amax(plan, calibration.stats, config)), template=model)
+    quantized = from_graph(insert_qdq(graph, plan, activation_params(plan, calibration.stats, config)), template=model)
     check_model(quantized, "the quantized model")
     return quantized
 
@@ -68,7 +68,7 @@ def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[lis
 def _smooth(model: onnx.ModelProto, alpha: float = 0.5, **options) -> tuple[gs.Graph, gs.Graph]:
     """(prepared graph, smoothed graph), ranges measured on the model's own random feeds."""
     graph = prepare(model)
-    names = [t.tensor_name for t in smoothquant_targets(graph, **options) if t.smoothable]
+    names = [t.tensor_name for t in smoothquant_candidates(graph, **options) if t.smoothable]
     amax = channel_absmax(graph, names, FeedsSource(_feeds(model, 2)), CalibConfig())
     return graph, smoothquant(graph, amax, alpha=alpha, **options)
 
@@ -105,7 +105,7 @@ def _outlier_gamma(rng: np.random.Generator, k: int) -> np.ndarray:
 
 
 def _target(graph: gs.Graph, tensor_name: str, **options):
-    (target,) = [t for t in smoothquant_targets(graph, **options) if t.tensor_name == tensor_name]
+    (target,) = [t for t in smoothquant_candidates(graph, **options) if t.tensor_name == tensor_name]
     return target
 
 
@@ -120,7 +120,7 @@ def test_outlier_encoder_float_outputs_unchanged_and_caller_graph_untouched() ->
     _assert_same_float_outputs(model, before, after)
     for name, values in originals.items():  # the pass never writes into existing constants
         np.testing.assert_array_equal(np.asarray(graph.tensors()[name].values), values)
-    smoothed = [t for t in smoothquant_targets(graph) if t.smoothable]
+    smoothed = [t for t in smoothquant_candidates(graph) if t.smoothable]
     assert sorted(t.producer for t in smoothed) == [f"layer{i}/{n}_norm" for i in (1, 2) for n in ("attn", "ffn")]
     assert "layer1/attn_norm.scale_smoothed" in _smoothed_constants(after)
     assert not [n for n in after.nodes if "smoothquant_restore" in n.name]  # pre-LN: no residual readers
@@ -240,7 +240,7 @@ def test_layer_norm_written_out_and_matmul_add_producers() -> None:
          "divisor": rng.uniform(0.5, 2.0, (1, 6)), "w3": rng.normal(0, 0.3, (6, 4))})
     before, after = _smooth(model)
     _assert_same_float_outputs(model, before, after)
-    smoothable = {t.tensor_name: t for t in smoothquant_targets(before) if t.smoothable}
+    smoothable = {t.tensor_name: t for t in smoothquant_candidates(before) if t.smoothable}
     assert sorted(smoothable) == ["h_bias", "normed", "z_div"]
     assert "Add 'beta_add' <- Mul 'gamma_mul'" in smoothable["normed"].reason
     assert {"gamma_smoothed", "beta_smoothed", "b1_smoothed", "divisor_smoothed"} <= _smoothed_constants(after)
@@ -256,11 +256,11 @@ def test_skipped_targets_carry_reasons() -> None:
          helper.make_node("Relu", ["h"], ["r"], name="relu"),
          helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
         ["N", 8], ["y"], {"w1": rng.normal(0, 1, (8, 8)), "w2": rng.normal(0, 1, (8, 4))})
-    targets = {t.tensor_name: t for t in smoothquant_targets(prepare(model))}
+    targets = {t.tensor_name: t for t in smoothquant_candidates(prepare(model))}
     assert not targets["x"].smoothable and "graph input" in targets["x"].reason
     assert not targets["r"].smoothable and "'relu' (Relu) cannot absorb" in targets["r"].reason
     assert targets["r"].consumers == ("fc2",) and targets["r"].producer_op == "Relu"
-    encoder = {t.tensor_name: t for t in smoothquant_targets(prepare(models.BUILDERS["outlier_encoder"]()))}
+    encoder = {t.tensor_name: t for t in smoothquant_candidates(prepare(models.BUILDERS["outlier_encoder"]()))}
     reshape = encoder["layer1/attn/merge_reshape_output_0"]
     assert not reshape.smoothable and "(Reshape) cannot absorb" in reshape.reason
     gelu = encoder["layer1/ffn/gelu/mul_half_output_0"]  # x * 0.5: a scalar stays a scalar

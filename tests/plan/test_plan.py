@@ -7,7 +7,7 @@ import pytest
 
 import models
 from onnxq.pipeline import inspect
-from onnxq.config import Selection
+from onnxq.options import Selection
 from onnxq.plan.core import QuantPlan
 from tests.support.paths import MODELS
 

@@ -14,7 +14,7 @@ from onnxq.pipeline import prepare
 from onnxq.runtime.session import open_session
 from onnxq.errors import ConfigError
 from onnxq.steps.latency_search import LatencySearchConfig, layer_classes
-from onnxq.plan.core import plan_quantization
+from onnxq.targets import plan_quantization
 from tests.support.paths import MODELS
 
 PPOCR = MODELS / "ppocr_mobile_v2_cls.onnx"
@@ -82,7 +82,8 @@ def test_real_search_on_the_ppocr_classifier(ppocr: onnx.ModelProto, calib: onnx
     config = LatencySearchConfig(runs=3, warmup=1)
     progress: list[tuple[int, int | None]] = []
     result = onnxq.quantize(ppocr, calib, _ort_cpu(), latency=config,
-                            on_latency_progress=lambda done, total: progress.append((done, total)))
+                            on_progress=lambda stage, done, total: progress.append((done, total))
+                            if stage == "timing layer classes" else None)
     search = result.latency
     assert search is not None
     classes = layer_classes(prepare(ppocr), plan_quantization(prepare(ppocr), target=onnxq.Target.ORT_CPU))
@@ -108,10 +109,10 @@ def test_real_search_on_the_ppocr_classifier(ppocr: onnx.ModelProto, calib: onnx
 
 def test_latency_search_is_refused_where_it_cannot_run(ppocr: onnx.ModelProto, calib: onnxq.FeedsSource,
                                                        tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--latency-search is for --target ort-cpu"):
+    with pytest.raises(ConfigError, match="--latency-search cannot run: it is not for --target trt"):
         onnxq.quantize(ppocr, calib, onnxq.QuantConfig(), latency=LatencySearchConfig())
     stats, _ = onnxq.collect_stats(ppocr, calib)
-    with pytest.raises(ConfigError, match="needs calibration data"):
+    with pytest.raises(ConfigError, match="a statistics file holds no batch to time"):
         onnxq.quantize(ppocr, config=_ort_cpu(), stats=stats, latency=LatencySearchConfig())
     with pytest.raises(ConfigError, match="at least 3 runs|>= 3 runs"):
         LatencySearchConfig(runs=1)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from onnxq.errors import MissingDependencyError, OnnxqError
+from onnxq.errors import MissingDependencyError, OnnxqError, first_line
 
 __all__ = [
     "CudaError",
@@ -63,11 +63,6 @@ class CudaError(OnnxqError):
     """A CUDA runtime call failed (out of memory, a launch failure, a lost device)."""
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def version_of(trt: ModuleType) -> tuple[int, int]:
     """The (major, minor) version of an imported `tensorrt` module, from its `__version__`.
 
@@ -91,11 +86,11 @@ def require_tensorrt() -> ModuleType:
         trt = importlib.import_module("tensorrt")
     except ModuleNotFoundError as err:
         if err.name not in (None, "tensorrt"):  # tensorrt is there but one of its own imports is not
-            raise MissingDependencyError(f"TensorRT is installed but cannot be loaded ({_first_line(err)}): "
+            raise MissingDependencyError(f"TensorRT is installed but cannot be loaded ({first_line(err)}): "
                                          f"reinstall it: {TENSORRT_INSTALL}") from None
         raise MissingDependencyError(f"TensorRT is not installed: {TENSORRT_INSTALL}") from None
     except (ImportError, OSError) as err:  # e.g. libnvinfer.so or the CUDA libraries not found
-        raise MissingDependencyError(f"TensorRT is installed but cannot be loaded ({_first_line(err)}): "
+        raise MissingDependencyError(f"TensorRT is installed but cannot be loaded ({first_line(err)}): "
                                      f"reinstall it: {TENSORRT_INSTALL}") from None
     version = version_of(trt)
     if version < MIN_TENSORRT:
@@ -126,7 +121,7 @@ def require_cuda_runtime() -> ModuleType:
         except ModuleNotFoundError:
             continue
         except (ImportError, OSError) as err:
-            failures.append(f"{name}: {_first_line(err)}")
+            failures.append(f"{name}: {first_line(err)}")
     if failures:
         raise MissingDependencyError(f"the CUDA Python bindings cannot be loaded ({'; '.join(failures)}): "
                                      f"{CUDA_BINDINGS_INSTALL}")
@@ -178,7 +173,7 @@ def require_gpu() -> None:
     try:
         status, count = cudart.cudaGetDeviceCount()
     except (RuntimeError, OSError) as err:  # the bindings could not load the driver library
-        raise MissingDependencyError(f"no CUDA GPU visible: {_first_line(err)} ({hint})") from None
+        raise MissingDependencyError(f"no CUDA GPU visible: {first_line(err)} ({hint})") from None
     if _status_code(status) != 0:
         raise MissingDependencyError(f"no CUDA GPU visible: the CUDA runtime reports {_status_name(status)} ({hint})")
     if int(count) < 1:

@@ -12,7 +12,7 @@
    fall back (1, 2, 4, ... more, each built and measured) and `FallbackResult.note` says so.
 
 A target that needs every layer in float cannot be met: `TargetNotMetError` (a `CalibrationError`),
-unless `AccuracyTarget.write_anyway`, which keeps the fully quantized model.
+unless `AccuracyGoal.write_anyway`, which keeps the fully quantized model.
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import onnx
 
 from onnxq.data.sources import CalibSource
 from onnxq.calib.ranges import activation_params
 from onnxq.calib.stats import TensorStats
-from onnxq.config import AccuracyTarget, CalibConfig
+from onnxq.config import AccuracyGoal
+from onnxq.options import CalibConfig
 from onnxq.errors import CalibrationError
-from onnxq.lower.gate_qdq import LayerMap
+from onnxq.lower.scales import INT8_SYMMETRIC, ActivationScheme
+from onnxq.plan.replan import with_reasons
+from onnxq.steps.accuracy.layers import LayerMap
 from onnxq.plan.core import QuantPlan
 from onnxq.steps.accuracy.sensitivity import (GatedRunner, HeldBack, LayerSensitivity, RunCallback, SensitivityResult, load_held_back,
                           measure_model, measure_sensitivity, worst)
@@ -84,7 +87,7 @@ class FallbackResult:
     met: bool
     seconds: float
     runs: int = 0
-    target: AccuracyTarget = AccuracyTarget()
+    target: AccuracyGoal = AccuracyGoal()
     estimate: tuple[OutputMetrics, ...] = ()
     note: str = ""
 
@@ -119,7 +122,7 @@ def _cosine_db(cosine: float) -> float:
     return -10.0 * math.log10(max(1.0 - cosine, _COSINE_FLOOR))
 
 
-def _margin(cosine: float, sqnr_db: float, target: AccuracyTarget) -> float:
+def _margin(cosine: float, sqnr_db: float, target: AccuracyGoal) -> float:
     margins = [math.inf]
     if target.min_cosine is not None:
         margins.append(_cosine_db(cosine) - _cosine_db(target.min_cosine))
@@ -129,19 +132,19 @@ def _margin(cosine: float, sqnr_db: float, target: AccuracyTarget) -> float:
     return -math.inf if math.isnan(value) else value
 
 
-def margin_db(metrics: Sequence[OutputMetrics], target: AccuracyTarget) -> float:
+def margin_db(metrics: Sequence[OutputMetrics], target: AccuracyGoal) -> float:
     """How far the worst output is inside the target, in dB (cosine c counts as -10*log10(1-c)); < 0: missed."""
     return _margin(*worst(metrics), target)
 
 
-def meets(metrics: Sequence[OutputMetrics], target: AccuracyTarget) -> bool:
+def meets(metrics: Sequence[OutputMetrics], target: AccuracyGoal) -> bool:
     """Every output meets every threshold of `target` (NaN never does)."""
     cosine, sqnr = worst(metrics)
     return not ((target.min_cosine is not None and not cosine >= target.min_cosine)
                 or (target.max_sqnr_drop_db is not None and not sqnr >= target.max_sqnr_drop_db))
 
 
-def _by_recovery(sensitivity: SensitivityResult, target: AccuracyTarget) -> list[LayerSensitivity]:
+def _by_recovery(sensitivity: SensitivityResult, target: AccuracyGoal) -> list[LayerSensitivity]:
     """Layers sorted by how far inside the target each alone in float brings the outputs, best first."""
     return sorted(sensitivity.layers, key=lambda e: -_margin(e.recovered_cosine, e.recovered_sqnr_db, target))
 
@@ -155,7 +158,7 @@ class _Choice:
 
 
 def search_fallback(runner: GatedRunner, layer_map: LayerMap, sensitivity: SensitivityResult,
-                    target: AccuracyTarget) -> _Choice:
+                    target: AccuracyGoal) -> _Choice:
     """Greedy by recovery with doubling and bisection, then pruning; see the module docstring."""
     order = [entry.node_name for entry in _by_recovery(sensitivity, target)]
     measured: dict[frozenset[str], tuple[OutputMetrics, ...]] = {frozenset(): sensitivity.float_vs_int8}
@@ -196,7 +199,7 @@ def _fallen(entry: LayerSensitivity, rank: int, count: int, full: tuple[float, f
     return FallbackLayer(entry.node_name, entry.op_type, reason, entry.recovered_cosine, entry.recovered_sqnr_db)
 
 
-def _infeasible_note(choice: _Choice, layer_count: int, target: AccuracyTarget) -> str:
+def _infeasible_note(choice: _Choice, layer_count: int, target: AccuracyGoal) -> str:
     partial = [(margin_db(m, target), len(key), m) for key, m in choice.measured.items() if len(key) < layer_count]
     if not partial:
         return f"{target.describe()} cannot be met: the plan has no layer that can fall back to float"
@@ -214,13 +217,6 @@ def _figures(metrics: Sequence[OutputMetrics]) -> str:
     return f"cosine {cosine:.5f}, SQNR {sqnr:.2f} dB"
 
 
-def _with_reasons(plan: QuantPlan, layers: Sequence[FallbackLayer]) -> QuantPlan:
-    reasons = {layer.node_name: f"accuracy fallback: {layer.reason}" for layer in layers}
-    decisions = tuple(replace(d, reason=reasons[d.node_name]) if d.node_name in reasons else d
-                      for d in plan.decisions)
-    return replace(plan, decisions=decisions)
-
-
 @dataclass(frozen=True)
 class _Built:
     """A set of float layers, built for real and measured."""
@@ -235,7 +231,7 @@ class _Stage:
     """What the search and the verification share."""
 
     def __init__(self, runner: GatedRunner, layer_map: LayerMap, sensitivity: SensitivityResult,
-                 target: AccuracyTarget, build: Callable[[QuantPlan], onnx.ModelProto], providers: Sequence[str]):
+                 target: AccuracyGoal, build: Callable[[QuantPlan], onnx.ModelProto], providers: Sequence[str]):
         self.runner, self.layer_map, self.sensitivity, self.target = runner, layer_map, sensitivity, target
         self.build, self.providers, self.builds = build, providers, 0
         self.order = [entry.node_name for entry in _by_recovery(sensitivity, target)]
@@ -246,7 +242,8 @@ class _Stage:
         full = worst(self.sensitivity.float_vs_int8)
         layers = tuple(_fallen(self.sensitivity.layer(n), rank[n] + 1, len(rank), full)
                        for n in sorted(names, key=rank.__getitem__))
-        plan = _with_reasons(self.layer_map.final_plan(names), layers)
+        plan = with_reasons(self.layer_map.final_plan(names),
+                            {layer.node_name: f"accuracy fallback: {layer.reason}" for layer in layers})
         model = self.build(plan)
         self.builds += 1
         return _Built(layers, plan, model, measure_model(model, self.runner.held, self.providers))
@@ -294,8 +291,9 @@ def _raise_unless_anyway(result: FallbackResult, held: HeldBack) -> None:
 
 def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template: onnx.ModelProto,
                  held_back: CalibSource | HeldBack, build: Callable[[QuantPlan], onnx.ModelProto],
-                 target: AccuracyTarget, calib: CalibConfig = CalibConfig(), *, fixed_batch: int | None = None,
-                 on_progress: RunCallback | None = None) -> AccuracyOutcome:
+                 target: AccuracyGoal, calib: CalibConfig = CalibConfig(), *, fixed_batch: int | None = None,
+                 on_progress: RunCallback | None = None,
+                 scheme: ActivationScheme = INT8_SYMMETRIC) -> AccuracyOutcome:
     """Measure sensitivity and, if `target` has a threshold, fall back until it is met.
 
     Args:
@@ -309,6 +307,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
         calib: batch size and providers for the runs.
         fixed_batch: the model's fixed batch size, if any.
         on_progress: called after each pass over the held-back samples with (runs, planned or None).
+        scheme: the target's activation scheme (the gated model's scales and zero points).
 
     Raises:
         TargetNotMetError: the target is not met and `target.write_anyway` is False.
@@ -316,7 +315,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
     started = time.perf_counter()
     held = held_back if isinstance(held_back, HeldBack) else load_held_back(
         template, held_back, calib.batch_size, calib.providers, fixed_batch)
-    params = activation_params(layer_map.gated_plan, stats, calib, layer_map.target)
+    params = activation_params(layer_map.gated_plan, stats, calib, scheme)
     with GatedRunner(layer_map, params, template, held, calib.providers, on_progress) as runner:
         sensitivity = measure_sensitivity(runner, layer_map, started)
         if not target.has_threshold:

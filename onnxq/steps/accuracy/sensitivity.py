@@ -35,7 +35,8 @@ from onnxq.data.sources import CalibSource, Feed
 from onnxq.runtime.session import CPU_PROVIDER, Session, open_session
 from onnxq.errors import CalibrationError, ConfigError
 from onnxq.io import from_graph
-from onnxq.lower.gate_qdq import LayerMap, gate_qdq
+from onnxq.lower.gate_qdq import gate_qdq
+from onnxq.steps.accuracy.layers import LayerMap
 from onnxq.lower.scales import ActivationParams
 from onnxq.metrics import MetricsAccumulator, OutputMetrics
 
@@ -211,7 +212,7 @@ class GatedRunner:
         planned: the run count the current stage expects to reach, or None (reported to `on_run`).
     """
 
-    def __init__(self, layer_map: LayerMap, params: Mapping[str, float | ActivationParams],
+    def __init__(self, layer_map: LayerMap, params: Mapping[str, ActivationParams],
                  template: onnx.ModelProto, held: HeldBack, providers: Sequence[str] = (CPU_PROVIDER,),
                  on_run: RunCallback | None = None) -> None:
         gated = gate_qdq(layer_map.graph, layer_map.gated_plan, params)

@@ -12,7 +12,8 @@ import pytest
 import models
 from onnxq.pipeline import quantize
 from onnxq.data.feeds import FeedsSource
-from onnxq.config import AccuracyTarget, HighPrecision, QuantConfig, Selection
+from onnxq.config import AccuracyGoal, QuantConfig
+from onnxq.options import HighPrecision, Selection
 from onnxq.errors import CalibrationError
 from onnxq.steps.accuracy.fallback import TargetNotMetError, search_fallback
 from onnxq.steps.accuracy.sensitivity import LayerSensitivity, SensitivityResult
@@ -21,13 +22,13 @@ from tests.support.cli import invoke
 from tests.support.damaged_mlp import DAMAGED, damaged_mlp, mlp_feeds
 
 
-def _quantize(target: AccuracyTarget | None, config: QuantConfig = QuantConfig(), evaluation: bool = True):
+def _quantize(target: AccuracyGoal | None, config: QuantConfig = QuantConfig(), evaluation: bool = True):
     return quantize(damaged_mlp(), mlp_feeds(64, 1), config, accuracy=target,
                     eval_source=mlp_feeds(16, 2) if evaluation else None)
 
 
 def test_fallback_leaves_fewer_layers_float_than_excluding_the_op_type() -> None:
-    result = _quantize(AccuracyTarget(min_cosine=0.99))
+    result = _quantize(AccuracyGoal(min_cosine=0.99))
     fallback = result.fallback
     assert fallback is not None and fallback.met and fallback.note == ""
     assert fallback.float_layer_names == (DAMAGED,)
@@ -46,7 +47,7 @@ def test_fallback_leaves_fewer_layers_float_than_excluding_the_op_type() -> None
 
 
 def test_sqnr_target_and_held_back_calibration_samples() -> None:
-    result = _quantize(AccuracyTarget(max_sqnr_drop_db=20.0, samples=12), evaluation=False)
+    result = _quantize(AccuracyGoal(max_sqnr_drop_db=20.0, samples=12), evaluation=False)
     assert result.fallback is not None and result.fallback.met
     assert result.fallback.float_layer_names == (DAMAGED,) and result.fallback.after[0].sqnr_db >= 20.0
     assert result.sensitivity is not None and result.sensitivity.samples == 12
@@ -56,7 +57,7 @@ def test_sqnr_target_and_held_back_calibration_samples() -> None:
 def test_a_built_model_that_misses_the_estimate_gets_more_layers_in_float() -> None:
     # float16 storage of the rest of the graph costs the built model ~0.02 dB of SQNR the fp32 gates do not see
     config = QuantConfig(high_precision=HighPrecision.FP16)
-    result = _quantize(AccuracyTarget(max_sqnr_drop_db=33.735), config)
+    result = _quantize(AccuracyGoal(max_sqnr_drop_db=33.735), config)
     fallback = result.fallback
     assert fallback is not None and fallback.met, fallback
     assert fallback.estimate[0].sqnr_db > 33.735 and fallback.float_layer_names[0] == DAMAGED
@@ -67,7 +68,7 @@ def test_a_built_model_that_misses_the_estimate_gets_more_layers_in_float() -> N
 def test_a_target_the_int8_model_meets_needs_no_fallback() -> None:
     model = models.BUILDERS["gemm_mlp"]()
     calib = FeedsSource([models.random_feeds(model, batch=32, seed=1)])
-    result = quantize(model, calib, accuracy=AccuracyTarget(min_cosine=0.9),
+    result = quantize(model, calib, accuracy=AccuracyGoal(min_cosine=0.9),
                       eval_source=FeedsSource([models.random_feeds(model, batch=8, seed=2)]))
     assert result.fallback is not None and result.fallback.met and result.fallback.float_layers == ()
     assert result.fallback.runs == 1  # the verification only: the sensitivity sweep measured the INT8 model
@@ -76,10 +77,10 @@ def test_a_target_the_int8_model_meets_needs_no_fallback() -> None:
 
 def test_an_infeasible_target_raises_unless_written_anyway() -> None:
     with pytest.raises(TargetNotMetError) as caught:
-        _quantize(AccuracyTarget(max_sqnr_drop_db=200.0))
+        _quantize(AccuracyGoal(max_sqnr_drop_db=200.0))
     assert isinstance(caught.value, CalibrationError) and "\n" not in str(caught.value)
     assert "cannot be met with any layer quantized" in str(caught.value) and not caught.value.result.met
-    result = _quantize(AccuracyTarget(max_sqnr_drop_db=200.0, write_anyway=True))
+    result = _quantize(AccuracyGoal(max_sqnr_drop_db=200.0, write_anyway=True))
     assert result.fallback is not None and not result.fallback.met and result.fallback.float_layers == ()
     assert result.model.SerializeToString() == _quantize(None).model.SerializeToString()
 
@@ -112,10 +113,10 @@ def test_search_doubles_bisects_and_prunes() -> None:
     runner, total = _FakeRunner(noise), sum(noise.values())
     entries = tuple(LayerSensitivity(name, "Conv", (), 1 - n, 0.0, 1 - (total - n), 0.0) for name, n in noise.items())
     sensitivity = SensitivityResult(entries, (_metrics(total),), 1, 0, 0.0)
-    choice = search_fallback(runner, _FakeMap(noise), sensitivity, AccuracyTarget(min_cosine=1 - 0.06))
+    choice = search_fallback(runner, _FakeMap(noise), sensitivity, AccuracyGoal(min_cosine=1 - 0.06))
     assert choice.float_layers == ("big1", "big2")  # without big2: 0.04 + 0.01 + 0.04 = 0.09 > 0.06
     assert runner.runs == 3  # prefixes of 1 and 2 layers, then big2 alone in float while pruning
-    choice = search_fallback(_FakeRunner(noise), _FakeMap(noise), sensitivity, AccuracyTarget(min_cosine=1.0))
+    choice = search_fallback(_FakeRunner(noise), _FakeMap(noise), sensitivity, AccuracyGoal(min_cosine=1.0))
     assert choice.float_layers is None
 
 

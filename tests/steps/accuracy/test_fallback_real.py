@@ -20,7 +20,7 @@ def test_ppocr_fallback_meets_the_target_with_one_layer_instead_of_every_conv() 
     entropy = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.ENTROPY))
     result = onnxq.quantize(model, TEXTLINES / "ppocr_cls_calib.npz", entropy,
                             eval_source=TEXTLINES / "ppocr_cls_eval.npz",
-                            accuracy=onnxq.AccuracyTarget(min_cosine=0.999, samples=32))
+                            accuracy=onnxq.AccuracyGoal(min_cosine=0.999, samples=32))
     assert result.fallback is not None and result.fallback.met
     convs = sum(node.op_type == "Conv" for node in model.graph.node)
     assert 0 < len(result.fallback.float_layers) < convs  # excluding the op type would leave all 53 float
@@ -35,7 +35,7 @@ def test_outlier_encoder_fallback_and_smoothquant() -> None:
     model = models.BUILDERS["outlier_encoder"]()
     calib = onnxq.FeedsSource([models.random_feeds(model, batch=64, seed=1)])
     held_out = onnxq.FeedsSource([models.random_feeds(model, batch=64, seed=2)])
-    target = onnxq.AccuracyTarget(min_cosine=0.99)
+    target = onnxq.AccuracyGoal(min_cosine=0.99)
     fallen = onnxq.quantize(model, calib, eval_source=held_out, accuracy=target)
     matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
     assert fallen.fallback is not None and fallen.fallback.met

@@ -1,6 +1,6 @@
-"""Per-layer sensitivity: the damaged layer ranks first; the held-back samples it is measured on.
+"""Per-layer sensitivity: the layer map a fallback works on, the damaged layer ranks first, the held-back samples.
 
-The gated Q/DQ graph it runs on is tested in tests/lower/test_gate_qdq.py.
+The gated Q/DQ graph the sensitivity runs on is tested in tests/lower/test_gate_qdq.py.
 """
 
 from __future__ import annotations
@@ -8,16 +8,37 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.pipeline import quantize
+import models
+from onnxq.pipeline import prepare, quantize
 from onnxq.data.feeds import FeedsSource
-from onnxq.config import AccuracyTarget
+from onnxq.config import AccuracyGoal, Target
+from onnxq.options import Selection
 from onnxq.errors import ConfigError
+from onnxq.plan.replan import Replanner
+from onnxq.steps.accuracy.layers import LayerMap
+from onnxq.targets import get_target
+from onnxq.targets import plan_quantization
 from onnxq.steps.accuracy.sensitivity import held_back_sources
 from tests.support.damaged_mlp import DAMAGED, damaged_mlp, mlp_feeds
 
 
+def test_falling_back_a_conv_moves_the_residual_quantization_to_the_other_branch() -> None:
+    graph = prepare(models.BUILDERS["residual_cnn"]())
+    plan = plan_quantization(graph)
+    layers = LayerMap(Replanner(graph, get_target(Target.TRT).plan, Selection()))
+    extra = set(layers.calibrated_names) - set(plan.activation_names)
+    assert extra, "excluding a Conv of a two-Conv residual block should quantize the Add's other input"
+    owners = {layers.slots[i].consumer: layer.node_name for layer in layers.layers for i in layer.slots
+              if layers.slots[i].consumer != layer.node_name}
+    assert owners, "a Conv should take the skip input of the Add fused into it along when it falls back"
+    restricted = layers.restricted(set(plan.activation_names))
+    assert restricted.calibrated_names == plan.activation_names
+    fallen = [layer.node_name for layer in layers.layers]
+    assert not restricted.final_plan(fallen).activations
+
+
 def test_sensitivity_ranks_the_damaged_layer_first() -> None:
-    result = quantize(damaged_mlp(), mlp_feeds(64, 1), accuracy=AccuracyTarget(), eval_source=mlp_feeds(16, 2))
+    result = quantize(damaged_mlp(), mlp_feeds(64, 1), accuracy=AccuracyGoal(), eval_source=mlp_feeds(16, 2))
     sensitivity = result.sensitivity
     assert sensitivity is not None and result.fallback is None
     assert [layer.node_name for layer in sensitivity.layers][0] == DAMAGED

@@ -1,4 +1,4 @@
-"""Plain-text renderings of plans and results, for the CLI (the library itself never prints)."""
+"""Plain-text renderings of plans for `onnxq quantize` and `onnxq inspect` (the library never prints)."""
 
 from __future__ import annotations
 

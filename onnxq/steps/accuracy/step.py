@@ -1,0 +1,74 @@
+"""The accuracy target as a step of `quantize`: measure each layer's sensitivity on held-back samples and
+keep in float the fewest layers that meet the goal (`onnxq.steps.accuracy.fallback`).
+
+Hooks: `hold_back` keeps the goal's samples out of calibration; `extra_tensors` asks calibration for
+every tensor a fallback may newly quantize (`LayerMap.calibrated_names`); `refine` runs the sensitivity
+measurement and the fallback, starting from the nodes earlier steps already put in float (the latency
+search), so the model it returns is the one measured against the goal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from onnxq.calib.calibrate import model_batch_size
+from onnxq.config import AccuracyGoal
+from onnxq.data.sources import CalibSource
+from onnxq.plan.core import QuantPlan
+from onnxq.steps.accuracy.fallback import FallbackResult, run_accuracy
+from onnxq.steps.accuracy.layers import LayerMap
+from onnxq.steps.accuracy.sensitivity import SensitivityResult
+from onnxq.steps.base import HoldBack, Job, Step
+
+__all__ = ["MeetAccuracy", "AccuracyFinding"]
+
+
+@dataclass(frozen=True)
+class AccuracyFinding:
+    """What the accuracy step measured and what fell back.
+
+    Attributes:
+        sensitivity: every layer alone and recovered, on the held-back samples.
+        fallback: the layers left float for the goal (None when the goal has no threshold).
+    """
+
+    sensitivity: SensitivityResult
+    fallback: FallbackResult | None
+
+
+@dataclass(frozen=True)
+class MeetAccuracy(Step):
+    """Keep the fewest layers float that bring the outputs within `goal` on held-back samples.
+
+    Attributes:
+        goal: the thresholds and the number of held-back samples.
+        eval_source: where the held-back samples come from (its first `goal.samples`); None: every
+            4th calibration sample, never calibrated on.
+
+    Raises (from `quantize`): `TargetNotMetError` when no model with a quantized layer meets the goal,
+    unless `goal.write_anyway`.
+    """
+
+    goal: AccuracyGoal = AccuracyGoal()
+    eval_source: CalibSource | None = None
+    name = "accuracy target"
+
+    def hold_back(self, job: Job) -> HoldBack:
+        return HoldBack(self.goal.samples, self.eval_source)
+
+    def extra_tensors(self, job: Job, plan: QuantPlan) -> Iterable[str]:
+        assert job.replanner is not None
+        return LayerMap(job.replanner, job.kept_float).calibrated_names
+
+    def refine(self, job: Job, plan: QuantPlan) -> tuple[QuantPlan, AccuracyFinding]:
+        assert job.replanner is not None and job.calibration is not None and job.held_back is not None
+        stats = job.calibration.stats
+        layers = LayerMap(job.replanner, job.kept_float, available=stats)
+        outcome = run_accuracy(layers, stats, job.model, job.held_back, job.build, self.goal, job.config.calib,
+                               fixed_batch=model_batch_size(job.replanner.graph),
+                               on_progress=job.progress("measuring accuracy"), scheme=job.target.scheme)
+        if outcome.fallback is not None:
+            job.keep_float({layer.node_name: f"accuracy fallback: {layer.reason}"
+                            for layer in outcome.fallback.float_layers})
+        return outcome.plan, AccuracyFinding(outcome.sensitivity, outcome.fallback)
