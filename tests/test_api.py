@@ -13,7 +13,7 @@ from onnx import helper
 import models
 import onnxq
 from onnxq import passes
-from tests.qdq_checks import check_trt_qdq
+from tests.support.qdq_checks import check_trt_qdq
 
 
 # The README's example pass, verbatim.

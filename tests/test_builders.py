@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from models import BUILDERS, DEFAULT_SYMBOLIC_DIM, light_model_paths, random_feeds
+from tests.support.runtime import session
 
 FLOAT32_MIN = np.finfo(np.float32).min
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -81,9 +73,9 @@ def test_passes_full_checker_with_lowest_ir_version(built, name):
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_runs_in_ort_with_declared_shapes_and_finite_outputs(built, name):
     model = built[name]
-    session = _session(model)
+    runner = session(model, optimized=True)
     for batch in (1, 3):
-        outputs = session.run(None, random_feeds(model, batch=batch, seed=batch))
+        outputs = runner.run(None, random_feeds(model, batch=batch, seed=batch))
         for value, result in zip(model.graph.output, outputs, strict=True):
             assert result.shape == _declared_shape(value, batch), value.name
             assert np.isfinite(result).all(), value.name
@@ -257,7 +249,7 @@ def test_transformer_mask_tensor_carries_float32_min_at_padding(built):
         helper.make_tensor_value_info("mask/scale_output_0", TensorProto.FLOAT, ["N", "S"])
     )
     feeds = random_feeds(model, batch=3)
-    hidden, additive_mask = _session(model).run(None, feeds)
+    hidden, additive_mask = session(model, optimized=True).run(None, feeds)
     padded = feeds["mask"] == 0
     assert padded.any() and np.isfinite(hidden).all()
     assert np.all(additive_mask[padded] == FLOAT32_MIN)
@@ -266,12 +258,12 @@ def test_transformer_mask_tensor_carries_float32_min_at_padding(built):
 
 def test_transformer_padded_tokens_do_not_change_kept_outputs(built):
     model = built["transformer_encoder"]
-    session = _session(model)
+    runner = session(model, optimized=True)
     feeds = random_feeds(model, batch=2, seed=5)
     kept = feeds["mask"] == 1
     altered = dict(feeds, tokens=np.where(kept[..., None], feeds["tokens"], 100.0).astype(np.float32))
-    (original,) = session.run(None, feeds)
-    (changed,) = session.run(None, altered)
+    (original,) = runner.run(None, feeds)
+    (changed,) = runner.run(None, altered)
     np.testing.assert_allclose(changed[kept], original[kept], atol=1e-5)
     assert not np.allclose(changed[~kept], original[~kept])
 

@@ -26,8 +26,8 @@ from onnxq.runtime.session import open_session
 from onnxq.errors import CalibrationError, ConfigError, MissingDependencyError, ModelError, OnnxqError
 from onnxq.runtime.timing import LatencyStats, format_latency, percentile, speedup, time_interleaved, wall_clock_timer
 from onnxq.metrics import OutputMetrics, compare_models
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[1] / "models"
 EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
 PPOCR = MODELS / "ppocr_mobile_v2_cls.onnx"
 TEXTLINES = MODELS / "data" / "textlines"

@@ -17,7 +17,7 @@ from onnxq.config import QuantConfig
 from onnxq.options import CalibConfig
 from onnxq.io import from_graph
 from onnxq.metrics import compare_models
-from tests.qdq_checks import check_trt_qdq, float_weighted_with_constant_weight
+from tests.support.qdq_checks import check_trt_qdq, float_weighted_with_constant_weight
 
 # Random-weight synthetic models, 8-bit: the output must stay close to float.
 MIN_COSINE = {"transformer_encoder": 0.98, "outlier_encoder": 0.8}  # outliers: see test_smoothquant.py

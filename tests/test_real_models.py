@@ -8,7 +8,6 @@ cosine 0.959; PP-OCR classifier on 200 text lines: agreement 0.99, label accurac
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -18,9 +17,9 @@ from onnxq.data.images import ImagePreprocess
 from onnxq.runtime.session import open_session
 from onnxq.io import load_model
 from onnxq.metrics import compare_models
-from tests.qdq_checks import check_trt_qdq
+from tests.support.paths import MODELS
+from tests.support.qdq_checks import check_trt_qdq
 
-MODELS = Path(__file__).parents[1] / "models"
 PHOTOS = MODELS / "data" / "photos"
 TEXTLINES = MODELS / "data" / "textlines"
 LITE0_PREPROCESS = ImagePreprocess(mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))

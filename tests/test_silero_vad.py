@@ -15,9 +15,10 @@ import pytest
 
 from onnxq.data.sources import InputSpec, input_specs, open_source
 from onnxq.data.images import ImagePreprocess
-from tests.cli.test_cli import invoke
+from tests.support.cli import invoke
+from tests.support.paths import MODELS
 
-SILERO = Path(__file__).parents[1] / "models" / "silero_vad.onnx"
+SILERO = MODELS / "silero_vad.onnx"
 SAMPLES = 12
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ import onnxq
 from onnxq.calib import histogram
 from onnxq.calib.histogram import MIN_EXPONENT, Histogram, HistogramAccumulator, _bin_counts, binning_kernel
 from onnxq.errors import InternalError
+from tests.support.paths import MODELS
 
-TEXTLINES = Path(__file__).parents[2] / "models" / "data" / "textlines"
+TEXTLINES = MODELS / "data" / "textlines"
 
 needs_kernel = pytest.mark.skipif(histogram._binning is None,
                                   reason="the C binning kernel was not built (no C compiler at install)")
@@ -123,7 +123,7 @@ def test_accumulator_continues_a_histogram_without_changing_it() -> None:
 @needs_kernel
 def test_real_model_statistics_are_identical_with_and_without_the_kernel(monkeypatch) -> None:
     """PP-OCR classifier on 16 real text lines: every tensor's histogram, bit for bit."""
-    model = onnxq.load_model(Path(__file__).parents[2] / "models" / "ppocr_mobile_v2_cls.onnx")
+    model = onnxq.load_model(MODELS / "ppocr_mobile_v2_cls.onnx")
     x = np.load(TEXTLINES / "ppocr_cls_calib.npz")["x"][:16]
     compiled, _ = onnxq.collect_stats(model, onnxq.FeedsSource([{"x": x[:8]}, {"x": x[8:]}]))
     monkeypatch.setattr(histogram, "_binning", None)

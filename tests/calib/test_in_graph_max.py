@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,8 +16,8 @@ from onnxq.data.sources import input_specs, open_source
 from onnxq.data.images import ImagePreprocess
 from onnxq.calib.in_graph_max import plan_in_graph_max
 from onnxq.calib.stats import MaxStats
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[2] / "models"
 
 
 def _conv(name: str, source: str, out: str, channels: int) -> tuple[onnx.NodeProto, onnx.TensorProto]:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 import models
-from tests.cli.test_cli import invoke
+from tests.support.cli import invoke
 
 
 def _outlier_workspace(tmp_path):

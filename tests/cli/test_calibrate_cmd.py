@@ -7,7 +7,7 @@ import onnx
 
 import models
 from onnxq.calib.stats_file import load_stats
-from tests.cli.test_cli import Workspace, digest, invoke, work  # noqa: F401  (work is a fixture)
+from tests.support.cli import Workspace, digest, invoke
 
 
 def test_calibrate_then_quantize_with_stats_equals_quantize_with_calib(work: Workspace) -> None:

@@ -7,8 +7,6 @@ Most tests run `onnxq_cli.main.run` in-process in click's CliRunner isolation; t
 from __future__ import annotations
 
 import errno
-import hashlib
-import logging
 import os
 import re
 import signal
@@ -16,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -24,17 +21,17 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from click.testing import CliRunner
-from onnx_graphsurgeon.logger import G_LOGGER
 
-from models import BUILDERS, random_feeds
 from onnxq.pipeline import prepare
-from onnxq_cli.main import cli, run
+from onnxq_cli.main import cli
+from tests.support.cli import (CALIB_SAMPLES, Workspace, assert_one_line_error, assert_qdq_model, digest, invoke,
+                               run_process)
+from tests.support.paths import REPO
 
-REPO = Path(__file__).parents[2]
 PPOCR_MODEL = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
 TEXTLINES = REPO / "models" / "data" / "textlines"
-CALIB_SAMPLES = 8
+
+
 def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     paths = [prefix]
     for name in group.list_commands(click.Context(group)):
@@ -44,87 +41,6 @@ def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tup
 
 
 COMMAND_PATHS = _command_paths(cli)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one CLI run produced."""
-
-    code: int
-    stdout: str
-    stderr: str
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """A small float model (`residual_cnn`), matching `.npz` calibration data and an empty `out` folder."""
-
-    folder: Path
-    model: Path
-    calib: Path
-    out: Path
-
-    def listing(self) -> set[str]:
-        """Every path under the folder, relative to it."""
-        return {path.relative_to(self.folder).as_posix() for path in self.folder.rglob("*")}
-
-    def quantize_args(self, *extra: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
-        """`quantize MODEL --calib DATA` followed by `extra`."""
-        return ["quantize", self.model, "--calib", self.calib, *extra]
-
-
-def invoke(*args: str | os.PathLike[str]) -> Outcome:
-    """Run `onnxq ARGS` in-process through `run`; the global logging state is restored afterwards."""
-    root = logging.getLogger()
-    handlers, level, graphsurgeon_severity = root.handlers[:], root.level, G_LOGGER.severity
-    try:
-        with CliRunner().isolation() as (stdout, stderr, _):
-            code = run([os.fspath(arg) for arg in args])
-            sys.stdout.flush()
-            sys.stderr.flush()
-            return Outcome(code, stdout.getvalue().decode(), stderr.getvalue().decode())
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        G_LOGGER.severity = graphsurgeon_severity
-
-
-def run_process(*args: str | os.PathLike[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run `onnxq ARGS` as a real process with stdout and stderr captured (neither is a TTY)."""
-    command = [sys.executable, "-m", "onnxq_cli", *(os.fspath(arg) for arg in args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
-
-
-def digest(path: Path) -> str:
-    """The SHA-256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_qdq_model(path: Path) -> None:
-    """`path` passes the full ONNX checker and carries Q/DQ pairs."""
-    onnx.checker.check_model(str(path), full_check=True)
-    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types
-
-
-def assert_one_line_error(outcome: Outcome, code: int, *fragments: str) -> None:
-    """Exit `code`, nothing on stdout, and stderr is a single `error:` line holding every fragment."""
-    assert outcome.code == code, outcome
-    assert outcome.stdout == ""
-    lines = outcome.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), outcome.stderr
-    assert all(fragment in lines[0] for fragment in fragments), lines[0]
-
-
-@pytest.fixture()
-def work(tmp_path: Path) -> Workspace:
-    """The synthetic residual CNN (input `input`, N x 3 x 32 x 32) and CALIB_SAMPLES random samples for it."""
-    residual_model = BUILDERS["residual_cnn"]()
-    model, calib, out = tmp_path / "residual.onnx", tmp_path / "calib.npz", tmp_path / "out"
-    onnx.save(residual_model, str(model))
-    np.savez(calib, **random_feeds(residual_model, batch=CALIB_SAMPLES, seed=1))
-    out.mkdir()
-    return Workspace(tmp_path, model, calib, out)
 
 
 def test_quantize_writes_a_checked_qdq_model(work: Workspace) -> None:

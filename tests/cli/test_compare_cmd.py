@@ -12,9 +12,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxq
-from tests.cli.test_cli import assert_one_line_error, invoke
+from tests.support.cli import assert_one_line_error, invoke
+from tests.support.paths import REPO
 
-REPO = Path(__file__).parents[2]
 PPOCR = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
 TEXTLINES = REPO / "models" / "data" / "textlines"
 EVAL = TEXTLINES / "ppocr_cls_eval.npz"

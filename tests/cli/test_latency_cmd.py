@@ -10,9 +10,9 @@ import pytest
 
 import onnxq
 from onnxq.steps.latency_search import SearchLatency
-from tests.cli.test_cli import assert_one_line_error, invoke
+from tests.support.cli import assert_one_line_error, invoke
+from tests.support.paths import REPO
 
-REPO = Path(__file__).parents[2]
 PPOCR = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
 CALIB = REPO / "models" / "data" / "textlines" / "ppocr_cls_calib.npz"
 

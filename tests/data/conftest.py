@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
 from onnxq.data.signature import Feed, ModelSignature, signature_of
+from tests.support.paths import MODELS
 
-SILERO = Path(__file__).parents[2] / "models" / "silero_vad.onnx"
+SILERO = MODELS / "silero_vad.onnx"
 
 
 @pytest.fixture(scope="session")

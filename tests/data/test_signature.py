@@ -17,7 +17,7 @@ from onnxq.data.signature import InputSpec, ModelSignature, input_specs, signatu
 from onnxq.data.sources import open_source
 from onnxq.errors import CalibrationError
 
-MODELS = Path(__file__).parents[2] / "models"
+from tests.support.paths import MODELS
 F32 = np.dtype(np.float32)
 I64 = np.dtype(np.int64)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.runtime.session import open_session
 from onnxq.passes import fold_pad
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[2] / "models"
 
 
 def _pad_conv(pads: list[int], value: float = 0.0, consumer: str = "Conv") -> onnx.ModelProto:

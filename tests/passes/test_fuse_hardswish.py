@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq.runtime.session import open_session
 from onnxq.passes import fuse_hardswish
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[2] / "models"
 X = np.linspace(-8, 8, 2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)  # covers both clip knees
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -17,22 +16,13 @@ from onnxq import io
 from onnxq.errors import ModelError
 from onnxq.passes import PREPARE, constants_to_initializers, fold_constants, fuse_bn, run, upgrade_opset
 from onnxq.passes.upgrade_opset import default_opset
+from tests.support.paths import MODELS
+from tests.support.runtime import run_model
 
-MODELS = Path(__file__).parents[2] / "models"
 LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_NAMES = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
                "shufflenet", "squeezenet", "vgg19", "zfnet512"]
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return _session(model).run(None, feeds)
 
 
 def _prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, gs.Graph]:
@@ -68,7 +58,8 @@ def test_ppocr_cls_opset11_with_constant_weights_prepares_exactly() -> None:
     assert ops["Constant"] == 0 and ops["BatchNormalization"] == 0
     assert all(_weights_are_constants(graph, ("Conv",))) and ops["Conv"] == 53
     samples = np.load(MODELS / "data" / "textlines" / "ppocr_cls_calib.npz")["x"][:8]
-    expected, actual = _outputs(original, {"x": samples})[0], _outputs(prepared, {"x": samples})[0]
+    expected = run_model(original, {"x": samples}, optimized=True)[0]
+    actual = run_model(prepared, {"x": samples}, optimized=True)[0]
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4)
 
 
@@ -80,8 +71,9 @@ def test_efficientnet_lite0_pad_chains_fold_to_constants() -> None:
     assert _op_counts(prepared.graph)["ConstantOfShape"] == 0
     assert all(_weights_are_constants(graph))
     images = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
-    expected = _outputs(original, {"input": images})[0]
-    np.testing.assert_allclose(_outputs(prepared, {"input": images})[0], expected, rtol=0, atol=1e-4)
+    expected = run_model(original, {"input": images}, optimized=True)[0]
+    np.testing.assert_allclose(run_model(prepared, {"input": images}, optimized=True)[0], expected,
+                               rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(("rate", "samples"), [(16000, 512), (8000, 256)])
@@ -94,7 +86,8 @@ def test_silero_vad_if_subgraphs_survive_prepare(rate: int, samples: int) -> Non
     assert after["Slice"] < before["Slice"]  # and subgraph shape arithmetic folded
     chunk = np.random.default_rng(1).uniform(-0.5, 0.5, (1, samples)).astype(np.float32)
     feeds = {"input": chunk, "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(rate, np.int64)}
-    for expected, actual in zip(_outputs(original, feeds), _outputs(prepared, feeds), strict=True):
+    for expected, actual in zip(run_model(original, feeds, optimized=True), run_model(prepared, feeds, optimized=True),
+                                strict=True):
         np.testing.assert_array_equal(actual, expected)
 
 
@@ -155,7 +148,8 @@ def test_onnx_light_architecture_upgrades_and_prepares(name: str) -> None:
     # Folding BN into the weights reorders float32 arithmetic: each fused layer differs by a few
     # ulps (1e-7 relative), compounded over at most ~120 layers; 1e-4 of the output's range leaves
     # room for that and still catches any wrong scale, shift or channel axis (errors of order 1).
-    for expected, actual in zip(_outputs(original, feeds), _outputs(prepared, feeds), strict=True):
+    for expected, actual in zip(run_model(original, feeds, optimized=True), run_model(prepared, feeds, optimized=True),
+                                strict=True):
         assert np.ptp(expected) > 1e-3  # the comparison is not between two constant vectors
         np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
@@ -204,7 +198,8 @@ def test_fuse_bn_folds_into_conv_exactly(op: str, weight_shape: tuple[int, ...],
     fused = io.from_graph(graph, original)
     io.check_model(fused)
     x = {"x": np.random.default_rng(3).standard_normal((1, 4, 5, 5)).astype(np.float32)}
-    np.testing.assert_allclose(_outputs(fused, x)[0], _outputs(original, x)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_model(fused, x, optimized=True)[0], run_model(original, x, optimized=True)[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_bn_skips_conv_output_with_a_second_reader() -> None:
@@ -288,7 +283,7 @@ def test_constant_nodes_become_initializers_with_onnx_dtypes() -> None:
     assert [n.op for n in lowered.nodes] == ["Constant", "Add", "Mul", "Reshape"]  # graph output stays
     assert (tensors["f"].dtype, tensors["fs"].dtype, tensors["i"].dtype) == (np.float32, np.float32, np.int64)
     x = {"x": np.array([1.0, 2.0], np.float32)}
-    np.testing.assert_array_equal(_outputs(io.from_graph(lowered), x)[0], [[3.0], [12.0]])
+    np.testing.assert_array_equal(run_model(io.from_graph(lowered), x, optimized=True)[0], [[3.0], [12.0]])
 
 
 def _shape_arithmetic_model() -> onnx.ModelProto:
@@ -313,7 +308,7 @@ def test_fold_constants_keeps_float_shape_arithmetic_and_random_ops() -> None:
     # gs's own fold_constants() (fold_shapes=True) rewrites the Mul to int64 and returns 0 here.
     folded = io.from_graph(fold_constants(io.to_graph(_shape_arithmetic_model())))
     assert "RandomUniform" in {node.op_type for node in folded.graph.node}
-    half = _outputs(folded, {"x": np.zeros((6, 2), np.float32)})[0]
+    half = run_model(folded, {"x": np.zeros((6, 2), np.float32)}, optimized=True)[0]
     assert half == 3
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -15,7 +14,7 @@ import onnxq
 from onnxq import io
 from onnxq.passes import PREPARE, run, upgrade_opset
 from onnxq.passes.shuffle_to_gather import shuffle_indices, shuffle_to_gather
-from tests.quant.test_plan_ort import _optimized
+from tests.support.runtime import optimized_session, run_model
 
 SHUFFLENET = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_shufflenet.onnx"
 X = np.random.default_rng(0).standard_normal((2, 12, 5, 7)).astype(np.float32)
@@ -34,19 +33,11 @@ def _shuffle_model(split: list[int], perm: list[int], merge: list[int], extra_re
               numpy_helper.from_array(np.array(merge, np.int64), "merge_shape")]
     graph = helper.make_graph(nodes, "shuffle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(X.shape))],
                               outputs, shapes)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def _rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
     return io.from_graph(shuffle_to_gather(run(io.to_graph(model), PREPARE)), model)
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 @pytest.mark.parametrize(("split", "merge"), [([2, 3, 4, 5, 7], [2, 12, 5, 7]), ([-1, 3, 4, 5, 7], [0, -1, 5, 7]),
@@ -55,7 +46,8 @@ def test_a_channel_shuffle_becomes_one_gather_with_the_same_output(split: list[i
     model = _shuffle_model(split, [0, 2, 1, 3, 4], merge)
     rewritten = _rewrite(model)
     assert [n.op_type for n in rewritten.graph.node] == ["Relu", "Gather"]
-    np.testing.assert_array_equal(_run(rewritten, {"x": X})[0], _run(model, {"x": X})[0])
+    np.testing.assert_array_equal(run_model(rewritten, {"x": X}, optimized=True)[0],
+                                  run_model(model, {"x": X}, optimized=True)[0])
 
 
 def test_indices_interleave_the_groups() -> None:
@@ -88,18 +80,19 @@ def test_shufflenet_prepared_for_ort_cpu_has_gathers_and_adds_and_the_same_outpu
     assert ops["Add"] == 13 and ops["Sum"] == 0, ops  # the residual Sums
     assert Counter(n.op_type for n in io.from_graph(onnxq.prepare(model)).graph.node)["Gather"] == 0  # trt: as is
     feed = _shufflenet_feed(model)
-    np.testing.assert_allclose(_run(prepared, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run_model(prepared, feed, optimized=True)[0], run_model(model, feed, optimized=True)[0],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_shufflenet_ort_cpu_runs_integer_kernels_without_5d_transposes(tmp_path: Path) -> None:
     model = onnx.load(SHUFFLENET)
     feed = _shufflenet_feed(model)
     result = onnxq.quantize(model, onnxq.FeedsSource([feed]), onnxq.QuantConfig(target=onnxq.Target.ORT_CPU))
-    session, ops = _optimized(result.model, tmp_path)
+    session, ops = optimized_session(result.model, tmp_path)
     assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 13 and ops["Gather"] == 16, ops
     optimized = onnx.load(str(tmp_path / "optimized.onnx"))
     assert all(len(n.attribute[0].ints) == 4 for n in optimized.graph.node if n.op_type == "Transpose")
-    reference = _run(model, feed)[0]
+    reference = run_model(model, feed, optimized=True)[0]
     quantized = session.run(None, feed)[0]
     assert float((reference * quantized).sum() / np.linalg.norm(reference) / np.linalg.norm(quantized)) > 0.99
 
@@ -123,9 +116,7 @@ def _dynamic_batch_shuffle(batch_index: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "dynamic_shuffle",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 5, 7])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_a_dynamic_batch_shuffle_computed_from_the_shape_becomes_a_gather() -> None:
@@ -133,7 +124,8 @@ def test_a_dynamic_batch_shuffle_computed_from_the_shape_becomes_a_gather() -> N
     rewritten = _rewrite(model)
     assert [n.op_type for n in rewritten.graph.node] == ["Relu", "Gather"]
     x = np.random.default_rng(2).standard_normal((3, 12, 5, 7)).astype(np.float32)
-    np.testing.assert_array_equal(_run(rewritten, {"x": x})[0], _run(model, {"x": x})[0])
+    np.testing.assert_array_equal(run_model(rewritten, {"x": x}, optimized=True)[0],
+                                  run_model(model, {"x": x}, optimized=True)[0])
 
 
 def test_a_computed_shape_that_is_not_the_batch_is_left_alone() -> None:

@@ -23,8 +23,7 @@ from onnxq.plan.rules import default_float_reason, float_reasons
 from onnxq.plan.scale_groups import scale_groups
 from onnxq.runtime.session import open_session
 from onnxq_cli.main import cli
-
-MODELS = Path(__file__).parents[2] / "models"
+from tests.support.paths import MODELS
 
 
 @dataclass(frozen=True)

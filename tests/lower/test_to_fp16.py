@@ -5,7 +5,7 @@ End to end: every model is quantized with `--high-precision fp16` and the writte
 elsewhere) and run in ONNX Runtime against the float model. ORT's CPU provider runs float16 graphs
 by wrapping the ops it has no float16 kernel for in Casts; its `WeightBiasQuantization` transformer
 must be disabled, because it computes int32 biases from the product of two float16 scales, which
-underflows (see `_session`).
+underflows (see `_run`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -30,9 +29,11 @@ from onnxq.io import from_graph, to_graph
 from onnxq.lower.to_fp16 import DEFAULT_KEEP_FP32, FP16_MIN_OPSET, to_fp16
 from onnxq.passes.upgrade_opset import upgrade_graph_opset
 from onnxq.passes.upgrade_opset import upgrade_opset
-from tests.qdq_checks import WEIGHTED, ModelView, check_weight_dq
+from tests.support.paths import MODELS
+from tests.support.qdq_checks import WEIGHTED, ModelView, check_weight_dq
+from tests.support.runtime import run_model
 
-EFFICIENTNET = Path(__file__).parents[2] / "models" / "efficientnet_lite0.onnx"
+EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
 SYNTHETIC = ["residual_cnn", "depthwise_cnn", "yolo_neck_head", "transformer_encoder", "gemm_mlp",
              "conv_transpose"]
 MODEL_NAMES = [*SYNTHETIC, "efficientnet_lite0"]
@@ -44,11 +45,8 @@ def _load(name: str) -> onnx.ModelProto:
     return onnx.load(str(EFFICIENTNET)) if name == "efficientnet_lite0" else models.BUILDERS[name]()
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["WeightBiasQuantization"])
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return run_model(model, feeds, optimized=True, disabled_optimizers=["WeightBiasQuantization"])
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,7 +113,7 @@ def test_fp16_model_structure(name: str, quantized) -> None:
 def test_fp16_model_numerics(name: str, quantized) -> None:
     original, model, _ = quantized[name]
     feeds = models.random_feeds(original, batch=2, seed=100)
-    expected, actual = _session(original).run(None, feeds), _session(model).run(None, feeds)
+    expected, actual = _run(original, feeds), _run(model, feeds)
     for want, got in zip(expected, actual):
         assert got.dtype == want.dtype and np.all(np.isfinite(got))
         assert _cosine(want, got) >= MIN_COSINE
@@ -129,7 +127,7 @@ def test_opset_19_conversion_keeps_outputs(name: str) -> None:
     assert prepared.opset_import[0].version < FP16_MIN_OPSET <= upgraded.opset_import[0].version
     onnx.checker.check_model(upgraded, full_check=True)
     feeds = models.random_feeds(prepared, batch=1, seed=3)
-    for want, got in zip(_session(prepared).run(None, feeds), _session(upgraded).run(None, feeds)):
+    for want, got in zip(_run(prepared, feeds), _run(upgraded, feeds)):
         np.testing.assert_array_equal(want, got)
 
 
@@ -141,7 +139,7 @@ def test_opset_19_conversion_of_light_models(path: Path) -> None:
     converted = upgrade_opset(model, FP16_MIN_OPSET)
     onnx.checker.check_model(converted, full_check=True)
     feeds = models.random_feeds(model, batch=1, seed=0)
-    for want, got in zip(_session(model).run(None, feeds), _session(converted).run(None, feeds)):
+    for want, got in zip(_run(model, feeds), _run(converted, feeds)):
         np.testing.assert_allclose(want, got, rtol=1e-5, atol=1e-6)
 
 
@@ -189,8 +187,8 @@ def test_schema_types_for_mixed_inputs() -> None:
         "lo": np.float16, "hi": np.float16, "value": np.float16, "scales": np.float32, "pads": np.int64}
     assert types["p"] == F16 and types["y"] == F32
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32)}
-    want = _session(from_graph(graph)).run(None, feeds)[0]
-    np.testing.assert_allclose(_session(model).run(None, feeds)[0], want, atol=5e-3)
+    want = _run(from_graph(graph), feeds)[0]
+    np.testing.assert_allclose(_run(model, feeds)[0], want, atol=5e-3)
 
 
 def test_kept_op_gets_float32_and_shape_math_stays_float32() -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 import models
 import onnxq
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[1] / "models"
 TEXTLINES = MODELS / "data" / "textlines"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,8 +13,8 @@ import pytest
 from onnxq.runtime.session import open_session
 from onnxq.errors import CalibrationError, ModelError
 from onnxq.metrics import MetricsAccumulator, OutputMetrics, compare_models, format_metrics
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[1] / "models"
 EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
 
 

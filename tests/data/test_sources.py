@@ -16,8 +16,8 @@ from onnxq.data.signature import ModelSignature
 from onnxq.data.sources import CalibSource, InputSpec, _rebatch, input_specs, open_source
 from onnxq.data.images import ColorOrder, ImagePreprocess, Layout, load_image
 from onnxq.errors import CalibrationError, ConfigError, ModelError
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[2] / "models"
 PHOTOS = MODELS / "data" / "photos" / "calib"
 TEXTLINES = MODELS / "data" / "textlines" / "ppocr_cls_calib.npz"
 ASTRONAUT = PHOTOS / "000_astronaut.jpg"

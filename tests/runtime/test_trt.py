@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
 import onnxq
 from models import BUILDERS, random_feeds
@@ -30,9 +28,10 @@ from onnxq.errors import ConfigError, MissingDependencyError, ModelError
 from onnxq.runtime.trt.build import BuildConfig, build_engine, layer_precisions, parse_shapes, profiles_for, save_plan
 from onnxq.runtime.trt.engine import TrtEngine
 from onnxq.runtime.trt.runtime import require_gpu, require_tensorrt, summarize_log
-from onnxq_cli.main import run
+from tests.support.cli import assert_one_line_error, invoke
+from tests.support.paths import REPO
+from tests.support.runtime import session
 
-REPO = Path(__file__).parents[2]
 OK = SimpleNamespace(value=0, name="cudaSuccess")
 JSON_10X = json.dumps({"Layers": [
     {"Name": "quantize", "LayerType": "Reformat", "Inputs": [{"Format/Datatype": "Row major linear FP32"}],
@@ -44,29 +43,6 @@ JSON_11X = json.dumps({"Layers": [
     {"Name": "conv", "Inputs": [{"DataType": "Int8", "Format": "Row major linear Int8 format (kLINEAR)"}]},
     {"Name": "softmax", "Inputs": [{"DataType": "Float", "Format": "Row major linear FP32 format (kLINEAR)"}]},
     {"Name": "weights", "Inputs": [], "Outputs": [{"DataType": "Half"}]}], "I/O Tensors": []})
-
-
-def invoke(*args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    """Run `onnxq ARGS` in-process; returns (exit code, stdout, stderr); global logging state restored."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        with CliRunner().isolation() as (stdout, stderr, _):
-            code = run([os.fspath(arg) for arg in args])
-            sys.stdout.flush()
-            sys.stderr.flush()
-            return code, stdout.getvalue().decode(), stderr.getvalue().decode()
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
-def one_line_error(outcome: tuple[int, str, str], *fragments: str) -> None:
-    """Exit 2, nothing on stdout, one `error:` line on stderr holding every fragment."""
-    code, stdout, stderr = outcome
-    assert code == 2 and stdout == "", outcome
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
-    assert all(fragment in stderr for fragment in fragments), stderr
 
 
 def fake_tensorrt(version: str = "10.13.3.9") -> Any:
@@ -187,10 +163,10 @@ def test_importing_the_package_loads_neither_tensorrt_nor_cuda(tmp_path: Path) -
 def test_build_without_tensorrt_fails_with_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, residual: Path) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     before = sorted(residual.parent.iterdir())
-    one_line_error(invoke("build", residual), "TensorRT is not installed", "pip install 'onnxq[trt]'")
+    assert_one_line_error(invoke("build", residual), 2, "TensorRT is not installed", "pip install 'onnxq[trt]'")
     # the missing library is reported before the model's own problems (PP-OCR needs --shapes)
-    one_line_error(invoke("build", REPO / "models" / "ppocr_mobile_v2_cls.onnx", "-o", residual.with_suffix(".plan")),
-                   "TensorRT is not installed")
+    assert_one_line_error(invoke("build", REPO / "models" / "ppocr_mobile_v2_cls.onnx", "-o",
+                                 residual.with_suffix(".plan")), 2, "TensorRT is not installed")
     assert sorted(residual.parent.iterdir()) == before
 
 
@@ -198,12 +174,12 @@ def test_build_without_gpu_or_bindings_names_what_is_missing(monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
     monkeypatch.setitem(sys.modules, "cuda.cudart", None)
-    one_line_error(invoke("build", residual), "CUDA Python bindings are not installed", "cuda-python")
+    assert_one_line_error(invoke("build", residual), 2, "CUDA Python bindings are not installed", "cuda-python")
     no_device = SimpleNamespace(value=100, name="cudaErrorNoDevice")
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", fake_cudart(devices=0, status=no_device))
-    one_line_error(invoke("build", residual), "no CUDA GPU visible", "cudaErrorNoDevice")
+    assert_one_line_error(invoke("build", residual), 2, "no CUDA GPU visible", "cudaErrorNoDevice")
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", fake_cudart(devices=0))
-    one_line_error(invoke("build", residual), "no CUDA GPU visible", "finds 0 devices")
+    assert_one_line_error(invoke("build", residual), 2, "no CUDA GPU visible", "finds 0 devices")
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("8.6.1"))
     with pytest.raises(MissingDependencyError, match="TensorRT 8.6 is too old"):
         require_tensorrt()
@@ -217,8 +193,8 @@ def test_quantize_engine_without_tensorrt_fails_before_calibrating(monkeypatch: 
     monkeypatch.setattr("onnxq_cli.quantize.quantize", lambda *a, **k: calibrations.append(a))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     before = sorted(residual.parent.iterdir())
-    one_line_error(invoke("quantize", residual, "--calib", calib, "--engine", residual.with_suffix(".plan")),
-                   "TensorRT is not installed")
+    assert_one_line_error(invoke("quantize", residual, "--calib", calib, "--engine", residual.with_suffix(".plan")),
+                          2, "TensorRT is not installed")
     assert calibrations == [] and sorted(residual.parent.iterdir()) == before
 
 
@@ -384,12 +360,11 @@ class TestOnGpu:
         assert gpu_build[1].layer_precisions.get("INT8", 0) > 0, gpu_build[1].layer_precisions
 
     def test_engine_matches_onnx_runtime_on_the_same_qdq_model(self, gpu_build: tuple[Path, Any]) -> None:
-        import onnxruntime
-
         path, result = gpu_build
         feed = random_feeds(onnx.load(str(path)), batch=4, seed=9)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        reference = dict(zip((output.name for output in session.get_outputs()), session.run(None, feed)))
+        reference_session = session(path, optimized=True)
+        reference = dict(zip((output.name for output in reference_session.get_outputs()),
+                             reference_session.run(None, feed)))
         with TrtEngine(result.plan) as engine:
             outputs = engine.run(feed)
             assert engine.time(feed, warmup=3, iterations=10).min() > 0

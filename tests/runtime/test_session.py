@@ -19,8 +19,8 @@ from onnx import TensorProto, helper
 from onnxq.runtime import session as session_module
 from onnxq.runtime.session import PROVIDER_ALIASES, Session, open_session, resolve_providers
 from onnxq.errors import ConfigError, ModelError
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[1] / "models"
 EFFICIENTNET = MODELS / "efficientnet_lite0.onnx"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
 import models
 from onnxq.pipeline import quantize
@@ -21,8 +18,8 @@ from onnxq.errors import CalibrationError
 from onnxq.steps.accuracy.fallback import TargetNotMetError, search_fallback
 from onnxq.steps.accuracy.sensitivity import LayerSensitivity, SensitivityResult
 from onnxq.metrics import OutputMetrics, compare_models
-from onnxq_cli.main import run
-from tests.test_sensitivity import DAMAGED, damaged_mlp, mlp_feeds
+from tests.support.cli import invoke
+from tests.support.damaged_mlp import DAMAGED, damaged_mlp, mlp_feeds
 
 
 def _quantize(target: AccuracyGoal | None, config: QuantConfig = QuantConfig(), evaluation: bool = True):
@@ -123,29 +120,21 @@ def test_search_doubles_bisects_and_prunes() -> None:
     assert choice.float_layers is None
 
 
-def _invoke(*args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    with CliRunner().isolation() as (stdout, stderr, _):
-        code = run([os.fspath(arg) for arg in args])
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return code, stdout.getvalue().decode(), stderr.getvalue().decode()
-
-
 def test_cli_lists_what_fell_back_and_refuses_an_infeasible_target(tmp_path: Path) -> None:
     model, calib, evaluation, out = (tmp_path / n for n in ("mlp.onnx", "calib.npz", "eval.npz", "mlp.int8.onnx"))
     onnx.save(damaged_mlp(), str(model))
     for path, (samples, seed) in ((calib, (64, 1)), (evaluation, (16, 2))):
         np.savez(path, x=np.random.default_rng(seed).standard_normal((samples, 16)).astype(np.float32))
     args = ("quantize", model, "--calib", calib, "--eval", evaluation, "-o", out)
-    code, stdout, _ = _invoke(*args, "--min-cosine", "0.99")
+    code, stdout, _ = invoke(*args, "--min-cosine", "0.99")
     assert code == 0 and out.is_file(), stdout
     assert "met with 1 of 4 layers in float" in stdout and DAMAGED in stdout and "rank 1 of 4" in stdout
     assert "sensitivity  4 layers: 9 runs" in stdout
     out.unlink()
-    code, stdout, stderr = _invoke(*args, "--max-sqnr-drop", "200")
+    code, stdout, stderr = invoke(*args, "--max-sqnr-drop", "200")
     assert code == 1 and stdout == "" and not out.exists()
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: accuracy target not met")
-    code, stdout, _ = _invoke(*args, "--max-sqnr-drop", "200", "--write-anyway")
+    code, stdout, _ = invoke(*args, "--max-sqnr-drop", "200", "--write-anyway")
     assert code == 0 and out.is_file() and "NOT met" in stdout
-    code, _, stderr = _invoke("quantize", model, "--calib", calib, "--write-anyway")
+    code, _, stderr = invoke("quantize", model, "--calib", calib, "--write-anyway")
     assert code == 2 and "--write-anyway needs" in stderr

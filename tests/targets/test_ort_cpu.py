@@ -10,23 +10,15 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
 import models
 import onnxq
+from tests.support.paths import MODELS
+from tests.support.runtime import optimized_session, run_model
 
-MODELS = Path(__file__).parents[2] / "models"
 ORT_CPU = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU)
-
-
-def _optimized(model: onnx.ModelProto, folder: Path) -> tuple[ort.InferenceSession, Counter]:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(folder / "optimized.onnx")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session, Counter(n.op_type for n in onnx.load(str(folder / "optimized.onnx")).graph.node)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,14 +29,14 @@ def test_efficientnet_fuses_into_integer_kernels_only(tmp_path: Path) -> None:
     model = onnxq.load_model(MODELS / "efficientnet_lite0.onnx")
     preprocess = onnxq.ImagePreprocess(mean=(127.0,) * 3, std=(128.0,) * 3)
     result = onnxq.quantize(model, MODELS / "data" / "photos" / "calib", ORT_CPU, preprocess=preprocess)
-    session, ops = _optimized(result.model, tmp_path)
+    session, ops = optimized_session(result.model, tmp_path)
     assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1, ops
     assert ops["QLinearGlobalAveragePool"] == 1
     assert ops["Conv"] == 0 and ops["Clip"] == 0 and ops["Pad"] == 0, ops
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] <= 1, ops  # the graph input and output only
     held_out = onnxq.open_source(MODELS / "data" / "photos" / "eval", onnxq.input_specs(model), preprocess)
     x = next(iter(held_out.batches(32)))
-    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    reference = run_model(model, x, optimized=True)[0]
     quantized = session.run(None, x)[0]
     assert _cosine(reference, quantized) > 0.95
     assert np.mean(reference.argmax(1) == quantized.argmax(1)) >= 0.7
@@ -81,11 +73,11 @@ def test_synthetic_models_fuse_and_stay_close_to_float(name: str, fused: dict[st
     model = models.BUILDERS[name]()
     feeds = [models.random_feeds(model, batch=4, seed=s) for s in range(3)]
     result = onnxq.quantize(model, onnxq.FeedsSource(feeds), ORT_CPU)
-    session, ops = _optimized(result.model, tmp_path)
+    session, ops = optimized_session(result.model, tmp_path)
     for op_type, count in fused.items():
         assert ops[op_type] == count, ops
     held_out = models.random_feeds(model, batch=4, seed=99)
-    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, held_out)
+    reference = run_model(model, held_out, optimized=True)
     assert _cosine(reference[0], session.run(None, held_out)[0]) > 0.99
 
 
@@ -99,5 +91,5 @@ def test_attention_stays_float_for_ort_cpu_when_asked(tmp_path: Path) -> None:
     model = models.BUILDERS["transformer_encoder"]()
     feeds = [models.random_feeds(model, batch=4, seed=s) for s in range(3)]
     config = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU, selection=onnxq.Selection(quantize_attention=False))
-    _, ops = _optimized(onnxq.quantize(model, onnxq.FeedsSource(feeds), config).model, tmp_path)
+    _, ops = optimized_session(onnxq.quantize(model, onnxq.FeedsSource(feeds), config).model, tmp_path)
     assert ops["QLinearMatMul"] == 12 and ops["MatMulIntegerToFloat"] == 0, ops

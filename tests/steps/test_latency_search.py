@@ -15,8 +15,8 @@ from onnxq.runtime.session import open_session
 from onnxq.errors import ConfigError
 from onnxq.steps.latency_search import LatencySearchConfig, layer_classes
 from onnxq.targets import plan_quantization
+from tests.support.paths import MODELS
 
-MODELS = Path(__file__).parents[1] / "models"
 PPOCR = MODELS / "ppocr_mobile_v2_cls.onnx"
 TEXTLINES = MODELS / "data" / "textlines"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +9,8 @@ import models
 from onnxq.pipeline import inspect
 from onnxq.options import Selection
 from onnxq.plan.core import QuantPlan
+from tests.support.paths import MODELS
 
-MODELS_DIR = Path(__file__).parents[2] / "models"
 
 
 def _plan(name: str, selection: Selection = Selection()) -> QuantPlan:
@@ -136,14 +135,14 @@ def test_user_exclusions_by_op_type_and_name() -> None:
 
 
 def test_control_flow_subgraphs_are_left_float() -> None:
-    plan = inspect(MODELS_DIR / "silero_vad.onnx")
+    plan = inspect(MODELS / "silero_vad.onnx")
     if_nodes = [d for d in plan.decisions if d.op_type == "If"]
     assert if_nodes and all(not d.quantized and "control flow" in d.reason for d in if_nodes)
 
 
 @pytest.mark.parametrize("model_file", ["efficientnet_lite0.onnx", "ppocr_mobile_v2_cls.onnx"])
 def test_real_models_quantize_every_conv(model_file: str) -> None:
-    plan = inspect(MODELS_DIR / model_file)
+    plan = inspect(MODELS / model_file)
     convs = [d for d in plan.decisions if d.op_type == "Conv"]
     assert convs and all(d.quantized for d in convs)
     assert all(w.axis == 0 for w in plan.weights if w.consumer in {d.node_name for d in convs})

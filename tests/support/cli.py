@@ -1,0 +1,108 @@
+"""Running the `onnxq` command line in tests: in-process (`invoke`) or as a real process (`run_process`).
+
+The `work` fixture (tests/cli/conftest.py) builds a `Workspace` with `make_workspace`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from models import BUILDERS, random_feeds
+from onnxq_cli.main import run
+
+__all__ = ["CALIB_SAMPLES", "Outcome", "Workspace", "make_workspace", "invoke", "run_process", "digest",
+           "assert_qdq_model", "assert_one_line_error"]
+
+# Samples in a Workspace's calibration file.
+CALIB_SAMPLES = 8
+
+
+class Outcome(NamedTuple):
+    """What one CLI run produced; unpacks as (code, stdout, stderr)."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A small float model (`residual_cnn`), matching `.npz` calibration data and an empty `out` folder."""
+
+    folder: Path
+    model: Path
+    calib: Path
+    out: Path
+
+    def listing(self) -> set[str]:
+        """Every path under the folder, relative to it."""
+        return {path.relative_to(self.folder).as_posix() for path in self.folder.rglob("*")}
+
+    def quantize_args(self, *extra: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+        """`quantize MODEL --calib DATA` followed by `extra`."""
+        return ["quantize", self.model, "--calib", self.calib, *extra]
+
+
+def make_workspace(folder: Path) -> Workspace:
+    """The synthetic residual CNN (input `input`, N x 3 x 32 x 32) and CALIB_SAMPLES random samples for it."""
+    residual_model = BUILDERS["residual_cnn"]()
+    model, calib, out = folder / "residual.onnx", folder / "calib.npz", folder / "out"
+    onnx.save(residual_model, str(model))
+    np.savez(calib, **random_feeds(residual_model, batch=CALIB_SAMPLES, seed=1))
+    out.mkdir()
+    return Workspace(folder, model, calib, out)
+
+
+def invoke(*args: str | os.PathLike[str]) -> Outcome:
+    """Run `onnxq ARGS` in-process through `run`; the global logging state is restored afterwards."""
+    root = logging.getLogger()
+    handlers, level, graphsurgeon_severity = root.handlers[:], root.level, G_LOGGER.severity
+    try:
+        with CliRunner().isolation() as (stdout, stderr, _):
+            code = run([os.fspath(arg) for arg in args])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return Outcome(code, stdout.getvalue().decode(), stderr.getvalue().decode())
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        G_LOGGER.severity = graphsurgeon_severity
+
+
+def run_process(*args: str | os.PathLike[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `onnxq ARGS` as a real process with stdout and stderr captured (neither is a TTY)."""
+    command = [sys.executable, "-m", "onnxq_cli", *(os.fspath(arg) for arg in args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_qdq_model(path: Path) -> None:
+    """`path` passes the full ONNX checker and carries Q/DQ pairs."""
+    onnx.checker.check_model(str(path), full_check=True)
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types
+
+
+def assert_one_line_error(outcome: Outcome, code: int, *fragments: str) -> None:
+    """Exit `code`, nothing on stdout, and stderr is a single `error:` line holding every fragment."""
+    assert outcome.code == code, outcome
+    assert outcome.stdout == ""
+    lines = outcome.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), outcome.stderr
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]

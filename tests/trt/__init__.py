@@ -1,1 +1,0 @@
-"""Tests of TensorRT engine builds and runs (`onnxq.runtime.trt`, `onnxq build`)."""
