@@ -65,7 +65,7 @@ class StepSkipped:
 @dataclass
 class Job:
     """The shared state of one `quantize` run, filled in pipeline order (steps read it; only the
-    pipeline and `keep_float` change it).
+    pipeline, `keep_float` and `replace_graph` change it).
 
     Attributes:
         model: the float model as given (reference outputs, metadata of every built model).
@@ -128,6 +128,14 @@ class Job:
     def keep_float(self, reasons: Mapping[str, str]) -> None:
         """Record nodes a step has put back in float (later steps start from them)."""
         self.kept_float.update(reasons)
+
+    def replace_graph(self, graph: gs.Graph) -> None:
+        """Continue with `graph` in place of the prepared graph (the same nodes and activations, e.g. with
+        corrected biases): a new replanner over it, and no model built from the old graph is reused. The
+        calibration statistics stay those measured on the old graph."""
+        self.graph = graph
+        self.replanner = Replanner(graph, self.target.plan, self.config.selection)
+        self._built.clear()
 
     def build(self, plan: QuantPlan) -> onnx.ModelProto:
         """The checked INT8 model of `plan` with this run's statistics and target (cached per plan)."""
