@@ -53,6 +53,10 @@ from .summary import finding_lines, write_run_report
                    "layers (e.g. 5x5 depthwise Convs) in INT8 and in float on one calibration batch on this "
                    "machine, and keep in float the classes ORT runs faster in float. The output then depends on "
                    "the machine it ran on; --no-latency-search gives the rule-based plan alone.")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="Correct each quantized Conv/Gemm/MatMul bias for the mean shift quantization gives its output "
+                   "channels (measured on the calibration data), kept only if it raises the SQNR on held-back "
+                   "samples (Nagel et al., ICCV 2019).")
 @click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.json and report.md (and sensitivity.png with onnxq[report]) into DIR.")
 @image_options
@@ -60,7 +64,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
                  batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
                  accuracy: AccuracyGoal | None, smoothquant: float | None, latency_search: bool | None,
-                 report_dir: Path | None, preprocess: ImagePreprocess) -> None:
+                 bias_correction: bool | None, report_dir: Path | None, preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
     With --min-cosine or --max-sqnr-drop, every layer's sensitivity is measured on held-back data and
@@ -79,7 +83,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if engine is not None:  # a missing TensorRT or GPU must fail before any calibration
         require_engine_build()
     config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile, smoothquant,
-                          latency_search)
+                          latency_search, bias_correction)
     model = load_model(model_path)
     destination = output_path(model_path, output, protected=(calib_path, eval_path, stats_path))
     plan_path = (check_engine_build(model_path, engine, model, {}, protected=(calib_path, eval_path, stats_path))

@@ -14,6 +14,7 @@ from onnxq.pipeline import QuantResult
 from onnxq.config import QuantConfig
 from onnxq.steps.accuracy.fallback import FallbackResult
 from onnxq.steps.accuracy.step import AccuracyFinding
+from onnxq.steps.bias_correction import BiasCorrected
 from onnxq.steps.latency_search import LatencySearch
 from onnxq.steps.smoothquant import Smoothed
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
@@ -86,6 +87,25 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
     return lines
 
 
+def bias_lines(found: BiasCorrected) -> list[str]:
+    """The summary lines of bias correction: what was measured, and whether it was kept, with the figures."""
+    ops: dict[str, int] = {}
+    for layer in found.layers:
+        ops[layer.op_type] = ops.get(layer.op_type, 0) + 1
+    kinds = ", ".join(f"{count} {op}" for op, count in ops.items())
+    created = sum(layer.created_bias for layer in found.layers)
+    created_text = f"; {plural(created, 'bias', 'biases')} created" if created else ""
+    largest = found.largest
+    where = f", largest {largest.max_abs_shift:.4g} ({largest.node_name})" if largest is not None else ""
+    lines = [f"  bias         {plural(len(found.layers), 'layer')} ({kinds}{created_text}): mean output shift per "
+             f"channel measured on {plural(found.fit_samples, 'sample')}{where} ({found.seconds:.1f} s)",
+             f"               {found.verdict} on {found.held_back}"]
+    if found.skipped:
+        name, why = found.skipped[0]
+        lines.append(f"               left alone: {plural(len(found.skipped), 'layer')} (e.g. {name}: {why})")
+    return lines
+
+
 def finding_lines(findings: Sequence[object]) -> list[str]:
     """The summary lines of every step's finding, in the order the steps ran."""
     lines: list[str] = []
@@ -94,6 +114,8 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
             lines += latency_lines(finding)
         elif isinstance(finding, AccuracyFinding):
             lines += accuracy_lines(finding.sensitivity, finding.fallback)
+        elif isinstance(finding, BiasCorrected):
+            lines += bias_lines(finding)
         elif isinstance(finding, Smoothed):
             lines.append(f"  smoothquant  alpha {finding.alpha:g}: {plural(len(finding.tensors), 'linear-layer input')} "
                          f"smoothed, {len(finding.left_alone)} left alone")

@@ -31,6 +31,7 @@ from onnxq.steps.accuracy.fallback import FallbackResult, TargetNotMetError
 from onnxq.steps.accuracy.sensitivity import SensitivityResult
 from onnxq.steps.accuracy.step import AccuracyFinding, MeetAccuracy
 from onnxq.steps.base import Job, Step, StepSkipped
+from onnxq.steps.bias_correction import BiasCorrected, BiasCorrection
 from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
 from onnxq.steps.smoothquant import Smoothed, SmoothQuant
 from onnxq.targets import ORT_CPU, TRT, QuantTarget, get_target, plan_quantization, register_target
@@ -43,7 +44,7 @@ ActivationTarget = QuantizedActivation
 WeightTarget = QuantizedWeight
 
 __all__ = [
-    "AccuracyFinding", "AccuracyGoal", "ActivationScheme", "CalibConfig", "CalibMethod", "CalibSource",
+    "AccuracyFinding", "AccuracyGoal", "ActivationScheme", "BiasCorrected", "BiasCorrection", "CalibConfig", "CalibMethod", "CalibSource",
     "CalibrationError", "CalibrationResult", "ColorOrder", "CompareConfig", "CompareResult", "ConfigError",
     "FallbackResult", "FeedsSource", "Histogram", "HighPrecision", "ImagePreprocess", "INT8_SYMMETRIC",
     "InputSpec", "InternalError", "Job", "LatencySearch", "LatencySearchConfig", "Layout", "MeetAccuracy",

@@ -38,6 +38,9 @@ class QuantConfig:
             shorthand for the `SmoothQuant` step.
         latency_search: time layer classes in INT8 and float and keep the faster (the `LatencySearch`
             step). None: the target's default (on for ort-cpu when there is calibration data to time).
+        bias_correction: correct each quantized layer's bias for the mean output shift quantization gives
+            it, kept where it helps on held-back samples (the `BiasCorrection` step). None: the default
+            (`onnxq.steps.bias_correction.BY_DEFAULT`).
     """
 
     selection: Selection = field(default_factory=Selection)
@@ -46,6 +49,7 @@ class QuantConfig:
     high_precision: HighPrecision = HighPrecision.FP32
     smoothquant: float | None = None
     latency_search: bool | None = False
+    bias_correction: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, QuantTarget):

@@ -34,6 +34,7 @@ from onnxq.steps.accuracy.fallback import FallbackResult
 from onnxq.steps.accuracy.sensitivity import SensitivityResult
 from onnxq.steps.accuracy.step import AccuracyFinding, MeetAccuracy
 from onnxq.steps.base import Job, ProgressCallback, Step, StepSkipped
+from onnxq.steps.bias_correction import BY_DEFAULT as BIAS_CORRECTION_BY_DEFAULT, BiasCorrection
 from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
 from onnxq.steps.smoothquant import SmoothQuant
 from onnxq.targets import QuantTarget, get_target
@@ -127,13 +128,26 @@ def inspect(model: ModelLike, selection: Selection = Selection(), target: QuantT
 def steps_for(config: QuantConfig, *, accuracy: AccuracyGoal | None = None, eval_source: CalibSource | None = None,
               latency: LatencySearchConfig | None = None) -> tuple[Step, ...]:
     """The steps the config asks for, in pipeline order: SmoothQuant, the latency search (the target's
-    default when `config.latency_search` is None), the accuracy target."""
+    default when `config.latency_search` is None), the accuracy target, bias correction (its default when
+    `config.bias_correction` is None; `quantize` runs it after the caller's steps too)."""
     steps: list[Step] = [SmoothQuant(config.smoothquant)] if config.smoothquant is not None else []
     if latency is not None or config.latency_search:
         steps.append(SearchLatency(latency or LatencySearchConfig(providers=config.calib.providers)))
     elif config.latency_search is None and config.target.latency_search:
         steps.append(SearchLatency(LatencySearchConfig(providers=config.calib.providers), requested=False))
-    return (*steps, MeetAccuracy(accuracy, eval_source)) if accuracy is not None else tuple(steps)
+    if accuracy is not None:
+        steps.append(MeetAccuracy(accuracy, eval_source))
+    if config.bias_correction or (config.bias_correction is None and BIAS_CORRECTION_BY_DEFAULT):
+        steps.append(BiasCorrection(requested=bool(config.bias_correction)))
+    return tuple(steps)
+
+
+def _bias_correction_last(steps: Sequence[Step]) -> tuple[Step, ...]:
+    """`steps` with bias correction moved to the end (it corrects the layers of the final plan), once: a
+    `BiasCorrection` the caller gives replaces the config's."""
+    corrections = [step for step in steps if isinstance(step, BiasCorrection)]
+    rest = tuple(step for step in steps if not isinstance(step, BiasCorrection))
+    return (*rest, corrections[-1]) if corrections else rest
 
 
 def _start(model: onnx.ModelProto, signature: ModelSignature, data: CalibSource | None, config: QuantConfig,
@@ -192,8 +206,8 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
     model = _as_model(model)
     signature = signature_of(model)
-    steps = (*steps_for(config, accuracy=accuracy, eval_source=_open(eval_source, signature, preprocess),
-                        latency=latency), *steps)
+    steps = _bias_correction_last((*steps_for(config, accuracy=accuracy, latency=latency,
+                                              eval_source=_open(eval_source, signature, preprocess)), *steps))
     job = _start(model, signature, _open(calib, signature, preprocess), config, steps, on_progress)
     graph = run(prepare(model, config.target), user_passes)
     for step in steps:

@@ -22,7 +22,11 @@ from tests.support.cli import invoke
 from tests.support.damaged_mlp import DAMAGED, damaged_mlp, mlp_feeds
 
 
-def _quantize(target: AccuracyGoal | None, config: QuantConfig = QuantConfig(), evaluation: bool = True):
+# The fallback's own figures and models, without bias correction (tests/steps/test_bias_correction.py has both).
+NO_BIAS = QuantConfig(bias_correction=False)
+
+
+def _quantize(target: AccuracyGoal | None, config: QuantConfig = NO_BIAS, evaluation: bool = True):
     return quantize(damaged_mlp(), mlp_feeds(64, 1), config, accuracy=target,
                     eval_source=mlp_feeds(16, 2) if evaluation else None)
 
@@ -38,7 +42,8 @@ def test_fallback_leaves_fewer_layers_float_than_excluding_the_op_type() -> None
     assert result.plan.decision(DAMAGED).reason.startswith("accuracy fallback: rank 1")
     assert len(result.plan.quantized_nodes) == 3
     # The same model as quantizing with that node excluded by hand.
-    by_hand = quantize(damaged_mlp(), mlp_feeds(64, 1), QuantConfig(Selection(exclude_node_patterns=(f"^{DAMAGED}$",))))
+    by_hand = quantize(damaged_mlp(), mlp_feeds(64, 1), QuantConfig(Selection(exclude_node_patterns=(f"^{DAMAGED}$",)),
+                                                                     bias_correction=False))
     assert by_hand.model.SerializeToString() == result.model.SerializeToString()
     # Excluding the op type also meets the target, with every layer left float.
     by_type = quantize(damaged_mlp(), mlp_feeds(64, 1), QuantConfig(Selection(exclude_op_types=("MatMul",))))
@@ -56,7 +61,7 @@ def test_sqnr_target_and_held_back_calibration_samples() -> None:
 
 def test_a_built_model_that_misses_the_estimate_gets_more_layers_in_float() -> None:
     # float16 storage of the rest of the graph costs the built model ~0.02 dB of SQNR the fp32 gates do not see
-    config = QuantConfig(high_precision=HighPrecision.FP16)
+    config = QuantConfig(high_precision=HighPrecision.FP16, bias_correction=False)
     result = _quantize(AccuracyGoal(max_sqnr_drop_db=33.735), config)
     fallback = result.fallback
     assert fallback is not None and fallback.met, fallback
@@ -68,11 +73,11 @@ def test_a_built_model_that_misses_the_estimate_gets_more_layers_in_float() -> N
 def test_a_target_the_int8_model_meets_needs_no_fallback() -> None:
     model = models.BUILDERS["gemm_mlp"]()
     calib = FeedsSource([models.random_feeds(model, batch=32, seed=1)])
-    result = quantize(model, calib, accuracy=AccuracyGoal(min_cosine=0.9),
+    result = quantize(model, calib, NO_BIAS, accuracy=AccuracyGoal(min_cosine=0.9),
                       eval_source=FeedsSource([models.random_feeds(model, batch=8, seed=2)]))
     assert result.fallback is not None and result.fallback.met and result.fallback.float_layers == ()
     assert result.fallback.runs == 1  # the verification only: the sensitivity sweep measured the INT8 model
-    assert result.model.SerializeToString() == quantize(model, calib).model.SerializeToString()
+    assert result.model.SerializeToString() == quantize(model, calib, NO_BIAS).model.SerializeToString()
 
 
 def test_an_infeasible_target_raises_unless_written_anyway() -> None:
