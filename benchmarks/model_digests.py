@@ -4,7 +4,8 @@ A refactor that must not change onnxq's output records the digests before it sta
 after: 3 real models (EfficientNet-Lite0, the PP-OCR classifier, Silero VAD) x 2 targets (trt, and
 ort-cpu with --no-latency-search, as the latency search depends on this machine's timing) x 4 methods
 (max, entropy, percentile, mse) = 24 runs of the CLI, `<this python> -m onnxq_cli quantize ...`, each
-writing into its own temporary folder. A run's digest is the sha256 of the written .onnx; should a run
+writing into its own temporary folder; with `--no-bias-correction` where the CLI has it (bias correction,
+on by default since, is a data-dependent step like the latency search: the digests are of the rest). A run's digest is the sha256 of the written .onnx; should a run
 write any other file (e.g. a `.onnx.data` of external weights), its `name:sha256` is appended.
 
     python benchmarks/model_digests.py --record benchmarks/model_digests.json [--models silero_vad,...]
@@ -67,12 +68,20 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def quantize(model: str, target: str, method: str, tmp: Path) -> str:
+def step_flags(tmp: Path) -> list[str]:
+    """`--no-bias-correction` if the onnxq under test has it (the checkouts that recorded digests did not)."""
+    shown = subprocess.run([sys.executable, "-m", "onnxq_cli", "quantize", "--help"], cwd=tmp, capture_output=True,
+                           text=True)
+    return ["--no-bias-correction"] if "--no-bias-correction" in shown.stdout else []
+
+
+def quantize(model: str, target: str, method: str, tmp: Path, flags: list[str] = ()) -> str:
     """Run the CLI once in a fresh folder; return the digest of what it wrote."""
     out_dir = Path(tempfile.mkdtemp(prefix=f"{model}.{target}.{method}.", dir=tmp))
     out = out_dir / f"{model}.int8.onnx"
     command = [sys.executable, "-m", "onnxq_cli", "quantize", str(MODELS / f"{model}.onnx"),
-               *calib_args(model, tmp), "-o", str(out), "--target", target, *TARGETS[target], "--method", method]
+               *calib_args(model, tmp), "-o", str(out), "--target", target, *TARGETS[target], "--method", method,
+               *flags]
     # cwd=tmp: `python -m` puts the working directory first on sys.path, and a checkout's onnxq/ there
     # would shadow the installed one.
     done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
@@ -105,10 +114,11 @@ def run_all(models: list[str]) -> tuple[dict[str, str], float]:
     digests, runs = {}, [(m, t, k) for m in models for t in TARGETS for k in METHODS]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxq-digests.") as tmp:
+        flags = step_flags(Path(tmp))
         for i, (model, target, method) in enumerate(runs, 1):
             t0 = time.perf_counter()
             key = f"{model}/{target}/{method}"
-            digests[key] = quantize(model, target, method, Path(tmp))
+            digests[key] = quantize(model, target, method, Path(tmp), flags)
             print(f"[{i:2}/{len(runs)}] {key:40} {digests[key][:16]}  {time.perf_counter() - t0:5.1f} s", flush=True)
     return digests, time.perf_counter() - started
 
