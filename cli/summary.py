@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from onnxq.config import QuantConfig
 from onnxq.steps.accuracy.fallback import FallbackResult
 from onnxq.steps.accuracy.step import AccuracyFinding
 from onnxq.steps.latency_search import LatencySearch
+from onnxq.steps.ranges import RangesChosen
 from onnxq.steps.smoothquant import Smoothed
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
 from onnxq.metrics import OutputMetrics
@@ -86,6 +88,21 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
     return lines
 
 
+def range_lines(found: RangesChosen) -> list[str]:
+    """The summary of `--method auto`: the methods tried whole, the choice per group counted, the cost."""
+    counts = Counter(choice.candidate for choice in found.choices)
+    methods = ", ".join(f"{name} {error:.3g}" for name, error in found.by_method.items())
+    lines = [f"  ranges       auto over {plural(len(found.choices), 'group')} on {plural(found.samples, 'sample')}: "
+             f"output noise/signal {methods}; from {found.start}, chosen {found.error:.3g} "
+             f"({plural(found.runs, 'run')}, {found.seconds:.1f} s)",
+             "               " + ", ".join(f"{n} {name}" for name, n in counts.most_common())]
+    lines += [f"               input '{g.tensor}' lies on a grid of step {g.step:.6g} ({g.values} values): "
+              f"scale = step makes its quantization exact" for g in found.grids]
+    if found.note:
+        lines.append(f"               note: {found.note}")
+    return lines
+
+
 def finding_lines(findings: Sequence[object]) -> list[str]:
     """The summary lines of every step's finding, in the order the steps ran."""
     lines: list[str] = []
@@ -94,6 +111,8 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
             lines += latency_lines(finding)
         elif isinstance(finding, AccuracyFinding):
             lines += accuracy_lines(finding.sensitivity, finding.fallback)
+        elif isinstance(finding, RangesChosen):
+            lines += range_lines(finding)
         elif isinstance(finding, Smoothed):
             lines.append(f"  smoothquant  alpha {finding.alpha:g}: {plural(len(finding.tensors), 'linear-layer input')} "
                          f"smoothed, {len(finding.left_alone)} left alone")
@@ -103,7 +122,8 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
 def write_run_report(result: QuantResult, metrics: Sequence[OutputMetrics], folder: Path, config: QuantConfig,
                      model_name: str) -> tuple[Path, ...]:
     """`--report DIR`: the plan, ranges, metrics (before/after fallback when it ran), sensitivity, fallback."""
-    from onnxq.report.document import build_report, write_report
+    from onnxq.report.document import build_report
+    from onnxq.report.files import write_report
 
     sets: dict[str, Sequence[OutputMetrics]] = {}
     if result.fallback is not None:

@@ -24,7 +24,7 @@ from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.data.sources import CalibSource, open_source
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 from onnxq.io import load_model, to_graph
-from onnxq.options import Selection
+from onnxq.options import CalibMethod, Selection
 from onnxq.passes import PREPARE, GraphPass, run
 from onnxq.passes.name_nodes import name_nodes
 from onnxq.passes.upgrade_opset import upgrade_opset
@@ -35,6 +35,7 @@ from onnxq.steps.accuracy.sensitivity import SensitivityResult
 from onnxq.steps.accuracy.step import AccuracyFinding, MeetAccuracy
 from onnxq.steps.base import Job, ProgressCallback, Step, StepSkipped
 from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
+from onnxq.steps.ranges import ChooseRanges
 from onnxq.steps.smoothquant import SmoothQuant
 from onnxq.targets import QuantTarget, get_target
 
@@ -129,11 +130,20 @@ def steps_for(config: QuantConfig, *, accuracy: AccuracyGoal | None = None, eval
     """The steps the config asks for, in pipeline order: SmoothQuant, the latency search (the target's
     default when `config.latency_search` is None), the accuracy target."""
     steps: list[Step] = [SmoothQuant(config.smoothquant)] if config.smoothquant is not None else []
+    if config.calib.method is CalibMethod.AUTO:
+        steps.append(ChooseRanges())
     if latency is not None or config.latency_search:
         steps.append(SearchLatency(latency or LatencySearchConfig(providers=config.calib.providers)))
     elif config.latency_search is None and config.target.latency_search:
         steps.append(SearchLatency(LatencySearchConfig(providers=config.calib.providers), requested=False))
     return (*steps, MeetAccuracy(accuracy, eval_source)) if accuracy is not None else tuple(steps)
+
+
+def _compose(defaults: Sequence[Step], given: Sequence[Step]) -> tuple[Step, ...]:
+    """The config's steps, each replaced in its place by a given step of the same type; then the rest."""
+    replacing = {type(step): step for step in given}
+    composed = [replacing.get(type(step), step) for step in defaults]
+    return (*composed, *(step for step in given if not any(step is used for used in composed)))
 
 
 def _start(model: onnx.ModelProto, signature: ModelSignature, data: CalibSource | None, config: QuantConfig,
@@ -176,7 +186,8 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
         config: selection, calibration, target and the shorthands for steps (smoothquant, latency_search).
         stats: statistics from `collect_stats` (or a file `save_stats` wrote), instead of `calib`:
             no inference runs, and any method can be applied.
-        steps: more steps, run after the config's (e.g. `MeetAccuracy(goal)`, your own `Step`).
+        steps: more steps, run after the config's (e.g. `MeetAccuracy(goal)`, your own `Step`); a step of
+            the same type as one the config asks for takes its place (e.g. `ChooseRanges(budget_seconds=5)`).
         preprocess: how images are turned into tensors, when `calib` is a folder of images.
         user_passes: your own graph passes, run in order after the prepare stage and before planning.
         on_progress: called with (stage, done, total or None) during long work.
@@ -192,8 +203,8 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
     model = _as_model(model)
     signature = signature_of(model)
-    steps = (*steps_for(config, accuracy=accuracy, eval_source=_open(eval_source, signature, preprocess),
-                        latency=latency), *steps)
+    steps = _compose(steps_for(config, accuracy=accuracy, eval_source=_open(eval_source, signature, preprocess),
+                               latency=latency), steps)
     job = _start(model, signature, _open(calib, signature, preprocess), config, steps, on_progress)
     graph = run(prepare(model, config.target), user_passes)
     for step in steps:
@@ -204,7 +215,8 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
     for step in steps:
         plan, finding = step.refine(job, plan)
         job.findings += [finding] if finding is not None else []
-    amax = group_amax(plan, job.calibration.stats, config.calib, config.target.scheme)
+    amax = {group: job.ranges.get(group, value)
+            for group, value in group_amax(plan, job.calibration.stats, config.calib, config.target.scheme).items()}
     return QuantResult(job.build(plan), plan, job.calibration, amax, time.perf_counter() - started,
                        tuple(job.findings))
 

@@ -18,7 +18,9 @@ from onnxq.calib.amax import entropy_amax, max_amax, mse_amax, percentile_amax
 from onnxq.calib.histogram import Histogram
 from onnxq.calib.stats import MaxStats
 from onnxq.lower.scales import weight_amax
-from onnxq.report.document import TOP_N, build_report, rank_layers, to_json, to_markdown, write_report
+from onnxq.report.document import TOP_N, build_report, rank_layers, to_json
+from onnxq.report.files import write_report
+from onnxq.report.markdown import to_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

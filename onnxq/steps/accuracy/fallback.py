@@ -294,7 +294,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
                  held_back: CalibSource | HeldBack, build: Callable[[QuantPlan], onnx.ModelProto],
                  target: AccuracyGoal, calib: CalibConfig = CalibConfig(), *,
                  signature: ModelSignature | None = None, on_progress: RunCallback | None = None,
-                 scheme: ActivationScheme = INT8_SYMMETRIC) -> AccuracyOutcome:
+                 scheme: ActivationScheme = INT8_SYMMETRIC, amax: Mapping[str, float] | None = None) -> AccuracyOutcome:
     """Measure sensitivity and, if `target` has a threshold, fall back until it is met.
 
     Args:
@@ -309,6 +309,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
         signature: the model's input signature (sample axes, fixed batch); default: read from `template`.
         on_progress: called after each pass over the held-back samples with (runs, planned or None).
         scheme: the target's activation scheme (the gated model's scales and zero points).
+        amax: ranges chosen by group (a range search's); other groups get the method's.
 
     Raises:
         TargetNotMetError: the target is not met and `target.write_anyway` is False.
@@ -316,7 +317,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
     started = time.perf_counter()
     held = held_back if isinstance(held_back, HeldBack) else load_held_back(
         template, held_back, calib.batch_size, calib.providers, signature=signature)
-    params = activation_params(layer_map.gated_plan, stats, calib, scheme)
+    params = activation_params(layer_map.gated_plan, stats, calib, scheme, amax)
     with GatedRunner(layer_map, params, template, held, calib.providers, on_progress) as runner:
         sensitivity = measure_sensitivity(runner, layer_map, started)
         if not target.has_threshold:

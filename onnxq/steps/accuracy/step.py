@@ -66,7 +66,8 @@ class MeetAccuracy(Step):
         layers = LayerMap(job.replanner, job.kept_float, available=stats)
         outcome = run_accuracy(layers, stats, job.model, job.held_back, job.build, self.goal, job.config.calib,
                                signature=job.signature,
-                               on_progress=job.progress("measuring accuracy"), scheme=job.target.scheme)
+                               on_progress=job.progress("measuring accuracy"), scheme=job.target.scheme,
+                               amax=job.ranges)
         if outcome.fallback is not None:
             job.keep_float({layer.node_name: f"accuracy fallback: {layer.reason}"
                             for layer in outcome.fallback.float_layers})
