@@ -31,9 +31,8 @@ def _figures(metrics: Sequence[OutputMetrics]) -> tuple[str, str]:
 def sensitivity_lines(result: SensitivityResult) -> list[str]:
     """The held-back data and the cost and headline of the sensitivity measurements."""
     cosine, sqnr = _figures(result.float_vs_int8)
-    lines = [f"  held back    {plural(result.samples, 'sample')}: {result.data}",
-             f"  sensitivity  {plural(len(result.layers), 'layer')}: {result.runs} runs (1 + 2 per layer) in "
-             f"{result.seconds:.1f} s; fully INT8: cosine {cosine}, SQNR {sqnr} dB"]
+    lines = [f"  sensitivity  {plural(len(result.layers), 'layer')} on {plural(result.samples, 'held-back sample')}: "
+             f"{plural(result.runs, 'run')} in {result.seconds:.1f} s; fully INT8: cosine {cosine}, SQNR {sqnr} dB"]
     if result.layers:
         top = result.layers[0]
         lines.append(f"               most sensitive: {top.node_name} (alone in float: cosine "
@@ -65,9 +64,11 @@ def fallback_lines(result: FallbackResult, layer_count: int) -> list[str]:
     return lines
 
 
-def accuracy_lines(sensitivity: SensitivityResult | None, fallback: FallbackResult | None) -> list[str]:
-    """The summary lines of the accuracy stage; none without an accuracy target."""
-    lines = [] if sensitivity is None else sensitivity_lines(sensitivity)
+def accuracy_lines(found: AccuracyFinding) -> list[str]:
+    """The summary lines of the accuracy stage."""
+    sensitivity, fallback = found.sensitivity, found.fallback
+    lines = [f"  held back    {plural(found.held_samples, 'sample')}: {found.held_data}"]
+    lines += [] if sensitivity is None else sensitivity_lines(sensitivity)
     if fallback is not None:
         lines += fallback_lines(fallback, 0 if sensitivity is None else len(sensitivity.layers))
     return lines
@@ -110,7 +111,7 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
         if isinstance(finding, LatencySearch):
             lines += latency_lines(finding)
         elif isinstance(finding, AccuracyFinding):
-            lines += accuracy_lines(finding.sensitivity, finding.fallback)
+            lines += accuracy_lines(finding)
         elif isinstance(finding, RangesChosen):
             lines += range_lines(finding)
         elif isinstance(finding, Smoothed):

@@ -28,12 +28,16 @@ class AccuracyFinding:
     """What the accuracy step measured and what fell back.
 
     Attributes:
-        sensitivity: every layer alone and recovered, on the held-back samples.
+        sensitivity: every layer recovered (and alone, without a threshold), on the held-back samples;
+            None when the fully quantized model met the goal and nothing was measured layer by layer.
         fallback: the layers left float for the goal (None when the goal has no threshold).
+        held_samples, held_data: how many samples were held back, and where from.
     """
 
-    sensitivity: SensitivityResult
+    sensitivity: SensitivityResult | None
     fallback: FallbackResult | None
+    held_samples: int = 0
+    held_data: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,4 +75,5 @@ class MeetAccuracy(Step):
         if outcome.fallback is not None:
             job.keep_float({layer.node_name: f"accuracy fallback: {layer.reason}"
                             for layer in outcome.fallback.float_layers})
-        return outcome.plan, AccuracyFinding(outcome.sensitivity, outcome.fallback)
+        return outcome.plan, AccuracyFinding(outcome.sensitivity, outcome.fallback, outcome.held_samples,
+                                             outcome.held_data)
