@@ -58,7 +58,7 @@ from _peers import ORT_CALIBRATORS, first_line, nncf_quantize, nncf_version, ort
 
 ROOT = Path(__file__).parents[1]
 DATA = ROOT / "models" / "data"
-METHODS = ("max", "entropy", "percentile", "mse")
+METHODS = ("max", "entropy", "percentile", "mse", "auto")
 TARGETS = {"trt": onnxq.TRT, "ort-cpu": onnxq.ORT_CPU}
 BATCH = 8
 STARTED = time.perf_counter()

@@ -82,7 +82,7 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
     verdict = "INT8 faster" if search.speedup > 1.0 else "INT8 NOT faster than float on this machine"
     lines = [f"  latency      float {search.float_model_ms:.2f} ms, full INT8 plan {search.start_ms:.2f} ms, "
              f"chosen {search.final_ms:.2f} ms on one batch ({search.speedup:.2f}x: {verdict}); "
-             f"{kept} of {len(search.trials)} layer classes kept INT8"]
+             f"{kept} of {len(search.trials)} layer classes kept INT8 ({search.seconds:.1f} s)"]
     for trial in search.trials:
         where = "int8 " if trial.kept_int8 else "float"
         lines.append(f"    {where} {trial.layer_class} ({plural(len(trial.nodes), 'node')}): {trial.reason}")
