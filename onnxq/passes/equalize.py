@@ -15,7 +15,7 @@ of W2's input channel i (max over every Conv that reads the tensor), the paper's
 leaves both ranges at sqrt(r1_i * r2_i): equal, their product unchanged. A Conv can be the second layer
 of one pair and the first of the next (expand -> depthwise -> project), so pairs are equalized in sweeps,
 in graph order, until a whole sweep moves no scale by more than `tolerance` (the paper: "until
-convergence"; 2 sweeps on EfficientNet-Lite0, 14 on the PP-OCR classifier, a few ms each). Scales are
+convergence"; 8 sweeps on the PP-OCR classifier, 22 on models/separable_relu_cnn, milliseconds). Scales are
 accumulated on float64 copies and written once, as new constants of the weights' dtype: float outputs
 change only by that rounding. A channel whose r1 or r2 is 0 or not finite keeps s_i = 1.
 
@@ -85,6 +85,7 @@ class EqualizationPair:
             pair, left alone unless `linear_pairs`); "weights" (a bias that is not a constant, a channel
             count that differs); "not a pair" (the output reaches something other than Convs).
         reason: what was done, or why not.
+        blocked_by: for "not homogeneous", the activation that stops it, e.g. "HardSwish", "Clip [0, 6]".
         scale_min, scale_max: the range of the accumulated s_i (1 when not equalized).
     """
 
@@ -95,6 +96,7 @@ class EqualizationPair:
     equalized: bool
     kind: str
     reason: str
+    blocked_by: str = ""
     scale_min: float = 1.0
     scale_max: float = 1.0
 
@@ -239,14 +241,17 @@ def _decide(node: gs.Node, outputs: frozenset[str], linear_pairs: bool, bound_cl
     channels = int(np.asarray(node.inputs[1].values).shape[0])
     names, consumers = tuple(_describe(n) for n in between), tuple(n.name for n in readers)
 
-    def left(kind: str, why: str) -> tuple[EqualizationPair, None]:
-        return EqualizationPair(node.name, names, consumers, channels, False, kind, why), None
+    def left(kind: str, why: str, blocked_by: str = "") -> tuple[EqualizationPair, None]:
+        return EqualizationPair(node.name, names, consumers, channels, False, kind, why, blocked_by), None
 
     if no_pair:
         return left("not a pair", no_pair)
-    not_homogeneous = [why for n in between if (why := _why_not_homogeneous(n, bound_clips)) is not None]
-    if not_homogeneous:
-        return left("not homogeneous", not_homogeneous[0])
+    blocked = [(n, why) for n in between if (why := _why_not_homogeneous(n, bound_clips)) is not None]
+    if blocked:
+        activation, why = blocked[0]
+        bounds = _clip_bounds(activation) if activation.op == "Clip" else None
+        label = f"Clip [{bounds[0] or 0:g}, {bounds[1]:g}]" if bounds and bounds[1] is not None else activation.op
+        return left("not homogeneous", why, label)
     if not between and not linear_pairs:
         return left("linear", "a linear pair (nothing between the Convs): exact, but measured to lower INT8 "
                               "accuracy, so left alone unless linear pairs are asked for")
