@@ -28,8 +28,8 @@ each with a reason:
     (EfficientNet-Lite0, its only 2 equalizable pairs: -0.2 to -0.7 dB logit SQNR for trt and ort-cpu,
     max and mse; PP-OCR's one linear pair: no gain). With per-channel INT8 weights W1's range is free,
     and on these pairs every s_i >= 1: the activation's channels only shrink under one per-tensor scale.
-  * Clip(x, 0, 6) (ReLU6): Clip(y / s, 0, 6) = Clip(y, 0, 6 s) / s, so the bound would move to 6 s_i per
-    channel, which Clip (scalar bounds) cannot express. The exact rewrite, Relu then Min by a constant
+  * Clip(x, 0, 6) (ReLU6): Clip(y, 0, 6) / s = Clip(y / s, 0, 6 / s), so once the Clip reads y / s its
+    bound would have to be 6 / s_i per channel, which Clip (scalar bounds) cannot express. The exact rewrite, Relu then Min by a constant
     6 / s_i (`bound_clips`), costs a Min after the Conv that neither TensorRT's Conv+ReLU6 fusion nor
     ORT's QLinearConv absorbs, and the tensor's one per-tensor INT8 range then spans the largest 6 / s_i:
     on EfficientNet-Lite0 it lowered logit SQNR by about 5 dB (trt) and 4 dB (ort-cpu); keeping s_i >= 1
@@ -194,7 +194,7 @@ def _why_not_homogeneous(node: gs.Node, bound_clips: bool) -> str | None:
         return f"{_describe(node)}: a lower bound of {low:g} does not scale with x"
     if high is not None and not bound_clips:
         return (f"{_describe(node)} [0, {high:g}] is not positively homogeneous: its bound {high:g} would have to "
-                f"become {high:g}*s per channel, which Clip cannot express")
+                f"become {high:g}/s_i per channel, which Clip cannot express")
     return None
 
 
