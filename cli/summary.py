@@ -17,6 +17,7 @@ from onnxq.steps.accuracy.fallback import FallbackResult
 from onnxq.steps.accuracy.step import AccuracyFinding
 from onnxq.steps.latency_search import LatencySearch
 from onnxq.steps.ranges import RangesChosen
+from onnxq.steps.equalize import Equalized
 from onnxq.steps.smoothquant import Smoothed
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
 from onnxq.metrics import OutputMetrics
@@ -114,6 +115,8 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
             lines += accuracy_lines(finding)
         elif isinstance(finding, RangesChosen):
             lines += range_lines(finding)
+        elif isinstance(finding, Equalized):
+            lines.append(f"  equalize     {finding.describe()}")
         elif isinstance(finding, Smoothed):
             lines.append(f"  smoothquant  alpha {finding.alpha:g}: {plural(len(finding.tensors), 'linear-layer input')} "
                          f"smoothed, {len(finding.left_alone)} left alone")

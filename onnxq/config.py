@@ -38,6 +38,8 @@ class QuantConfig:
             shorthand for the `SmoothQuant` step.
         latency_search: time layer classes in INT8 and float and keep the faster (the `LatencySearch`
             step). None: the target's default (on for ort-cpu when there is calibration data to time).
+        equalize: cross-layer equalization of Conv pairs across ReLU-like activations before planning
+            (the `Equalize` step); None (the default) means on (README "Cross-layer equalization").
     """
 
     selection: Selection = field(default_factory=Selection)
@@ -46,12 +48,15 @@ class QuantConfig:
     high_precision: HighPrecision = HighPrecision.FP32
     smoothquant: float | None = None
     latency_search: bool | None = False
+    equalize: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, QuantTarget):
             object.__setattr__(self, "target", get_target(self.target))
         if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
             raise ConfigError(f"--smoothquant: alpha must be between 0 and 1 (exclusive), got {self.smoothquant}")
+        if self.equalize not in (None, True, False):
+            raise ConfigError(f"equalize must be True, False or None (the default), got {self.equalize!r}")
         self.target.check(self.high_precision)
 
 
