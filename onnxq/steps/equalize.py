@@ -19,31 +19,17 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from onnxq.errors import ConfigError
-from onnxq.passes.equalize import (DEFAULT_SWEEPS, DEFAULT_TOLERANCE, EqualizationPair, equalization_plan,
-                                   equalize)
+from onnxq.passes.equalize import (DEFAULT_SWEEPS, DEFAULT_TOLERANCE, EqualizationPair, EqualizationPlan,
+                                   equalization_plan, equalize)
 from onnxq.steps.base import Job, Step
 
 __all__ = ["Equalize", "Equalized"]
 
 
 @dataclass(frozen=True)
-class Equalized:
-    """What cross-layer equalization did.
-
-    Attributes:
-        pairs: every Conv with a constant weight, in graph order: equalized against the Convs that read
-            it, or why not (`EqualizationPair.kind` and `.reason`).
-        sweeps: sweeps over the pairs until the scales settled (0 with nothing to equalize).
-        converged: whether they settled within the sweep limit.
-    """
-
-    pairs: tuple[EqualizationPair, ...]
-    sweeps: int
-    converged: bool
-
-    @property
-    def equalized(self) -> tuple[EqualizationPair, ...]:
-        return tuple(p for p in self.pairs if p.equalized)
+class Equalized(EqualizationPlan):
+    """What cross-layer equalization did: the pass's plan (`pairs`: every Conv with a constant weight, in
+    graph order, equalized against the Convs that read it or why not; `sweeps`; `converged`), as a finding."""
 
     @property
     def conv_pairs(self) -> tuple[EqualizationPair, ...]:
