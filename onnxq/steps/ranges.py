@@ -11,9 +11,12 @@ scale and zero point are graph inputs) answers every configuration; nothing is r
 
 1. Every method for all groups at once; the best is the starting point (so the result is never worse,
    on these samples, than the best fixed method).
-2. Coordinate descent: group by group in graph order, each other candidate is tried with the rest
-   fixed and kept when it lowers the error by more than `min_gain`; a second sweep while anything
-   changed, within `budget_seconds` (what was not reached keeps its range, and the finding says so).
+2. Coordinate descent: group by group, the groups whose candidates differ most first (largest ratio
+   of their largest to smallest candidate: where the choice matters), each other candidate is tried
+   with the rest fixed and kept when it lowers the error by more than `min_gain`; a second sweep while
+   anything changed, within `max_runs` model runs (a count, so the result does not depend on the
+   machine's speed) and, as a safety, `budget_seconds`; what was not reached keeps its range, and the
+   finding says so.
 
 Input grids: when a graph input's calibration values all lie on one uniform grid (8-bit images
 normalised with one mean and std: (p - mean) / std), its scale is set to the grid's step (a multiple
@@ -146,18 +149,21 @@ class ChooseRanges(Step):
 
     Attributes:
         samples: calibration samples to measure on.
-        budget_seconds: time for the per-group descent (the all-groups pass always runs).
+        max_runs: model runs for the per-group descent (the all-groups pass always runs).
+        budget_seconds: a time limit for the descent as well (hit only on very slow models; then the
+            result depends on the machine, and the finding says so).
         min_gain: relative error decrease a group's change must bring.
     """
 
     samples: int = 16
-    budget_seconds: float = 10.0
+    max_runs: int = 48
+    budget_seconds: float = 60.0
     min_gain: float = 0.002
     name = "range search"
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.budget_seconds < 0 or not 0 <= self.min_gain < 1:
-            raise ConfigError("range search: samples >= 1, budget_seconds >= 0 and min_gain in [0, 1)")
+        if self.samples < 1 or self.max_runs < 0 or self.budget_seconds < 0 or not 0 <= self.min_gain < 1:
+            raise ConfigError("range search: samples >= 1, max_runs >= 0, budget_seconds >= 0 and min_gain in [0, 1)")
 
     def refine(self, job: Job, plan: QuantPlan) -> tuple[QuantPlan, RangesChosen | StepSkipped | None]:
         if not plan.activations:
@@ -217,17 +223,19 @@ def _reason(group: str, chosen: str, options: Mapping[str, float]) -> str:
 def _descend(measure: _Measure, options: Mapping[str, Mapping[str, float]], current: dict[str, str],
              error: float, step: ChooseRanges, started: float) -> tuple[float, str]:
     """Coordinate descent over the groups (see the module docstring); changes `current` in place."""
-    deadline = time.perf_counter() + step.budget_seconds
+    deadline, runs = time.perf_counter() + step.budget_seconds, measure.runs + step.max_runs
+    order = sorted(options, key=lambda g: -max(options[g].values()) / min(options[g].values()))
     for sweep in range(2):
         changed = False
-        for position, (group, names) in enumerate(options.items()):
-            for name in names:
+        for position, group in enumerate(order):
+            for name in options[group]:
                 if name == current[group]:
                     continue
-                if time.perf_counter() > deadline:
-                    left = len(options) - position
-                    return error, (f"time budget ({step.budget_seconds:g} s) reached in sweep {sweep + 1}: "
-                                   f"{left} of {len(options)} groups not revisited")
+                if measure.runs >= runs or time.perf_counter() > deadline:
+                    limit = (f"{step.max_runs} runs" if measure.runs >= runs
+                             else f"the time limit ({step.budget_seconds:g} s)")
+                    return error, (f"{limit} reached in sweep {sweep + 1}: {len(order) - position} of {len(order)} "
+                                   "groups (those whose candidates differ least) not revisited")
                 trial = measure({g: options[g][current[g] if g != group else name] for g in options})
                 if trial < error * (1.0 - step.min_gain):
                     current[group], error, changed = name, trial, True

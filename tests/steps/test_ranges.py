@@ -40,7 +40,7 @@ def test_input_grid_is_found_on_normalised_8_bit_pixels_only() -> None:
 def test_auto_is_never_worse_on_its_samples_than_the_best_fixed_method(target: onnxq.QuantTarget) -> None:
     data = onnxq.FeedsSource([{"x": np.load(CALIB)["x"][:32]}])
     config = onnxq.QuantConfig(target=target, calib=onnxq.CalibConfig(method=onnxq.CalibMethod.AUTO))
-    result = onnxq.quantize(PPOCR, data, config, steps=[ChooseRanges(budget_seconds=2.0)])
+    result = onnxq.quantize(PPOCR, data, config, steps=[ChooseRanges(max_runs=16)])
     found = result.finding(RangesChosen)
     assert isinstance(found, RangesChosen) and found.samples == 16
     assert found.error <= min(found.by_method.values()) == found.by_method[found.start]
