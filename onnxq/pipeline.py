@@ -92,6 +92,7 @@ class QuantResult:
     def notes(self) -> tuple[str, ...]:
         """What a user should know beyond the figures: steps that did not run, a plan that quantizes nothing."""
         notes = [f.reason for f in self.findings if isinstance(f, StepSkipped)]
+        notes += [f.warning for f in self.findings if isinstance(f, AccuracyFinding) and f.warning]
         if not self.plan.quantized_nodes:
             nested = sorted({d.op_type for d in self.plan.decisions if d.op_type in ("If", "Loop", "Scan")})
             where = (f"; the model computes inside {'/'.join(nested)} subgraphs, which onnxq does not quantize yet"

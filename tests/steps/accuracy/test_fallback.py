@@ -141,3 +141,14 @@ def test_cli_lists_what_fell_back_and_refuses_an_infeasible_target(tmp_path: Pat
     assert code == 0 and out.is_file() and "NOT met" in stdout
     code, _, stderr = invoke("quantize", model, "--calib", calib, "--write-anyway")
     assert code == 2 and "--write-anyway needs" in stderr
+
+
+def test_a_target_judged_on_few_samples_says_so() -> None:
+    model = models.BUILDERS["gemm_mlp"]()
+    calib = FeedsSource([models.random_feeds(model, batch=32, seed=1)])
+    few = quantize(model, calib, accuracy=AccuracyGoal(min_cosine=0.9),
+                   eval_source=FeedsSource([models.random_feeds(model, batch=8, seed=2)]))
+    assert any("measured on 8 held-back samples only" in note for note in few.notes)
+    enough = quantize(model, calib, accuracy=AccuracyGoal(min_cosine=0.9),
+                      eval_source=FeedsSource([models.random_feeds(model, batch=32, seed=2)]))
+    assert not any("held-back samples only" in note for note in enough.notes)
