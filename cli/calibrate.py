@@ -26,9 +26,13 @@ from .progress import StageProgress, plural
 @target_option
 @selection_options
 @calib_options
+@click.option("--equalize/--no-equalize", default=None,
+              help="Collect after cross-layer equalization, as quantize does by default (the file records it: "
+                   "quantize --stats must use the same setting).")
 @image_options
 def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, target: str, selection: Selection,
-                  batch_size: int, providers: tuple[str, ...], preprocess: ImagePreprocess) -> None:
+                  batch_size: int, providers: tuple[str, ...], equalize: bool | None,
+                  preprocess: ImagePreprocess) -> None:
     """Run the calibration data through MODEL and save histograms of every tensor it would quantize.
 
     `onnxq quantize MODEL --stats FILE --method M` then picks ranges with any method in seconds,
@@ -39,7 +43,7 @@ def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, target
       onnxq calibrate model.onnx --calib calib/ -o model.onnxq.npz
       onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
     """
-    config: QuantConfig = quant_config(selection, "max", target, "fp32", batch_size, providers)
+    config: QuantConfig = quant_config(selection, "max", target, "fp32", batch_size, providers, equalize=equalize)
     model = load_model(model_path)
     destination = output_path(model_path, output, suffix=".onnxq.npz", protected=(calib_path,))
     with StageProgress() as progress:

@@ -126,7 +126,8 @@ def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def quant_config(selection: Selection, method: str, target: str, high_precision: str, batch_size: int,
                  providers: tuple[str, ...], percentile: float = 99.99, smoothquant: float | None = None,
-                 latency_search: bool | None = False, bias_correction: bool | None = None) -> QuantConfig:
+                 latency_search: bool | None = False, equalize: bool | None = None,
+                 bias_correction: bool | None = None) -> QuantConfig:
     """Build the typed QuantConfig from the quantize command's raw option values."""
     from onnxq.runtime.session import resolve_providers
 
@@ -134,7 +135,8 @@ def quant_config(selection: Selection, method: str, target: str, high_precision:
                         providers=resolve_providers(_split(providers) or ("cpu",)), percentile=percentile)
     return QuantConfig(selection=selection, calib=calib, target=get_target(target),
                        high_precision=parse_enum(HighPrecision, high_precision, "--high-precision"),
-                       smoothquant=smoothquant, latency_search=latency_search, bias_correction=bias_correction)
+                       smoothquant=smoothquant, latency_search=latency_search, equalize=equalize,
+                       bias_correction=bias_correction)
 
 
 def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx",

@@ -31,7 +31,7 @@ from .summary import finding_lines, write_run_report
               help="Statistics from `onnxq calibrate` instead of --calib: no inference, any --method.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model (default: <MODEL stem>.int8.onnx beside MODEL).")
-@click.option("--method", type=click.Choice(["max", "entropy", "percentile", "mse"]), default="max",
+@click.option("--method", type=click.Choice(["max", "entropy", "percentile", "mse", "auto"]), default="max",
               show_default=True, help="How activation ranges are chosen (weights: always per-channel max).")
 @click.option("--percentile", type=float, default=99.99, show_default=True,
               help="For --method percentile: the share of |x| kept inside the range, in percent.")
@@ -48,6 +48,10 @@ from .summary import finding_lines, write_run_report
 @click.option("--smoothquant", type=float, is_flag=False, flag_value=0.5, default=None, metavar="[ALPHA]",
               help="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights before "
                    "calibrating (LayerNorm and linear producers); ALPHA is the migration strength (default 0.5).")
+@click.option("--equalize/--no-equalize", default=None,
+              help="Cross-layer equalization before calibrating: balance the per-channel weight ranges of Conv "
+                   "pairs across ReLU-like activations (Nagel et al., 2019); float outputs unchanged. Default: on, "
+                   "except with --method entropy; skipped with --stats. Pairs across ReLU6 or HardSwish are left alone.")
 @click.option("--latency-search/--no-latency-search", default=None,
               help="--target ort-cpu (on by default there when --calib is given): time each class of quantized "
                    "layers (e.g. 5x5 depthwise Convs) in INT8 and in float on one calibration batch on this "
@@ -63,8 +67,9 @@ from .summary import finding_lines, write_run_report
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
                  batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
-                 accuracy: AccuracyGoal | None, smoothquant: float | None, latency_search: bool | None,
-                 bias_correction: bool | None, report_dir: Path | None, preprocess: ImagePreprocess) -> None:
+                 accuracy: AccuracyGoal | None, smoothquant: float | None, equalize: bool | None,
+                 latency_search: bool | None, bias_correction: bool | None, report_dir: Path | None,
+                 preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
     With --min-cosine or --max-sqnr-drop, every layer's sensitivity is measured on held-back data and
@@ -83,7 +88,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if engine is not None:  # a missing TensorRT or GPU must fail before any calibration
         require_engine_build()
     config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile, smoothquant,
-                          latency_search, bias_correction)
+                          latency_search, equalize, bias_correction)
     model = load_model(model_path)
     destination = output_path(model_path, output, protected=(calib_path, eval_path, stats_path))
     plan_path = (check_engine_build(model_path, engine, model, {}, protected=(calib_path, eval_path, stats_path))

@@ -52,7 +52,7 @@ def show_cmd(path: Path, percentile: float) -> None:
     """Print every tensor's range under each calibration method."""
     stats = load_stats(path)
     click.echo(f"{path}: {plural(len(stats.histograms), 'tensor')}, {plural(stats.samples, 'sample')}, "
-               f"model digest {stats.model_digest[:12]}")
+               f"model digest {stats.model_digest[:12]}" + (f", after {', '.join(stats.rewrites)}" if stats.rewrites else ""))
     width = max((len(name) for name in stats.histograms), default=6)
     click.echo(f"{'tensor':<{width}}  {'max':>10} {'entropy':>10} {f'p{percentile:g}':>10} {'mse':>10}  ignored")
     for name, h in stats.histograms.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from onnxq.steps.accuracy.fallback import FallbackResult
 from onnxq.steps.accuracy.step import AccuracyFinding
 from onnxq.steps.bias_correction import BiasCorrected
 from onnxq.steps.latency_search import LatencySearch
+from onnxq.steps.ranges import RangesChosen
+from onnxq.steps.equalize import Equalized
 from onnxq.steps.smoothquant import Smoothed
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
 from onnxq.metrics import OutputMetrics
@@ -30,9 +33,8 @@ def _figures(metrics: Sequence[OutputMetrics]) -> tuple[str, str]:
 def sensitivity_lines(result: SensitivityResult) -> list[str]:
     """The held-back data and the cost and headline of the sensitivity measurements."""
     cosine, sqnr = _figures(result.float_vs_int8)
-    lines = [f"  held back    {plural(result.samples, 'sample')}: {result.data}",
-             f"  sensitivity  {plural(len(result.layers), 'layer')}: {result.runs} runs (1 + 2 per layer) in "
-             f"{result.seconds:.1f} s; fully INT8: cosine {cosine}, SQNR {sqnr} dB"]
+    lines = [f"  sensitivity  {plural(len(result.layers), 'layer')} on {plural(result.samples, 'held-back sample')}: "
+             f"{plural(result.runs, 'run')} in {result.seconds:.1f} s; fully INT8: cosine {cosine}, SQNR {sqnr} dB"]
     if result.layers:
         top = result.layers[0]
         lines.append(f"               most sensitive: {top.node_name} (alone in float: cosine "
@@ -64,9 +66,11 @@ def fallback_lines(result: FallbackResult, layer_count: int) -> list[str]:
     return lines
 
 
-def accuracy_lines(sensitivity: SensitivityResult | None, fallback: FallbackResult | None) -> list[str]:
-    """The summary lines of the accuracy stage; none without an accuracy target."""
-    lines = [] if sensitivity is None else sensitivity_lines(sensitivity)
+def accuracy_lines(found: AccuracyFinding) -> list[str]:
+    """The summary lines of the accuracy stage."""
+    sensitivity, fallback = found.sensitivity, found.fallback
+    lines = [f"  held back    {plural(found.held_samples, 'sample')}: {found.held_data}"]
+    lines += [] if sensitivity is None else sensitivity_lines(sensitivity)
     if fallback is not None:
         lines += fallback_lines(fallback, 0 if sensitivity is None else len(sensitivity.layers))
     return lines
@@ -80,7 +84,7 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
     verdict = "INT8 faster" if search.speedup > 1.0 else "INT8 NOT faster than float on this machine"
     lines = [f"  latency      float {search.float_model_ms:.2f} ms, full INT8 plan {search.start_ms:.2f} ms, "
              f"chosen {search.final_ms:.2f} ms on one batch ({search.speedup:.2f}x: {verdict}); "
-             f"{kept} of {len(search.trials)} layer classes kept INT8"]
+             f"{kept} of {len(search.trials)} layer classes kept INT8 ({search.seconds:.1f} s)"]
     for trial in search.trials:
         where = "int8 " if trial.kept_int8 else "float"
         lines.append(f"    {where} {trial.layer_class} ({plural(len(trial.nodes), 'node')}): {trial.reason}")
@@ -106,6 +110,21 @@ def bias_lines(found: BiasCorrected) -> list[str]:
     return lines
 
 
+def range_lines(found: RangesChosen) -> list[str]:
+    """The summary of `--method auto`: the methods tried whole, the choice per group counted, the cost."""
+    counts = Counter(choice.candidate for choice in found.choices)
+    methods = ", ".join(f"{name} {error:.3g}" for name, error in found.by_method.items())
+    lines = [f"  ranges       auto over {plural(len(found.choices), 'group')} on {plural(found.samples, 'sample')}: "
+             f"output noise/signal {methods}; from {found.start}, chosen {found.error:.3g} "
+             f"({plural(found.runs, 'run')}, {found.seconds:.1f} s)",
+             "               " + ", ".join(f"{n} {name}" for name, n in counts.most_common())]
+    lines += [f"               input '{g.tensor}' lies on a grid of step {g.step:.6g} ({g.values} values): "
+              f"scale = step makes its quantization exact" for g in found.grids]
+    if found.note:
+        lines.append(f"               note: {found.note}")
+    return lines
+
+
 def finding_lines(findings: Sequence[object]) -> list[str]:
     """The summary lines of every step's finding, in the order the steps ran."""
     lines: list[str] = []
@@ -113,7 +132,11 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
         if isinstance(finding, LatencySearch):
             lines += latency_lines(finding)
         elif isinstance(finding, AccuracyFinding):
-            lines += accuracy_lines(finding.sensitivity, finding.fallback)
+            lines += accuracy_lines(finding)
+        elif isinstance(finding, RangesChosen):
+            lines += range_lines(finding)
+        elif isinstance(finding, Equalized):
+            lines.append(f"  equalize     {finding.describe()}")
         elif isinstance(finding, BiasCorrected):
             lines += bias_lines(finding)
         elif isinstance(finding, Smoothed):
@@ -125,7 +148,8 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
 def write_run_report(result: QuantResult, metrics: Sequence[OutputMetrics], folder: Path, config: QuantConfig,
                      model_name: str) -> tuple[Path, ...]:
     """`--report DIR`: the plan, ranges, metrics (before/after fallback when it ran), sensitivity, fallback."""
-    from onnxq.report.document import build_report, write_report
+    from onnxq.report.document import build_report
+    from onnxq.report.files import write_report
 
     sets: dict[str, Sequence[OutputMetrics]] = {}
     if result.fallback is not None:

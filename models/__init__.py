@@ -22,6 +22,7 @@ __all__ = ["BUILDERS", "DEFAULT_SYMBOLIC_DIM", "light_model_paths", "random_feed
 BUILDERS: Mapping[str, Callable[..., onnx.ModelProto]] = {
     "residual_cnn": builders.build_residual_cnn,
     "depthwise_cnn": builders.build_depthwise_cnn,
+    "separable_relu_cnn": builders.build_separable_relu_cnn,
     "conv_transpose": builders.build_conv_transpose,
     "gemm_mlp": builders.build_gemm_mlp,
     "yolo_neck_head": builders.build_yolo_neck_head,

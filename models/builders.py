@@ -14,6 +14,7 @@ from models.builders_cnn import (
     build_conv_transpose,
     build_depthwise_cnn,
     build_residual_cnn,
+    build_separable_relu_cnn,
 )
 from models.builders_mlp import build_gemm_mlp
 from models.builders_transformer import build_transformer_encoder
@@ -26,6 +27,7 @@ __all__ = [
     "build_depthwise_cnn",
     "build_gemm_mlp",
     "build_residual_cnn",
+    "build_separable_relu_cnn",
     "build_transformer_encoder",
     "build_yolo_neck_head",
 ]

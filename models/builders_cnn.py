@@ -5,6 +5,9 @@ All take ``input`` [N, 3, 32, 32] float32; see `builders_common` for the naming 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx
 
 from models.builders_common import (
@@ -25,10 +28,13 @@ __all__ = [
     "build_conv_transpose",
     "build_depthwise_cnn",
     "build_residual_cnn",
+    "build_separable_relu_cnn",
 ]
 
 IMAGE_SHAPE = [BATCH_DIM, 3, 32, 32]
 NUM_CLASSES = 10
+#: How far apart the largest and smallest per-channel weight ranges of `build_separable_relu_cnn` are.
+CHANNEL_SPREAD = 100.0
 
 
 def _conv_bn(
@@ -188,3 +194,51 @@ def build_concat_branches(seed: int = 0) -> onnx.ModelProto:
     y = b.add_node("GlobalAveragePool", "head/gap", [y])
     flatten_gemm_head(b, y, 32, NUM_CLASSES)
     return b.build(build_concat_branches.__doc__ or "")
+
+
+def _spread_channels(b: GraphBuilder, depthwise: str, pointwise: str, channels: int) -> None:
+    """Multiply the output channels (weight and bias) of the depthwise Conv by gains log-spaced over
+    `CHANNEL_SPREAD`, in random order, and divide the input channels of the pointwise Conv after it by
+    them: the model computes the same function (ReLU is positively homogeneous), with unbalanced channels."""
+    gains = np.geomspace(1.0 / math.sqrt(CHANNEL_SPREAD), math.sqrt(CHANNEL_SPREAD), channels)
+    gains = gains[b.rng.permutation(channels)]
+    for name, shape in ((f"{depthwise}.weight", (-1, 1, 1, 1)), (f"{depthwise}.bias", (-1,))):
+        b.set_constant(name, (b.constant(name) * gains.reshape(shape)).astype(np.float32))
+    name = f"{pointwise}.weight"
+    b.set_constant(name, (b.constant(name) / gains.reshape(1, -1, 1, 1)).astype(np.float32))
+
+
+def build_separable_relu_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Two depthwise-separable blocks with ReLU whose depthwise channels are unbalanced by 100x.
+
+    ::
+
+        input [N,3,32,32]
+          stem/conv (3x3, s2) -> stem/relu                                        [N,16,16,16]
+          block1/depthwise_conv (3x3, group 16) -> block1/depthwise_relu          [N,16,16,16]
+          block1/pointwise_conv (1x1) -> block1/pointwise_relu                    [N,32,16,16]
+          block2/depthwise_conv (3x3, group 32) -> block2/depthwise_relu          [N,32,16,16]
+          block2/pointwise_conv (1x1) -> block2/pointwise_relu                    [N,32,16,16]
+          head/gap -> head/flatten -> head/fc (Gemm transB=1)
+        logits [N,10]
+
+    As after folding BatchNorm into a depthwise conv whose channels have very different variances, the
+    output channels of each depthwise conv (weight and bias) are multiplied by gains spread
+    log-uniformly over `CHANNEL_SPREAD` (100x), in random order, and the input channels of the pointwise
+    conv after it are divided by them: the function is unchanged, but the per-channel weight ranges of
+    both convs, and the channel ranges of the activation between them, differ by 100x and more. All four
+    Conv -> ReLU -> Conv pairs are positively homogeneous, so cross-layer equalization can undo it exactly.
+    """
+    b = GraphBuilder("separable_relu_cnn", seed)
+    x = b.add_input("input", IMAGE_SHAPE)
+    b.add_output("logits", [BATCH_DIM, NUM_CLASSES])
+    y = relu(b, "stem/relu", conv(b, "stem/conv", x, 3, 16, 3, stride=2))
+    y = relu(b, "block1/depthwise_relu", conv(b, "block1/depthwise_conv", y, 16, 16, 3, group=16))
+    y = relu(b, "block1/pointwise_relu", conv(b, "block1/pointwise_conv", y, 16, 32, 1))
+    y = relu(b, "block2/depthwise_relu", conv(b, "block2/depthwise_conv", y, 32, 32, 3, group=32))
+    y = relu(b, "block2/pointwise_relu", conv(b, "block2/pointwise_conv", y, 32, 32, 1))
+    _spread_channels(b, "block1/depthwise_conv", "block1/pointwise_conv", 16)
+    _spread_channels(b, "block2/depthwise_conv", "block2/pointwise_conv", 32)
+    y = b.add_node("GlobalAveragePool", "head/gap", [y])
+    flatten_gemm_head(b, y, 32, NUM_CLASSES)
+    return b.build(build_separable_relu_cnn.__doc__ or "")

@@ -94,6 +94,20 @@ class GraphBuilder:
             self._initializers.append(tensor)
         return name
 
+    def constant(self, name: str) -> np.ndarray:
+        """The values of the initializer `name` (not available in constant-node mode)."""
+        return numpy_helper.to_array(self._initializer(name))
+
+    def set_constant(self, name: str, value: np.ndarray) -> None:
+        """Replace the values of the initializer `name`, keeping its name."""
+        self._initializer(name).CopyFrom(numpy_helper.from_array(np.array(value, order="C"), name=name))
+
+    def _initializer(self, name: str) -> TensorProto:
+        found = [tensor for tensor in self._initializers if tensor.name == name]
+        if len(found) != 1:
+            raise ValueError(f"no initializer {name!r} in {self.graph_name}")
+        return found[0]
+
     def add_node(
         self, op_type: str, name: str, inputs: Sequence[str], *, output: str | None = None, **attrs
     ) -> str:

@@ -4,8 +4,8 @@ The pipeline, stage by stage (each a plain function you can call or replace):
     load_model -> prepare -> [your passes] -> [steps rewrite] -> target.plan -> calibrate
     -> [steps refine] -> insert_qdq -> target.lower -> from_graph
 `quantize` runs all of it; `inspect` stops after planning. A target (`onnxq.targets`) is everything that
-differs between runtimes; a step (`onnxq.steps`) is an optional feature (SmoothQuant, latency search,
-accuracy target).
+differs between runtimes; a step (`onnxq.steps`) is an optional feature (cross-layer equalization,
+SmoothQuant, latency search, accuracy target).
 """
 
 from onnxq import passes
@@ -32,6 +32,7 @@ from onnxq.steps.accuracy.sensitivity import SensitivityResult
 from onnxq.steps.accuracy.step import AccuracyFinding, MeetAccuracy
 from onnxq.steps.base import Job, Step, StepSkipped
 from onnxq.steps.bias_correction import BiasCorrected, BiasCorrection
+from onnxq.steps.equalize import Equalize, Equalized
 from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
 from onnxq.steps.smoothquant import Smoothed, SmoothQuant
 from onnxq.targets import ORT_CPU, TRT, QuantTarget, get_target, plan_quantization, register_target
@@ -44,8 +45,9 @@ ActivationTarget = QuantizedActivation
 WeightTarget = QuantizedWeight
 
 __all__ = [
-    "AccuracyFinding", "AccuracyGoal", "ActivationScheme", "BiasCorrected", "BiasCorrection", "CalibConfig", "CalibMethod", "CalibSource",
-    "CalibrationError", "CalibrationResult", "ColorOrder", "CompareConfig", "CompareResult", "ConfigError",
+    "AccuracyFinding", "AccuracyGoal", "ActivationScheme", "BiasCorrected", "BiasCorrection", "CalibConfig",
+    "CalibMethod", "CalibSource", "CalibrationError", "CalibrationResult", "ColorOrder", "CompareConfig", "CompareResult", "ConfigError",
+    "Equalize", "Equalized",
     "FallbackResult", "FeedsSource", "Histogram", "HighPrecision", "ImagePreprocess", "INT8_SYMMETRIC",
     "InputSpec", "InternalError", "Job", "LatencySearch", "LatencySearchConfig", "Layout", "MeetAccuracy",
     "ModelError", "ModelSignature", "NodeDecision", "ORT_CPU", "OnnxqError", "OutputMetrics", "QuantConfig",

@@ -41,6 +41,8 @@ class QuantConfig:
         bias_correction: correct each quantized layer's bias for the mean output shift quantization gives
             it, kept where it helps on held-back samples (the `BiasCorrection` step). None: the default
             (`onnxq.steps.bias_correction.BY_DEFAULT`).
+        equalize: cross-layer equalization of Conv pairs across ReLU-like activations before planning
+            (the `Equalize` step); None (the default) means on (README "Cross-layer equalization").
     """
 
     selection: Selection = field(default_factory=Selection)
@@ -50,12 +52,15 @@ class QuantConfig:
     smoothquant: float | None = None
     latency_search: bool | None = False
     bias_correction: bool | None = None
+    equalize: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, QuantTarget):
             object.__setattr__(self, "target", get_target(self.target))
         if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
             raise ConfigError(f"--smoothquant: alpha must be between 0 and 1 (exclusive), got {self.smoothquant}")
+        if self.equalize not in (None, True, False):
+            raise ConfigError(f"equalize must be True, False or None (the default), got {self.equalize!r}")
         self.target.check(self.high_precision)
 
 

@@ -25,6 +25,7 @@ class CalibMethod(enum.Enum):
     ENTROPY = "entropy"
     PERCENTILE = "percentile"
     MSE = "mse"
+    AUTO = "auto"  # chosen per scale group by measured output error (`onnxq.steps.ranges`)
 
     @property
     def needs_histogram(self) -> bool:

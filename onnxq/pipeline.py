@@ -24,7 +24,7 @@ from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.data.sources import CalibSource, open_source
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 from onnxq.io import load_model, to_graph
-from onnxq.options import Selection
+from onnxq.options import CalibMethod, Selection
 from onnxq.passes import PREPARE, GraphPass, run
 from onnxq.passes.name_nodes import name_nodes
 from onnxq.passes.upgrade_opset import upgrade_opset
@@ -35,7 +35,9 @@ from onnxq.steps.accuracy.sensitivity import SensitivityResult
 from onnxq.steps.accuracy.step import AccuracyFinding, MeetAccuracy
 from onnxq.steps.base import Job, ProgressCallback, Step, StepSkipped
 from onnxq.steps.bias_correction import BY_DEFAULT as BIAS_CORRECTION_BY_DEFAULT, BiasCorrection
+from onnxq.steps.equalize import Equalize
 from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
+from onnxq.steps.ranges import ChooseRanges
 from onnxq.steps.smoothquant import SmoothQuant
 from onnxq.targets import QuantTarget, get_target
 
@@ -58,7 +60,7 @@ class QuantResult:
         group_amax: the chosen range of every scale group.
         seconds: wall time of the whole run.
         findings: what each step found and did, in pipeline order (`LatencySearch`, `AccuracyFinding`,
-            `Smoothed`, `StepSkipped`, ...).
+            `Equalized`, `Smoothed`, `StepSkipped`, ...).
     """
 
     model: onnx.ModelProto
@@ -91,6 +93,7 @@ class QuantResult:
     def notes(self) -> tuple[str, ...]:
         """What a user should know beyond the figures: steps that did not run, a plan that quantizes nothing."""
         notes = [f.reason for f in self.findings if isinstance(f, StepSkipped)]
+        notes += [f.warning for f in self.findings if isinstance(f, AccuracyFinding) and f.warning]
         if not self.plan.quantized_nodes:
             nested = sorted({d.op_type for d in self.plan.decisions if d.op_type in ("If", "Loop", "Scan")})
             where = (f"; the model computes inside {'/'.join(nested)} subgraphs, which onnxq does not quantize yet"
@@ -127,10 +130,16 @@ def inspect(model: ModelLike, selection: Selection = Selection(), target: QuantT
 
 def steps_for(config: QuantConfig, *, accuracy: AccuracyGoal | None = None, eval_source: CalibSource | None = None,
               latency: LatencySearchConfig | None = None) -> tuple[Step, ...]:
-    """The steps the config asks for, in pipeline order: SmoothQuant, the latency search (the target's
-    default when `config.latency_search` is None), the accuracy target, bias correction (its default when
-    `config.bias_correction` is None; `quantize` runs it after the caller's steps too)."""
-    steps: list[Step] = [SmoothQuant(config.smoothquant)] if config.smoothquant is not None else []
+    """The steps the config asks for, in pipeline order: cross-layer equalization (on unless
+    `config.equalize` is False), SmoothQuant, the range search (`--method auto`), the latency search (the
+    target's default when `config.latency_search` is None), the accuracy target, bias correction (its
+    default when `config.bias_correction` is None; `quantize` runs it after the caller's steps too).
+    Equalization comes first: it needs no data, and SmoothQuant measures the activations of the graph it is
+    given."""
+    steps: list[Step] = [Equalize()] if config.equalize is not False else []
+    steps += [SmoothQuant(config.smoothquant)] if config.smoothquant is not None else []
+    if config.calib.method is CalibMethod.AUTO:
+        steps.append(ChooseRanges())
     if latency is not None or config.latency_search:
         steps.append(SearchLatency(latency or LatencySearchConfig(providers=config.calib.providers)))
     elif config.latency_search is None and config.target.latency_search:
@@ -150,6 +159,13 @@ def _bias_correction_last(steps: Sequence[Step]) -> tuple[Step, ...]:
     return (*rest, corrections[-1]) if corrections else rest
 
 
+def _compose(defaults: Sequence[Step], given: Sequence[Step]) -> tuple[Step, ...]:
+    """The config's steps, each replaced in its place by a given step of the same type; then the rest."""
+    replacing = {type(step): step for step in given}
+    composed = [replacing.get(type(step), step) for step in defaults]
+    return (*composed, *(step for step in given if not any(step is used for used in composed)))
+
+
 def _start(model: onnx.ModelProto, signature: ModelSignature, data: CalibSource | None, config: QuantConfig,
            steps: Sequence[Step], on_progress: ProgressCallback | None) -> Job:
     """The job, checked by every step, with the held-back samples split off the calibration data."""
@@ -163,13 +179,22 @@ def _start(model: onnx.ModelProto, signature: ModelSignature, data: CalibSource 
     return job
 
 
+def _rewrites(steps: Sequence[Step]) -> tuple[str, ...]:
+    """The data-free rewrites a statistics file must have been collected after (they change activations)."""
+    return tuple(step.tag for step in steps if isinstance(step, Equalize))
+
+
 def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile | str | os.PathLike[str] | None,
-               histograms: bool | None = None) -> CalibrationResult:
+               histograms: bool | None = None, rewrites: tuple[str, ...] = ()) -> CalibrationResult:
     if stats is not None:
         loaded = stats if isinstance(stats, StatsFile) else load_stats(stats)
         if loaded.model_digest != model_digest(job.model):
             raise CalibrationError("the statistics were collected for a different model (digest mismatch). "
                                    "Hint: run onnxq calibrate on this model")
+        if loaded.rewrites != rewrites:
+            collected, wanted = (f"after {', '.join(r) or 'no rewrite'}" for r in (loaded.rewrites, rewrites))
+            raise CalibrationError(f"the statistics were collected {collected}; this run quantizes {wanted}. "
+                                   "Hint: give --equalize/--no-equalize as to onnxq calibrate, or recalibrate")
         return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
     assert job.source is not None and job.graph is not None
     return calibrate(job.graph, (*plan.activation_names, *extra), job.source, job.config.calib,
@@ -187,10 +212,12 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
         model: a ModelProto or the path of an .onnx file.
         calib: a calibration source, or a path `open_source` understands (.npz, .npy, a folder of
             them or of images, `loader.py:function`).
-        config: selection, calibration, target and the shorthands for steps (smoothquant, latency_search).
+        config: selection, calibration, target and the shorthands for steps (equalize, smoothquant,
+            latency_search).
         stats: statistics from `collect_stats` (or a file `save_stats` wrote), instead of `calib`:
             no inference runs, and any method can be applied.
-        steps: more steps, run after the config's (e.g. `MeetAccuracy(goal)`, your own `Step`).
+        steps: more steps, run after the config's (e.g. `MeetAccuracy(goal)`, your own `Step`); a step of
+            the same type as one the config asks for takes its place (e.g. `ChooseRanges(budget_seconds=5)`).
         preprocess: how images are turned into tensors, when `calib` is a folder of images.
         user_passes: your own graph passes, run in order after the prepare stage and before planning.
         on_progress: called with (stage, done, total or None) during long work.
@@ -206,19 +233,22 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
     model = _as_model(model)
     signature = signature_of(model)
-    steps = _bias_correction_last((*steps_for(config, accuracy=accuracy, latency=latency,
-                                              eval_source=_open(eval_source, signature, preprocess)), *steps))
+    steps = _bias_correction_last(_compose(steps_for(config, accuracy=accuracy, latency=latency,
+                                                     eval_source=_open(eval_source, signature, preprocess)),
+                                           steps))
     job = _start(model, signature, _open(calib, signature, preprocess), config, steps, on_progress)
     graph = run(prepare(model, config.target), user_passes)
     for step in steps:
         graph = step.rewrite(job, graph)
     job.graph, job.replanner = graph, Replanner(graph, config.target.plan, config.selection)
     plan = job.replanner.plan_without(())
-    job.calibration = _calibrate(job, plan, [t for step in steps for t in step.extra_tensors(job, plan)], stats)
+    job.calibration = _calibrate(job, plan, [t for step in steps for t in step.extra_tensors(job, plan)], stats,
+                                 rewrites=_rewrites(steps))
     for step in steps:
         plan, finding = step.refine(job, plan)
         job.findings += [finding] if finding is not None else []
-    amax = group_amax(plan, job.calibration.stats, config.calib, config.target.scheme)
+    amax = {group: job.ranges.get(group, value)
+            for group, value in group_amax(plan, job.calibration.stats, config.calib, config.target.scheme).items()}
     return QuantResult(job.build(plan), plan, job.calibration, amax, time.perf_counter() - started,
                        tuple(job.findings))
 
@@ -226,11 +256,17 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
 def collect_stats(model: ModelLike, calib: DataLike, config: QuantConfig = QuantConfig(), *,
                   preprocess: ImagePreprocess = ImagePreprocess(), on_progress: ProgressCallback | None = None,
                   user_passes: Sequence[GraphPass] = ()) -> tuple[StatsFile, CalibrationResult]:
-    """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later."""
+    """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later (after
+    the config's data-free rewrites, cross-layer equalization, which the file records)."""
     model = _as_model(model)
     signature = signature_of(model)
     job = Job(model, signature, config, _open(calib, signature, preprocess), on_progress=on_progress)
-    job.graph = run(prepare(model, config.target), user_passes)
+    graph = run(prepare(model, config.target), user_passes)
+    rewriting = [step for step in steps_for(config) if isinstance(step, Equalize)]
+    for step in rewriting:
+        graph = step.rewrite(job, graph)
+    job.graph = graph
     calibration = _calibrate(job, config.target.plan(job.graph, config.selection), (), None, histograms=True)
     histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}
-    return StatsFile(model_digest(model), calibration.samples, calibration.batches, histograms), calibration
+    return StatsFile(model_digest(model), calibration.samples, calibration.batches, histograms,
+                     _rewrites(rewriting)), calibration

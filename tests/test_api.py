@@ -13,6 +13,7 @@ from onnx import helper
 import models
 import onnxq
 from onnxq import passes
+from onnxq.passes.equalize import equalize
 from tests.support.qdq_checks import check_trt_qdq
 
 
@@ -55,7 +56,7 @@ def test_stages_chain_by_hand_like_quantize(target: onnxq.QuantTarget, method: o
     feeds = onnxq.FeedsSource([models.random_feeds(model, batch=4, seed=s) for s in range(2)])
     selection = onnxq.Selection(exclude_node_patterns=("^block1/conv2$",))
     calib = onnxq.CalibConfig(method=method)
-    graph = passes.run(onnxq.prepare(model, target), [drop_identity])
+    graph = equalize(passes.run(onnxq.prepare(model, target), [drop_identity]))
     plan = target.plan(graph, selection)
     calibration = onnxq.calibrate(graph, plan.activation_names, feeds, calib)
     params = onnxq.activation_params(plan, calibration.stats, calib, target.scheme)

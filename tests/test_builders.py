@@ -59,6 +59,7 @@ def test_registry_lists_every_model():
     assert sorted(BUILDERS) == sorted([
         "residual_cnn", "depthwise_cnn", "conv_transpose", "gemm_mlp", "yolo_neck_head",
         "transformer_encoder", "conv_bn_constant_weights", "concat_branches", "outlier_encoder",
+        "separable_relu_cnn",
     ])
 
 

@@ -103,10 +103,11 @@ def test_the_api_measures_an_accuracy_target_on_the_held_back_samples(vad_npz: P
     model = onnxq.load_model(SILERO)
     result = onnxq.quantize(model, vad_npz, accuracy=onnxq.AccuracyGoal(min_cosine=0.99))
     held = SAMPLES // 4
-    assert result.sensitivity is not None and result.fallback is not None and result.fallback.met
-    assert result.sensitivity.samples == held and result.calibration.samples == SAMPLES - held
+    found = result.finding(onnxq.AccuracyFinding)
+    assert result.fallback is not None and result.fallback.met and result.sensitivity is None  # nothing quantized
+    assert found.held_samples == held and result.calibration.samples == SAMPLES - held
     # Every output counts the held-back samples, stateN [2, N, 128] too (not its 2 layers).
-    assert [m.samples for m in result.sensitivity.float_vs_int8] == [held, held]
+    assert [m.samples for m in result.fallback.before] == [held, held]
     assert [m.samples for m in result.fallback.after] == [held, held]
 
     signature = onnxq.signature_of(model)
@@ -116,8 +117,8 @@ def test_the_api_measures_an_accuracy_target_on_the_held_back_samples(vad_npz: P
     evaluation = onnxq.FeedsSource([signature.cut(feed, 8, SAMPLES)], signature=signature)
     result = onnxq.quantize(model, calib, accuracy=onnxq.AccuracyGoal(min_cosine=0.99, samples=3),
                             eval_source=evaluation)
-    assert result.calibration.samples == 8 and result.sensitivity.samples == 3
-    assert [m.samples for m in result.sensitivity.float_vs_int8] == [3, 3]
+    assert result.calibration.samples == 8 and result.finding(onnxq.AccuracyFinding).held_samples == 3
+    assert [m.samples for m in result.fallback.before] == [3, 3]
 
 
 def test_compare_models_counts_samples_on_the_inputs_sample_axes(vad_npz: Path) -> None:

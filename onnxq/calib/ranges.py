@@ -19,7 +19,7 @@ from onnxq.calib.amax import entropy_amax, max_amax, mse_amax, percentile_amax
 from onnxq.calib.histogram import Histogram
 from onnxq.calib.stats import MaxStats, TensorStats, merge_all
 
-__all__ = ["AMAX_METHODS", "group_amax", "activation_params"]
+__all__ = ["AMAX_METHODS", "group_amax", "group_stats", "activation_params"]
 
 # method -> amax from (histogram, config, levels on |x|)
 AMAX_METHODS: Mapping[CalibMethod, Callable[[Histogram, CalibConfig, int], float]] = MappingProxyType({
@@ -27,6 +27,8 @@ AMAX_METHODS: Mapping[CalibMethod, Callable[[Histogram, CalibConfig, int], float
     CalibMethod.PERCENTILE: lambda h, cfg, levels: percentile_amax(h, cfg.percentile),
     CalibMethod.ENTROPY: lambda h, cfg, levels: entropy_amax(h, levels + 1, levels + 1),
     CalibMethod.MSE: lambda h, cfg, levels: mse_amax(h, levels=levels),
+    # Without a search's choice (`onnxq.steps.ranges.ChooseRanges`), auto starts where MSE does.
+    CalibMethod.AUTO: lambda h, cfg, levels: mse_amax(h, levels=levels),
 })
 
 
@@ -38,6 +40,11 @@ def _amax(group: str, stats: TensorStats, config: CalibConfig, scheme: Activatio
                 "needs histograms")
         return stats.amax
     return AMAX_METHODS[config.method](stats, config, scheme.levels(stats.low, stats.high))
+
+
+def group_stats(plan: QuantPlan, stats: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
+    """The statistics of each scale group of `plan`: its tensors' statistics merged."""
+    return _grouped(plan, stats)
 
 
 def _grouped(plan: QuantPlan, stats: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
@@ -62,10 +69,10 @@ def activation_params(plan: QuantPlan, stats: Mapping[str, TensorStats], config:
                       amax: Mapping[str, float] | None = None) -> dict[str, ActivationParams]:
     """What `insert_qdq` needs per group: the scale and zero point of `scheme` for the method's range.
 
-    `amax`: the groups' amax if already computed by `group_amax` (the entropy and MSE searches are not free).
+    `amax`: chosen amaxes by group (from `group_amax`, or a search's choice); a group it lacks gets the method's.
     """
     params = {}
     for group, merged in _grouped(plan, stats).items():
-        limit = amax[group] if amax is not None else _amax(group, merged, config, scheme)
+        limit = amax[group] if amax is not None and group in amax else _amax(group, merged, config, scheme)
         params[group] = scheme.params(group, merged.low, merged.high, limit)
     return params

@@ -2,7 +2,8 @@
 
 Format (`.npz`, read with `allow_pickle=False`, so loading never runs code):
     meta            uint8 array holding UTF-8 JSON: format, version, model digest, samples, batches,
-                    num_bins, and the tensor names in order
+                    num_bins, the tensor names in order, and (when any) the rewrites the graph went
+                    through before collecting (e.g. cross-layer equalization), which a run must repeat
     t<i>/<field>    the i-th tensor's histogram as plain numeric arrays (Histogram.to_arrays)
 The model digest (SHA-256 of the main graph's nodes and weights) ties the statistics to one model:
 merging or quantizing with statistics of another model is refused.
@@ -33,12 +34,14 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class StatsFile:
-    """Histograms of a model's planned activations over `samples` calibration samples."""
+    """Histograms of a model's planned activations over `samples` calibration samples, collected on the
+    prepared graph after `rewrites` (descriptions of data-free rewrite steps, e.g. equalization)."""
 
     model_digest: str
     samples: int
     batches: int
     histograms: Mapping[str, Histogram]
+    rewrites: tuple[str, ...] = ()
 
     @property
     def num_bins(self) -> int:
@@ -64,6 +67,8 @@ def save_stats(stats: StatsFile, path: str | os.PathLike[str]) -> Path:
     names = list(stats.histograms)
     meta = {"format": FORMAT, "version": VERSION, "model_digest": stats.model_digest, "samples": stats.samples,
             "batches": stats.batches, "num_bins": stats.num_bins, "tensors": names}
+    if stats.rewrites:
+        meta["rewrites"] = list(stats.rewrites)
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     for i, name in enumerate(names):
         for field, values in stats.histograms[name].to_arrays().items():
@@ -101,7 +106,8 @@ def load_stats(path: str | os.PathLike[str]) -> StatsFile:
                 histograms[name] = Histogram.from_arrays(fields)
     except (OSError, ValueError, KeyError) as err:
         raise CalibrationError(f"{path}: unreadable statistics file ({str(err).splitlines()[0]})") from None
-    return StatsFile(meta["model_digest"], int(meta["samples"]), int(meta["batches"]), histograms)
+    return StatsFile(meta["model_digest"], int(meta["samples"]), int(meta["batches"]), histograms,
+                     tuple(meta.get("rewrites", ())))
 
 
 def merge_stats(first: StatsFile, second: StatsFile, what: str = "statistics") -> StatsFile:
@@ -109,10 +115,14 @@ def merge_stats(first: StatsFile, second: StatsFile, what: str = "statistics") -
     if first.model_digest != second.model_digest:
         raise CalibrationError(f"{what}: collected for different models (digests {first.model_digest[:12]}… "
                                f"and {second.model_digest[:12]}…)")
+    if first.rewrites != second.rewrites:
+        raise CalibrationError(f"{what}: collected after different rewrites ({list(first.rewrites)} and "
+                               f"{list(second.rewrites)})")
     if set(first.histograms) != set(second.histograms):
         missing = sorted(set(first.histograms) ^ set(second.histograms))
         raise CalibrationError(f"{what}: the shards cover different tensors (e.g. '{missing[0]}')")
     if first.num_bins != second.num_bins:
         raise CalibrationError(f"{what}: {first.num_bins} vs {second.num_bins} histogram bins")
     merged = {name: h.merge(second.histograms[name]) for name, h in first.histograms.items()}
-    return StatsFile(first.model_digest, first.samples + second.samples, first.batches + second.batches, merged)
+    return StatsFile(first.model_digest, first.samples + second.samples, first.batches + second.batches, merged,
+                     first.rewrites)

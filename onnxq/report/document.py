@@ -1,9 +1,10 @@
 """The quantization report: what was quantized and why, the ranges chosen, and how accurate the result is.
 
 `build_report` gathers everything from a `QuantResult` (plus metrics, sensitivity rows and fallback
-decisions computed elsewhere) into a frozen `QuantReport`; `to_json` and `to_markdown` render it as
-text; `write_report` writes `report.json`, `report.md` and, when matplotlib is installed (the `report`
-extra) and sensitivity rows exist, `sensitivity.png`. Nothing here prints.
+decisions computed elsewhere) into a frozen `QuantReport`; `to_json` renders it as JSON,
+`onnxq.report.markdown.to_markdown` as Markdown, and `onnxq.report.files.write_report` writes
+`report.json`, `report.md` and, when matplotlib is installed (the `report` extra) and sensitivity rows
+exist, `sensitivity.png`. Nothing here prints.
 
 JSON: standard JSON, keys = the dataclass field names below (plus `format`, `format_version`). Non-finite
 floats are the strings "nan", "inf", "-inf" (as in `onnxq compare --json`); values that do not exist (a
@@ -14,11 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -32,20 +30,18 @@ from onnxq.calib.ranges import AMAX_METHODS, group_amax
 from onnxq.lower.scales import ActivationScheme
 from onnxq.targets import get_target
 from onnxq.options import CalibConfig, CalibMethod
-from onnxq.atomic import write_atomic
 from onnxq.errors import OnnxqError
 from onnxq.plan.core import QuantizedActivation, NodeDecision, QuantPlan
-from onnxq.report.chart import CHART_FILE, LayerRow, SensitivityRow, available, rank_layers, sensitivity_png
+from onnxq.report.chart import LayerRow, SensitivityRow, rank_layers
 from onnxq.metrics import OutputMetrics
+from onnxq.steps.ranges import RangesChosen
 
 __all__ = ["SensitivityRow", "LayerRow", "ActivationRow", "WeightRow", "CalibrationSummary", "QuantReport",
-           "METHODS", "build_report", "rank_layers", "to_json", "to_markdown", "write_report"]
+           "RangeRow", "METHODS", "TOP_N", "build_report", "rank_layers", "to_json"]
 
 FORMAT_VERSION = 1
 METHODS = ("max", "percentile", "entropy", "mse")  # the columns of the activation table, in this order
 TOP_N = 10  # sensitivity rows shown before the full (folded) table
-_FOLD_ROWS = 25  # longer Markdown tables go into a <details> block
-_DASH = "—"
 
 
 @dataclass(frozen=True)
@@ -91,6 +87,16 @@ class CalibrationSummary:
 
 
 @dataclass(frozen=True)
+class RangeRow:
+    """`--method auto`'s choice for one scale group: the candidate, its range, and what was measured."""
+
+    group: str
+    candidate: str
+    amax: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class QuantReport:
     """Everything the report files hold; see `build_report`."""
 
@@ -105,6 +111,7 @@ class QuantReport:
     sensitivity: tuple[LayerRow, ...]
     fallback: tuple[tuple[str, str], ...]
     calibration: CalibrationSummary
+    ranges: tuple[RangeRow, ...]
     percentile: float
     seconds: float
 
@@ -150,6 +157,7 @@ def build_report(result: QuantResult, *, metrics: Mapping[str, Sequence[OutputMe
         fallback=tuple((str(node), str(reason)) for node, reason in fallback),
         calibration=CalibrationSummary(calibration.samples, calibration.batches, tuple(calibration.providers),
                                        float(calibration.seconds)),
+        ranges=_range_rows(result),
         percentile=float(percentile),
         seconds=float(result.seconds),
     )
@@ -159,7 +167,16 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _range_rows(result: QuantResult) -> tuple[RangeRow, ...]:
+    found = result.finding(RangesChosen)
+    if not isinstance(found, RangesChosen):
+        return ()
+    return tuple(RangeRow(c.group, c.candidate, float(c.amax), c.reason) for c in found.choices)
+
+
 def _infer_method(result: QuantResult, config: CalibConfig, scheme: ActivationScheme) -> str:
+    if isinstance(result.finding(RangesChosen), RangesChosen):
+        return CalibMethod.AUTO.value
     if not any(isinstance(s, Histogram) for s in result.calibration.stats.values()):
         return CalibMethod.MAX.value
     chosen = dict(result.group_amax)
@@ -185,7 +202,7 @@ def _activation_row(activation: QuantizedActivation, stats: Any, chosen: float |
     by_method: dict[str, float | None] = dict.fromkeys(METHODS)
     if isinstance(stats, Histogram):
         levels = scheme.levels(stats.low, stats.high)
-        by_method.update({m.value: float(AMAX_METHODS[m](stats, config, levels)) for m in CalibMethod})
+        by_method.update({m: float(AMAX_METHODS[CalibMethod(m)](stats, config, levels)) for m in METHODS})
     elif stats is not None:
         by_method["max"] = float(stats.amax)
     counts = [int(getattr(stats, name, 0)) for name in ("num_values", "nan_count", "inf_count", "sentinel_count")]
@@ -239,156 +256,3 @@ def to_json(report: QuantReport) -> str:
     """The report as standard JSON (see the module docstring for the conventions)."""
     document = {"format": "onnxq-report", "format_version": FORMAT_VERSION, **_plain(report)}
     return json.dumps(document, indent=2, allow_nan=False) + "\n"
-
-
-def _num(value: float | None, spec: str = ".4g") -> str:
-    if value is None:
-        return _DASH
-    return format(value, spec) if math.isfinite(value) else str(value)
-
-
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]], fold: str | None = None) -> list[str]:
-    body = [f"| {' | '.join(_cell(c) for c in row)} |" for row in rows]
-    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}", *body]
-    if fold is not None and len(body) > _FOLD_ROWS:
-        return [f"<details><summary>{fold} ({len(body)} rows)</summary>", "", *lines, "", "</details>"]
-    return lines
-
-
-def _md_summary(r: QuantReport) -> list[str]:
-    quantized = sum(d.quantized for d in r.decisions)
-    c = r.calibration
-    on = f" on {', '.join(c.providers)}" if c.providers else ""
-    rows = [("onnxq", r.onnxq_version), ("target", r.target), ("activation method", r.method),
-            ("nodes", f"{quantized} quantized, {len(r.decisions) - quantized} left float"),
-            ("activation Q/DQ", f"{len(r.activations)} tensors in {len({a.group for a in r.activations})} "
-                                "scale groups (per-tensor)"),
-            ("INT8 weights", f"{len(r.weights)} (per-channel)"),
-            ("calibration", f"samples {c.samples}, batches {c.batches}{on}, {c.seconds:.1f} s"),
-            ("left float by automatic fallback", len(r.fallback)),
-            ("total time", f"{r.seconds:.1f} s")]
-    return [f"# Quantization report: {_cell(r.model_name)}", "", "## Summary", "",
-            *_table(("item", "value"), rows)]
-
-
-def _md_metrics(r: QuantReport) -> list[str]:
-    lines = ["## Accuracy: float vs quantized", ""]
-    if not r.metrics:
-        return [*lines, "Not measured (no evaluation data)."]
-    for stage, rows in r.metrics.items():
-        table = [(f"`{m.name}`", m.samples, _num(m.cosine, ".6f"), _num(m.sqnr_db, ".2f"), _num(m.max_abs_error),
-                  _DASH if m.top1_agreement is None else f"{100 * m.top1_agreement:.2f}%") for m in rows]
-        lines += [f"### {_cell(stage)}", "",
-                  *_table(("output", "samples", "cosine", "SQNR dB", "max abs err", "top-1"), table), ""]
-    return lines[:-1]
-
-
-def _md_sensitivity(r: QuantReport, chart: str | None, chart_note: str | None) -> list[str]:
-    lines = ["## Per-layer sensitivity", ""]
-    if not r.sensitivity:
-        return [*lines, "Not computed (so no chart)."]
-    header = ("rank", "node", "op", "alone cosine", "alone SQNR dB", "recovered cosine", "recovered SQNR dB")
-    rows = [(s.rank, f"`{s.node_name}`", s.op_type, _num(s.alone_cosine, ".6f"), _num(s.alone_sqnr_db, ".2f"),
-             _num(s.recovered_cosine, ".6f"), _num(s.recovered_sqnr_db, ".2f")) for s in r.sensitivity]
-    lines += ["*alone*: only this layer quantized; *recovered*: as reported by the sensitivity analysis for "
-              "this layer kept float. Rank 1 = lowest SQNR alone = most sensitive.", "",
-              f"### Top {min(TOP_N, len(rows))}", "", *_table(header, rows[:TOP_N]), ""]
-    if len(rows) > TOP_N:
-        lines += ["### All layers", "", "<details><summary>all {} layers</summary>".format(len(rows)), "",
-                  *_table(header, rows), "", "</details>", ""]
-    if chart is not None:
-        return [*lines, f"![per-layer sensitivity]({chart})"]
-    return [*lines, chart_note or "No chart (`write_report` draws one when matplotlib is installed)."]
-
-
-def _md_fallback(r: QuantReport) -> list[str]:
-    lines = ["## Automatic fallback", ""]
-    items = [f"- `{_cell(node)}`: {_cell(reason)}" for node, reason in r.fallback]
-    return [*lines, *(items or ["No node was left float by automatic fallback."])]
-
-
-def _md_plan(r: QuantReport) -> list[str]:
-    quantized = [d for d in r.decisions if d.quantized]
-    lines = ["## Plan", "", f"### Quantized nodes ({len(quantized)})", "",
-             *_table(("node", "op", "reason"), [(f"`{d.node_name}`", d.op_type, d.reason) for d in quantized],
-                     fold="quantized nodes"),
-             "", f"### Float nodes by reason ({len(r.decisions) - len(quantized)})", ""]
-    by_reason: dict[str, list[NodeDecision]] = {}
-    for d in r.decisions:
-        if not d.quantized:
-            by_reason.setdefault(d.reason, []).append(d)
-    for reason, group in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
-        ops = ", ".join(f"{n} {op}" for op, n in Counter(d.op_type for d in group).most_common())
-        names = ", ".join(f"`{_cell(d.node_name)}`" for d in group)
-        lines.append(f"- **{_cell(reason)}** ({ops})")
-        lines.append(f"  <details><summary>{len(group)} nodes</summary>{names}</details>"
-                     if len(group) > 12 else f"  {names}")
-    return lines if by_reason else [*lines, "None."]
-
-
-def _ignored(a: ActivationRow) -> str:
-    kinds = ((a.nan_count, "NaN"), (a.inf_count, "Inf"), (a.sentinel_count, "sentinel"))
-    return ", ".join(f"{n} {kind}" for n, kind in kinds if n) or "0"
-
-
-def _md_activations(r: QuantReport) -> list[str]:
-    rows = [(f"`{a.tensor_name}`", _DASH if a.group == a.tensor_name else f"`{a.group}`",
-             ", ".join(f"{node}[{i}]" for node, i in a.consumers), _num(a.amax),
-             *(_num(a.amax_by_method.get(m)) for m in METHODS), _ignored(a)) for a in r.activations]
-    header = ("tensor", "scale group", "read by", "chosen amax", "max", f"percentile {r.percentile:g}",
-              "entropy", "mse", "ignored values")
-    return ["## Activation ranges", "",
-            f"`chosen amax` is the range of the tensor's scale group in the model (method: {r.method}); the "
-            f"method columns are this tensor's own amax; {_DASH} = no histogram was collected.", "",
-            *_table(header, rows, fold="activation ranges")]
-
-
-def _md_weights(r: QuantReport) -> list[str]:
-    rows = [(f"`{w.tensor_name}`", f"{w.consumer}[{w.input_index}]", w.axis, w.channels, _num(w.amax_min),
-             _num(w.amax_median), _num(w.amax_max)) for w in r.weights]
-    return ["## INT8 weights", "", "Per-channel amax = stored scale x 127.", "",
-            *_table(("weight", "read by", "axis", "channels", "min amax", "median amax", "max amax"), rows,
-                    fold="weights")]
-
-
-def to_markdown(report: QuantReport, *, chart: str | None = None, chart_note: str | None = None) -> str:
-    """The report as a Markdown document; `chart` names a sensitivity chart beside it to embed, and
-    `chart_note` is the line shown instead when there is none."""
-    sections = (_md_summary(report), _md_metrics(report), _md_sensitivity(report, chart, chart_note),
-                _md_fallback(report), _md_plan(report), _md_activations(report), _md_weights(report))
-    return "\n\n".join("\n".join(section) for section in sections) + "\n"
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    return write_atomic(path, data, "the report")
-
-
-def write_report(report: QuantReport, folder: str | os.PathLike[str]) -> tuple[Path, ...]:
-    """Write report.json, report.md and (with matplotlib and sensitivity rows) sensitivity.png into `folder`.
-
-    The folder and its parents are created; each file is written to a temporary file and renamed.
-
-    Returns:
-        The paths written, in that order.
-
-    Raises:
-        OnnxqError: the folder or a file cannot be written.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OnnxqError(f"{folder}: cannot create the report folder ({err.strerror or err})") from None
-    chart, written = None, []
-    if report.sensitivity and available():
-        png = sensitivity_png(report.sensitivity, title=f"{report.model_name}: per-layer sensitivity")
-        written.append(_write_atomic(folder / CHART_FILE, png))
-        chart = CHART_FILE
-    note = "No chart: matplotlib is not installed (`pip install 'onnxq[report]'`)."
-    json_path = _write_atomic(folder / "report.json", to_json(report).encode("utf-8"))
-    markdown = to_markdown(report, chart=chart, chart_note=note)
-    return (json_path, _write_atomic(folder / "report.md", markdown.encode("utf-8")), *written)

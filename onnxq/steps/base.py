@@ -77,6 +77,7 @@ class Job:
         replanner: the target's plans of `graph`, once planned.
         calibration: the statistics, once calibrated.
         kept_float: nodes the steps have put back in float so far, each with its reason.
+        ranges: amaxes chosen by a step (the range search) by scale group; other groups get the method's.
         findings: what the steps found and did, in order (`report`, and `refine`'s second value).
         on_progress: where long work reports to.
     """
@@ -90,6 +91,7 @@ class Job:
     replanner: Replanner | None = None
     calibration: CalibrationResult | None = None
     kept_float: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, float] = field(default_factory=dict)
     findings: list[object] = field(default_factory=list)
     on_progress: ProgressCallback | None = None
     _built: dict[QuantPlan, onnx.ModelProto] = field(default_factory=dict, repr=False)
@@ -141,7 +143,7 @@ class Job:
         """The checked INT8 model of `plan` with this run's statistics and target (cached per plan)."""
         if plan not in self._built:
             graph, _, calibration = self._ready()
-            params = activation_params(plan, calibration.stats, self.config.calib, self.target.scheme)
+            params = activation_params(plan, calibration.stats, self.config.calib, self.target.scheme, self.ranges)
             lowered = self.target.lower(insert_qdq(graph, plan, params), self.config.high_precision)
             model = from_graph(lowered, template=self.model)
             check_model(model, "the quantized model")

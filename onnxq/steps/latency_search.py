@@ -22,6 +22,7 @@ class goes float only on a repeated gain, so a burst of load elsewhere cannot fl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnxq.errors import ConfigError
 from onnxq.plan.core import QuantPlan
-from onnxq.runtime.session import open_session
+from onnxq.runtime.session import Session, open_session
 from onnxq.runtime.timing import time_interleaved, wall_clock_timer
 from onnxq.steps.base import Job, Step, StepSkipped
 
@@ -40,6 +41,8 @@ __all__ = ["LatencySearchConfig", "ClassTrial", "LatencySearch", "SearchLatency"
 Replan = Callable[[Mapping[str, str]], QuantPlan]
 Progress = Callable[[int, int | None], None]
 
+# A class whose float version is slower than this fraction in the probe round is decided there.
+_CLEAR_LOSS = 0.15
 # Sweeps over the classes: putting one class in float changes its neighbours' Q/DQ and layouts, so a
 # class that lost while everything around it was INT8 may win once they are float. A second sweep
 # retries the classes still INT8, when the first changed anything.
@@ -107,6 +110,7 @@ class LatencySearch:
             from the full plan's).
         trials: every class tried, in order (a class tried again in the second sweep appears twice).
         float_nodes: the nodes left in float for speed.
+        seconds: wall time of the search.
     """
 
     float_model_ms: float
@@ -114,6 +118,7 @@ class LatencySearch:
     final_ms: float
     trials: tuple[ClassTrial, ...]
     float_nodes: tuple[str, ...]
+    seconds: float = 0.0
 
     @property
     def speedup(self) -> float:
@@ -146,24 +151,45 @@ def layer_classes(graph: gs.Graph, plan: QuantPlan) -> dict[str, tuple[str, ...]
 
 
 class _Timer:
-    """Times models on one feed: sessions with ORT's optimisations on and no spinning threads."""
+    """Times models on one feed: sessions with ORT's optimisations on and no spinning threads, kept open
+    for the models `retain` names (the float model and the best so far are timed again and again)."""
 
     def __init__(self, feed: Mapping[str, np.ndarray], config: LatencySearchConfig) -> None:
         self.feed, self.config = dict(feed), config
+        self._open: dict[int, tuple[onnx.ModelProto, Session]] = {}
 
-    def medians(self, models: list[onnx.ModelProto]) -> list[float]:
-        sessions = [open_session(model, self.config.providers, optimize=True, spin=False) for model in models]
-        try:
-            timers = [wall_clock_timer(lambda s=session: s.run(self.feed)) for session in sessions]
-            return [stats.median_ms for stats in time_interleaved(timers, self.config.warmup, self.config.runs)]
-        finally:
-            for session in sessions:
-                session.close()
+    def _session(self, model: onnx.ModelProto) -> Session:
+        if id(model) not in self._open:
+            self._open[id(model)] = (model, open_session(model, self.config.providers, optimize=True, spin=False))
+        return self._open[id(model)][1]
+
+    def medians(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
+        sessions = [self._session(model) for model in models]
+        timers = [wall_clock_timer(lambda s=session: s.run(self.feed)) for session in sessions]
+        stats = time_interleaved(timers, self.config.warmup, runs or self.config.runs)
+        return [result.median_ms for result in stats]
+
+    def retain(self, models: list[onnx.ModelProto]) -> None:
+        """Close the sessions of every model but these."""
+        keep = {id(model) for model in models}
+        for key in [key for key in self._open if key not in keep]:
+            self._open.pop(key)[1].close()
 
 
 def _trial(timer: _Timer, best: onnx.ModelProto, candidate: onnx.ModelProto, name: str, members: tuple[str, ...],
            config: LatencySearchConfig, sweep: int) -> ClassTrial:
-    """Time the best model so far against `candidate` (the class in float); a win must repeat."""
+    """Time the best model so far against `candidate` (the class in float); a win must repeat.
+
+    A short probe round comes first: a class whose float version is clearly slower (by more than
+    `_CLEAR_LOSS`) is decided there, without the full rounds."""
+    probe = max(3, config.runs // 4)
+    int8_ms, float_ms = timer.medians([best, candidate], probe)
+    gain = 1.0 - float_ms / int8_ms
+    if gain < -_CLEAR_LOSS:
+        reason = (f"INT8 kept: float clearly slower, {abs(100 * gain):.1f}% ({int8_ms:.2f} vs {float_ms:.2f} ms, "
+                  f"{probe}-run probe)")
+        return ClassTrial(name, members, True, reason + (f" [sweep {sweep + 1}]" if sweep else ""),
+                          (int8_ms, float_ms))
     int8_ms, float_ms = timer.medians([best, candidate])
     gain = 1.0 - float_ms / int8_ms
     if gain > config.min_gain:
@@ -200,7 +226,17 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, replan: Replan, build: Call
     Returns:
         The chosen plan, its model, and what was measured.
     """
+    started = time.perf_counter()
     timer = _Timer(feed, config)
+    try:
+        return _search(timer, graph, plan, replan, build, float_model, config, on_progress, started)
+    finally:
+        timer.retain([])
+
+
+def _search(timer: _Timer, graph: gs.Graph, plan: QuantPlan, replan: Replan,
+            build: Callable[[QuantPlan], onnx.ModelProto], float_model: onnx.ModelProto, config: LatencySearchConfig,
+            on_progress: Progress | None, started: float) -> tuple[QuantPlan, onnx.ModelProto, LatencySearch]:
     classes = layer_classes(graph, plan)
     best_plan, best_model = plan, build(plan)
     float_ms, start_ms = timer.medians([float_model, best_model])
@@ -219,6 +255,7 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, replan: Replan, build: Call
                 del pending[name]
                 changed = True
                 best_plan, best_model = replan(float_nodes), candidate
+            timer.retain([float_model, best_model])
             trials.append(trial)
             if on_progress is not None:
                 on_progress(len(trials), total)
@@ -229,7 +266,8 @@ def search_latency(graph: gs.Graph, plan: QuantPlan, replan: Replan, build: Call
         float_ms, final_ms = timer.medians([float_model, best_model])
     else:
         final_ms = start_ms
-    return best_plan, best_model, LatencySearch(float_ms, start_ms, final_ms, tuple(trials), tuple(float_nodes))
+    return best_plan, best_model, LatencySearch(float_ms, start_ms, final_ms, tuple(trials), tuple(float_nodes),
+                                                time.perf_counter() - started)
 
 
 @dataclass(frozen=True)

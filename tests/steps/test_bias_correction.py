@@ -66,6 +66,14 @@ class Watched(onnxq.BiasCorrection):
         return chosen, finding
 
 
+@dataclass(frozen=True)
+class AlwaysKept(Watched):
+    """Keeps the correction whatever the held-back samples say."""
+
+    def decide(self, before, after, checked, outputs, goal):  # type: ignore[no-untyped-def]
+        return True, "kept: always"
+
+
 def _fit(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The samples the step measures on without an accuracy target: all but every 4th."""
     keep = np.arange(len(feed["x" if "x" in feed else "input"])) % 4 != 3
@@ -120,7 +128,7 @@ def test_the_mean_output_shift_of_every_corrected_layer_is_removed(model, feed, 
     depth (a quarter of the INT8 codes of Lite0's deepest activations differ between the two by 1-6)."""
     model, feed = model(), feed()
     fit = _fit(feed)
-    watched = Watched()
+    watched = AlwaysKept()  # the mechanism, whatever the held-back samples say of its effect
     config = onnxq.QuantConfig(target=target, latency_search=False,
                                calib=onnxq.CalibConfig(batch_size=len(next(iter(fit.values())))))
     result = onnxq.quantize(model, onnxq.FeedsSource([feed]), config, steps=[watched])
@@ -132,14 +140,6 @@ def test_the_mean_output_shift_of_every_corrected_layer_is_removed(model, feed, 
     assert np.abs(after[first]).max() < 0.01 * np.abs(before[first]).max()
     assert _largest(before) > 0.1
     assert _rms(after) < 0.3 * _rms(before), (_rms(after), _rms(before))
-
-
-@dataclass(frozen=True)
-class AlwaysKept(Watched):
-    """Keeps the correction whatever the held-back samples say."""
-
-    def decide(self, before, after, checked, outputs, goal):  # type: ignore[no-untyped-def]
-        return True, "kept: always"
 
 
 def test_the_float_graph_changes_by_the_corrections_alone() -> None:
@@ -212,12 +212,14 @@ def test_lite0_measured_effect_helps() -> None:
     assert corrected.cosine > plain.cosine + 0.01 and corrected.sqnr_db > plain.sqnr_db + 1.0
 
 
-def test_ppocr_trt_correction_that_does_not_help_is_discarded_and_changes_nothing() -> None:
-    """On PP-OCR (trt, max) the correction lowers the SQNR of the logits on the held-back lines (as it does
-    on the 200 evaluation lines): it is discarded and the model is byte for byte the one without it."""
+def test_ppocr_trt_mse_correction_that_does_not_help_is_discarded_and_changes_nothing() -> None:
+    """On PP-OCR (trt, mse) the correction lowers the SQNR of the logits on the held-back lines (25.8 -> 24.8
+    dB; it would not help on the 200 evaluation lines either, benchmarks/bias_correction.py): it is
+    discarded and the model is byte for byte the one without it."""
     model, source = _ppocr(), TEXTLINES / "ppocr_cls_calib.npz"
-    with_it = onnxq.quantize(model, source, onnxq.QuantConfig(bias_correction=True))
-    without = onnxq.quantize(model, source, onnxq.QuantConfig(bias_correction=False))
+    mse = onnxq.CalibConfig(method=onnxq.CalibMethod.MSE)
+    with_it = onnxq.quantize(model, source, onnxq.QuantConfig(calib=mse, bias_correction=True))
+    without = onnxq.quantize(model, source, onnxq.QuantConfig(calib=mse, bias_correction=False))
     found = with_it.finding(onnxq.BiasCorrected)
     assert isinstance(found, onnxq.BiasCorrected) and not found.kept and found.verdict.startswith("discarded")
     assert [m.name for m in found.before] == ["linear_1.tmp_1"]  # the Softmax's input, not the probabilities

@@ -58,7 +58,7 @@ def _int8_depthwise_5x5(model: onnx.ModelProto) -> int:
 def test_decisions_follow_the_measured_times(monkeypatch, ppocr: onnx.ModelProto, calib: onnxq.FeedsSource) -> None:
     """A stand-in clock on which only INT8 5x5 depthwise Convs cost time: exactly that class goes float."""
 
-    def medians(self, models: list[onnx.ModelProto]) -> list[float]:
+    def medians(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
         return [5.0 + 1.0 * _int8_depthwise_5x5(model) for model in models]
 
     monkeypatch.setattr(latency_search._Timer, "medians", medians)
@@ -75,6 +75,24 @@ def test_decisions_follow_the_measured_times(monkeypatch, ppocr: onnx.ModelProto
     for node in search.float_nodes:
         assert not result.plan.decision(node).quantized
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_a_class_clearly_slower_in_float_is_decided_by_the_probe(monkeypatch, ppocr: onnx.ModelProto,
+                                                                   calib: onnxq.FeedsSource) -> None:
+    """Float 5x5 depthwise Convs twice as slow: decided after the short probe round, no full rounds."""
+    rounds: list[int | None] = []
+
+    def medians(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
+        rounds.append(runs)
+        return [10.0 + 10.0 * (_int8_depthwise_5x5(model) == 0) for model in models]
+
+    monkeypatch.setattr(latency_search._Timer, "medians", medians)
+    result = onnxq.quantize(ppocr, calib, _ort_cpu(), latency=LatencySearchConfig(runs=20))
+    by_class = {trial.layer_class: trial for trial in result.latency.trials}
+    assert by_class["Conv depthwise 5x5"].kept_int8 and "5-run probe" in by_class["Conv depthwise 5x5"].reason
+    assert rounds[0] is None and rounds.count(5) == len(result.latency.trials)  # one probe per class
+    assert rounds.count(None) == 1 + (len(result.latency.trials) - 1)  # the start, then full rounds for the rest
+    assert result.latency.seconds > 0
 
 
 def test_real_search_on_the_ppocr_classifier(ppocr: onnx.ModelProto, calib: onnxq.FeedsSource) -> None:

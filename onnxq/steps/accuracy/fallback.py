@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -43,6 +43,8 @@ __all__ = ["FallbackLayer", "FallbackResult", "AccuracyOutcome", "TargetNotMetEr
            "search_fallback", "run_accuracy"]
 
 _COSINE_FLOOR = 1e-15  # 1 - cosine below this counts as identical (150 dB)
+#: Layers are ranked on this many held-back samples; the search and the verification use all of them.
+RANK_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,12 @@ class FallbackResult:
 class AccuracyOutcome:
     """Everything the accuracy stage decided: the model to return and how it was chosen."""
 
-    sensitivity: SensitivityResult
+    sensitivity: SensitivityResult | None
     fallback: FallbackResult | None
     plan: QuantPlan
     model: onnx.ModelProto
+    held_samples: int = 0
+    held_data: str = ""
 
 
 class TargetNotMetError(CalibrationError):
@@ -294,7 +298,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
                  held_back: CalibSource | HeldBack, build: Callable[[QuantPlan], onnx.ModelProto],
                  target: AccuracyGoal, calib: CalibConfig = CalibConfig(), *,
                  signature: ModelSignature | None = None, on_progress: RunCallback | None = None,
-                 scheme: ActivationScheme = INT8_SYMMETRIC) -> AccuracyOutcome:
+                 scheme: ActivationScheme = INT8_SYMMETRIC, amax: Mapping[str, float] | None = None) -> AccuracyOutcome:
     """Measure sensitivity and, if `target` has a threshold, fall back until it is met.
 
     Args:
@@ -309,6 +313,7 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
         signature: the model's input signature (sample axes, fixed batch); default: read from `template`.
         on_progress: called after each pass over the held-back samples with (runs, planned or None).
         scheme: the target's activation scheme (the gated model's scales and zero points).
+        amax: ranges chosen by group (a range search's); other groups get the method's.
 
     Raises:
         TargetNotMetError: the target is not met and `target.write_anyway` is False.
@@ -316,9 +321,30 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
     started = time.perf_counter()
     held = held_back if isinstance(held_back, HeldBack) else load_held_back(
         template, held_back, calib.batch_size, calib.providers, signature=signature)
-    params = activation_params(layer_map.gated_plan, stats, calib, scheme)
+    params = activation_params(layer_map.gated_plan, stats, calib, scheme, amax)
     with GatedRunner(layer_map, params, template, held, calib.providers, on_progress) as runner:
-        sensitivity = measure_sensitivity(runner, layer_map, started)
         if not target.has_threshold:
-            return AccuracyOutcome(sensitivity, None, layer_map.plan, build(layer_map.plan))
-        return _fall_back(_Stage(runner, layer_map, sensitivity, target, build, calib.providers))
+            sensitivity = measure_sensitivity(runner, layer_map, started)
+            outcome = AccuracyOutcome(sensitivity, None, layer_map.plan, build(layer_map.plan))
+        else:
+            full = runner.measure(layer_map.gates(()))
+            outcome = _met_fully_quantized(runner, layer_map, full, target, build, calib.providers, started) \
+                if meets(full, target) else None
+            if outcome is None:
+                sensitivity = measure_sensitivity(runner, layer_map, started, full=full, alone=False,
+                                                  samples=RANK_SAMPLES)
+                outcome = _fall_back(_Stage(runner, layer_map, sensitivity, target, build, calib.providers))
+    return replace(outcome, held_samples=held.samples, held_data=held.description)
+
+
+def _met_fully_quantized(runner: GatedRunner, layer_map: LayerMap, full: tuple[OutputMetrics, ...],
+                         target: AccuracyGoal, build: Callable[[QuantPlan], onnx.ModelProto],
+                         providers: Sequence[str], started: float) -> AccuracyOutcome | None:
+    """The fully quantized model, built and measured, when it meets the target (None when it does not)."""
+    model = build(layer_map.plan)
+    after = measure_model(model, runner.held, providers)
+    if not meets(after, target):
+        return None
+    result = FallbackResult((), full, after, True, time.perf_counter() - started, runner.runs + 1, target, full,
+                            "the fully quantized model meets the target: no layer measured or left float")
+    return AccuracyOutcome(None, result, layer_map.plan, model)

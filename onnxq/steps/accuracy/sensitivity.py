@@ -24,6 +24,7 @@ plus the Q/DQ and Where nodes (about 15% more).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,14 +107,32 @@ def load_held_back(model: onnx.ModelProto, source: CalibSource, batch_size: int,
     return HeldBack(tuple(feeds), references, names, sum(sizes), source.describe(), tuple(sizes))
 
 
-def _accumulate(held: HeldBack, run: Callable[[Feed], Mapping[str, np.ndarray]]) -> tuple[OutputMetrics, ...]:
+def _accumulate(held: HeldBack, run: Callable[[Feed], Mapping[str, np.ndarray]],
+                samples: int | None = None) -> tuple[OutputMetrics, ...]:
+    """Metrics over the held-back feeds (the first ones holding at least `samples` samples, if given)."""
     sums = {name: MetricsAccumulator() for name in held.output_names}
     sizes = held.feed_samples or (None,) * len(held.feeds)
+    seen = 0
     for feed, reference, size in zip(held.feeds, held.references, sizes):
+        if samples is not None and seen >= samples:
+            break
+        seen += size or 1
         outputs = run(feed)
         for name in held.output_names:
             sums[name] = sums[name].update(reference[name], outputs[name], size)
     return tuple(sums[name].result(name) for name in held.output_names)
+
+
+def _prefix_samples(held: HeldBack, samples: int | None) -> int:
+    """How many samples `_accumulate(held, ..., samples)` measures on (whole feeds)."""
+    if samples is None or not held.feed_samples:
+        return held.samples
+    seen = 0
+    for size in held.feed_samples:
+        if seen >= samples:
+            break
+        seen += size
+    return seen
 
 
 def measure_model(model: onnx.ModelProto, held: HeldBack,
@@ -135,6 +154,10 @@ def worst(metrics: Sequence[OutputMetrics]) -> tuple[float, float]:
 class GatedRunner:
     """One session of the gated model; `measure(gates)` is one pass over the held-back samples.
 
+    The session runs with ONNX Runtime's graph optimizations on: the Where nodes keep every Q/DQ pair
+    out of its fusions, so only folding and layout changes apply, and the outputs stay those of the
+    unoptimized graph (tested bit for bit against the written models).
+
     Attributes:
         held: the held-back samples and float outputs.
         runs: passes made so far.
@@ -148,12 +171,14 @@ class GatedRunner:
         gated = gate_qdq(layer_map.graph, layer_map.gated_plan, params)
         self.held, self.runs, self.on_run, self.planned = held, 0, on_run, None
         self.gates_input = gated.gates_input
-        self._session: Session = open_session(from_graph(gated.graph, template), providers)
+        self._session: Session = open_session(from_graph(gated.graph, template), providers, optimize=True)
 
-    def measure(self, gates: np.ndarray) -> tuple[OutputMetrics, ...]:
-        """Metrics against the float model with the given slots quantized."""
+    def measure(self, gates: np.ndarray, samples: int | None = None) -> tuple[OutputMetrics, ...]:
+        """Metrics against the float model with the given slots quantized (on the first feeds that hold
+        `samples` samples, when given)."""
         names = self.held.output_names
-        metrics = _accumulate(self.held, lambda feed: self._session.run({**feed, self.gates_input: gates}, names))
+        metrics = _accumulate(self.held, lambda feed: self._session.run({**feed, self.gates_input: gates}, names),
+                              samples)
         self.runs += 1
         if self.on_run is not None:
             self.on_run(self.runs, self.planned)
@@ -229,24 +254,31 @@ def _recovery_key(entry: LayerSensitivity) -> tuple[float, float]:
     return (-cosine, -sqnr)
 
 
-def measure_sensitivity(runner: GatedRunner, layer_map: LayerMap, started: float | None = None) -> SensitivityResult:
-    """Measure every layer alone and recovered; sorted by recovery, largest first.
+def measure_sensitivity(runner: GatedRunner, layer_map: LayerMap, started: float | None = None, *,
+                        full: tuple[OutputMetrics, ...] | None = None, alone: bool = True,
+                        samples: int | None = None) -> SensitivityResult:
+    """Measure every layer recovered (and alone); sorted by recovery, largest first.
 
     Args:
         runner: the gated session on the held-back samples.
         layer_map: the plan's layers.
         started: `time.perf_counter()` when the work began (default: now), for `seconds`.
+        full: the fully quantized model's metrics on every held-back sample, if already measured.
+        alone: also measure each layer alone quantized (the ranking needs only "recovered"; without
+            it the alone figures are NaN).
+        samples: measure the layers on the first this many held-back samples only (the ranking);
+            `float_vs_int8` is always on all of them.
     """
     started = time.perf_counter() if started is None else started
     first_run = runner.runs
-    runner.planned = first_run + 1 + 2 * len(layer_map.layers)
-    full = runner.measure(layer_map.gates(()))
+    runner.planned = first_run + (full is None) + (1 + alone) * len(layer_map.layers)
+    full = runner.measure(layer_map.gates(())) if full is None else full
     entries = []
     for layer in layer_map.layers:
-        alone = worst(runner.measure(layer_map.only(layer)))
-        recovered = worst(runner.measure(layer_map.gates([layer.node_name])))
-        entries.append(LayerSensitivity(layer.node_name, layer.op_type, layer.tensors, *alone, *recovered))
+        only = worst(runner.measure(layer_map.only(layer), samples)) if alone else (math.nan, math.nan)
+        recovered = worst(runner.measure(layer_map.gates([layer.node_name]), samples))
+        entries.append(LayerSensitivity(layer.node_name, layer.op_type, layer.tensors, *only, *recovered))
     entries.sort(key=_recovery_key)
     runner.planned = None
-    return SensitivityResult(tuple(entries), full, runner.held.samples, runner.runs - first_run,
+    return SensitivityResult(tuple(entries), full, _prefix_samples(runner.held, samples), runner.runs - first_run,
                              time.perf_counter() - started, runner.held.description)

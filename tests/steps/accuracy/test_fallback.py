@@ -15,7 +15,7 @@ from onnxq.data.feeds import FeedsSource
 from onnxq.config import AccuracyGoal, QuantConfig
 from onnxq.options import HighPrecision, Selection
 from onnxq.errors import CalibrationError
-from onnxq.steps.accuracy.fallback import TargetNotMetError, search_fallback
+from onnxq.steps.accuracy.fallback import TargetNotMetError, search_fallback, RANK_SAMPLES
 from onnxq.steps.accuracy.sensitivity import LayerSensitivity, SensitivityResult
 from onnxq.metrics import OutputMetrics, compare_models
 from tests.support.cli import invoke
@@ -55,7 +55,8 @@ def test_sqnr_target_and_held_back_calibration_samples() -> None:
     result = _quantize(AccuracyGoal(max_sqnr_drop_db=20.0, samples=12), evaluation=False)
     assert result.fallback is not None and result.fallback.met
     assert result.fallback.float_layer_names == (DAMAGED,) and result.fallback.after[0].sqnr_db >= 20.0
-    assert result.sensitivity is not None and result.sensitivity.samples == 12
+    assert result.sensitivity is not None and result.sensitivity.samples == RANK_SAMPLES  # ranked on the first 8
+    assert "up to 12" in result.sensitivity.data
     assert result.calibration.samples == 64 - 12  # held-back samples are never calibrated on
 
 
@@ -76,7 +77,9 @@ def test_a_target_the_int8_model_meets_needs_no_fallback() -> None:
     result = quantize(model, calib, NO_BIAS, accuracy=AccuracyGoal(min_cosine=0.9),
                       eval_source=FeedsSource([models.random_feeds(model, batch=8, seed=2)]))
     assert result.fallback is not None and result.fallback.met and result.fallback.float_layers == ()
-    assert result.fallback.runs == 1  # the verification only: the sensitivity sweep measured the INT8 model
+    # the fully quantized model first (gated), then built and verified: no layer measured
+    assert result.fallback.runs == 2 and result.sensitivity is None
+    assert "the fully quantized model meets the target" in result.fallback.note
     assert result.model.SerializeToString() == quantize(model, calib, NO_BIAS).model.SerializeToString()
 
 
@@ -134,7 +137,7 @@ def test_cli_lists_what_fell_back_and_refuses_an_infeasible_target(tmp_path: Pat
     code, stdout, _ = invoke(*args, "--min-cosine", "0.99")
     assert code == 0 and out.is_file(), stdout
     assert "met with 1 of 4 layers in float" in stdout and DAMAGED in stdout and "rank 1 of 4" in stdout
-    assert "sensitivity  4 layers: 9 runs" in stdout
+    assert "sensitivity  4 layers on 8 held-back samples: 4 runs" in stdout
     out.unlink()
     code, stdout, stderr = invoke(*args, "--max-sqnr-drop", "200")
     assert code == 1 and stdout == "" and not out.exists()
@@ -143,3 +146,14 @@ def test_cli_lists_what_fell_back_and_refuses_an_infeasible_target(tmp_path: Pat
     assert code == 0 and out.is_file() and "NOT met" in stdout
     code, _, stderr = invoke("quantize", model, "--calib", calib, "--write-anyway")
     assert code == 2 and "--write-anyway needs" in stderr
+
+
+def test_a_target_judged_on_few_samples_says_so() -> None:
+    model = models.BUILDERS["gemm_mlp"]()
+    calib = FeedsSource([models.random_feeds(model, batch=32, seed=1)])
+    few = quantize(model, calib, accuracy=AccuracyGoal(min_cosine=0.9),
+                   eval_source=FeedsSource([models.random_feeds(model, batch=8, seed=2)]))
+    assert any("measured on 8 held-back samples only" in note for note in few.notes)
+    enough = quantize(model, calib, accuracy=AccuracyGoal(min_cosine=0.9),
+                      eval_source=FeedsSource([models.random_feeds(model, batch=32, seed=2)]))
+    assert not any("held-back samples only" in note for note in enough.notes)
