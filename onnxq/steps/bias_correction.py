@@ -119,9 +119,10 @@ class BiasCorrected:
 def measure_shifts(job: Job, plan: QuantPlan, layers: Sequence[LinearLayer], source: CalibSource) -> Shifts:
     """Per layer, in graph order, the correction per output channel: mean(float output) - mean(Q/DQ output)
     with every layer before it corrected (`onnxq.steps.bias_measure`; the plan's Q/DQ with this run's
-    statistics, the float rest in float32); and the samples measured on."""
+    statistics and chosen ranges, as `job.build` writes it but with the float rest in float32); and the
+    samples measured on."""
     assert job.graph is not None and job.calibration is not None
-    params = activation_params(plan, job.calibration.stats, job.config.calib, job.target.scheme)
+    params = activation_params(plan, job.calibration.stats, job.config.calib, job.target.scheme, job.ranges)
     quantized = from_graph(insert_qdq(job.graph, plan, params), template=job.model)
     model = sequential_shift_model(from_graph(job.graph, template=job.model), quantized, layers)
     return measure(model, source, job.config.calib.batch_size, job.signature, job.config.calib.providers,

@@ -16,6 +16,8 @@ import onnxq
 from onnxq.calib.expose import expose_tensors
 from onnxq.io import from_graph, to_graph
 from onnxq.runtime.session import open_session
+from onnxq.steps.bias_correction import measure_shifts
+from onnxq.steps.bias_measure import measure, sequential_shift_model
 from onnxq.steps.bias_shift import linear_layers
 from tests.support.cli import assert_one_line_error, invoke
 from tests.support.damaged_mlp import DAMAGED, damaged_mlp, mlp_feeds
@@ -140,6 +142,32 @@ def test_the_mean_output_shift_of_every_corrected_layer_is_removed(model, feed, 
     assert np.abs(after[first]).max() < 0.01 * np.abs(before[first]).max()
     assert _largest(before) > 0.1
     assert _rms(after) < 0.3 * _rms(before), (_rms(after), _rms(before))
+
+
+@dataclass(frozen=True)
+class SameQdq(onnxq.BiasCorrection):
+    """Measures the shifts as the step does, and again on the very model `job.build` writes."""
+
+    pairs: list[tuple[dict, dict]] = field(default_factory=list, compare=False)
+
+    def refine(self, job, plan):  # type: ignore[no-untyped-def]
+        layers, _ = linear_layers(job.graph, plan)
+        stepped = measure_shifts(job, plan, layers, job.source).means
+        model = sequential_shift_model(from_graph(job.graph, template=job.model), job.build(plan), layers)
+        built = measure(model, job.source, job.config.calib.batch_size, job.signature).means
+        self.pairs.append((stepped, built))
+        return super().refine(job, plan)
+
+
+def test_the_shifts_are_those_of_the_model_quantize_writes_ranges_chosen_by_auto_included() -> None:
+    """trt with float32 rest: `job.build` writes the Q/DQ model the step measures, with `--method auto`'s
+    chosen ranges (4 of PP-OCR's 65 groups differ from the method's default here)."""
+    watched = SameQdq()
+    config = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.AUTO))
+    onnxq.quantize(_ppocr(), onnxq.FeedsSource([_lines("calib", 32)]), config, steps=[watched])
+    ((stepped, built),) = watched.pairs
+    assert stepped.keys() == built.keys() and len(stepped) == 54
+    assert all(np.array_equal(stepped[name], built[name]) for name in stepped)
 
 
 def test_the_float_graph_changes_by_the_corrections_alone() -> None:
