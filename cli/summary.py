@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import click
-
+from collections.abc import Sequence
 from pathlib import Path
 
 from onnxq.pipeline import QuantResult
