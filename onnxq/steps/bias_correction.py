@@ -104,11 +104,11 @@ class BiasCorrected:
     skipped: tuple[tuple[str, str], ...]
     kept: bool
     verdict: str
-    before: tuple[OutputMetrics, ...]
-    after: tuple[OutputMetrics, ...]
-    fit_samples: int
-    held_back: str
-    seconds: float
+    before: tuple[OutputMetrics, ...] = ()
+    after: tuple[OutputMetrics, ...] = ()
+    fit_samples: int = 0
+    held_back: str = ""
+    seconds: float = 0.0
 
     @property
     def largest(self) -> LayerShift | None:
