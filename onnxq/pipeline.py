@@ -15,7 +15,6 @@ import onnx_graphsurgeon as gs
 
 from onnxq.calib.calibrate import CalibrationResult, calibrate
 from onnxq.calib.histogram import Histogram
-from onnxq.calib.ranges import group_amax
 from onnxq.calib.stats_file import StatsFile, load_stats, model_digest
 from onnxq.config import AccuracyGoal, QuantConfig
 from onnxq.data.images import ImagePreprocess
@@ -247,8 +246,7 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
     for step in steps:
         plan, finding = step.refine(job, plan)
         job.findings += [finding] if finding is not None else []
-    amax = {group: job.ranges.get(group, value)
-            for group, value in group_amax(plan, job.calibration.stats, config.calib, config.target.scheme).items()}
+    amax = job.amax(plan)
     return QuantResult(job.build(plan), plan, job.calibration, amax, time.perf_counter() - started,
                        tuple(job.findings))
 

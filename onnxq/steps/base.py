@@ -18,13 +18,13 @@ A new algorithm is one module with one `Step` subclass.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.calib.calibrate import CalibrationResult, full_batches
-from onnxq.calib.ranges import activation_params
+from onnxq.calib.ranges import activation_params, group_amax
 from onnxq.config import QuantConfig
 from onnxq.data.signature import ModelSignature
 from onnxq.data.sources import CalibSource, Feed
@@ -95,6 +95,7 @@ class Job:
     findings: list[object] = field(default_factory=list)
     on_progress: ProgressCallback | None = None
     _built: dict[QuantPlan, onnx.ModelProto] = field(default_factory=dict, repr=False)
+    _amax: dict[frozenset[str], float] = field(default_factory=dict, repr=False)
 
     @property
     def target(self) -> QuantTarget:
@@ -139,11 +140,27 @@ class Job:
         self.replanner = Replanner(graph, self.target.plan, self.config.selection)
         self._built.clear()
 
+    def amax(self, plan: QuantPlan) -> dict[str, float]:
+        """Every scale group's range: a step's choice (`ranges`), else the method's. The method's searches
+        (MSE, entropy) run once per set of tensors a group merges, however many plans are built."""
+        _, _, calibration = self._ready()
+        members: dict[str, set[str]] = {}
+        for activation in plan.activations:
+            members.setdefault(activation.group, set()).add(activation.tensor_name)
+        keys = {group: frozenset(names) for group, names in members.items()}
+        missing = [a for a in plan.activations if a.group not in self.ranges and keys[a.group] not in self._amax]
+        if missing:
+            found = group_amax(replace(plan, activations=tuple(missing)), calibration.stats, self.config.calib,
+                               self.target.scheme)
+            self._amax.update({keys[group]: value for group, value in found.items()})
+        return {group: self.ranges[group] if group in self.ranges else self._amax[key] for group, key in keys.items()}
+
     def build(self, plan: QuantPlan) -> onnx.ModelProto:
         """The checked INT8 model of `plan` with this run's statistics and target (cached per plan)."""
         if plan not in self._built:
             graph, _, calibration = self._ready()
-            params = activation_params(plan, calibration.stats, self.config.calib, self.target.scheme, self.ranges)
+            params = activation_params(plan, calibration.stats, self.config.calib, self.target.scheme,
+                                       self.amax(plan))
             lowered = self.target.lower(insert_qdq(graph, plan, params), self.config.high_precision)
             model = from_graph(lowered, template=self.model)
             check_model(model, "the quantized model")

@@ -122,7 +122,7 @@ def measure_shifts(job: Job, plan: QuantPlan, layers: Sequence[LinearLayer], sou
     statistics and chosen ranges, as `job.build` writes it but with the float rest in float32); and the
     samples measured on."""
     assert job.graph is not None and job.calibration is not None
-    params = activation_params(plan, job.calibration.stats, job.config.calib, job.target.scheme, job.ranges)
+    params = activation_params(plan, job.calibration.stats, job.config.calib, job.target.scheme, job.amax(plan))
     quantized = from_graph(insert_qdq(job.graph, plan, params), template=job.model)
     model = sequential_shift_model(from_graph(job.graph, template=job.model), quantized, layers)
     return measure(model, source, job.config.calib.batch_size, job.signature, job.config.calib.providers,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxq.calib.calibrate import full_batches
 from onnxq.calib.amax import entropy_amax, max_amax, mse_amax, percentile_amax
 from onnxq.calib.histogram import Histogram
 from onnxq.calib.ranges import activation_params, group_stats
@@ -246,14 +247,11 @@ def _descend(measure: _Measure, options: Mapping[str, Mapping[str, float]], curr
 
 def _samples(job: Job, count: int) -> list[Feed]:
     """The first `count` calibration samples, in batches the model accepts."""
-    assert job.source is not None
+    assert job.source is not None and job.graph is not None
     feeds, taken = [], 0
-    for feed in job.source.batches(job.signature.batch_size(job.config.calib.batch_size)):
-        size = job.signature.samples_in(feed)
-        if job.signature.fixed_batch is not None and size != job.signature.fixed_batch:
-            continue
+    for feed in full_batches(job.source, job.graph, job.config.calib.batch_size, signature=job.signature):
         feeds.append(feed)
-        taken += size
+        taken += job.signature.samples_in(feed)
         if taken >= count:
             break
     return feeds
