@@ -124,8 +124,21 @@ def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="Samples per calibration run (models with a fixed batch size use theirs).")(fn)
 
 
+def smoothquant_value(ctx: click.Context, param: click.Parameter, value: str | None) -> float | bool | None:
+    """--smoothquant's value: None (not given), True ("auto": alpha measured per layer) or an alpha in (0, 1)."""
+    if value is None or value == "auto":
+        return None if value is None else True
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is neither auto nor a number (alpha in (0, 1))") from None
+    if not 0.0 < alpha < 1.0:
+        raise click.BadParameter(f"alpha must be in (0, 1) (exclusive), got {value}")
+    return alpha
+
+
 def quant_config(selection: Selection, method: str, target: str, high_precision: str, batch_size: int,
-                 providers: tuple[str, ...], percentile: float = 99.99, smoothquant: float | None = None,
+                 providers: tuple[str, ...], percentile: float = 99.99, smoothquant: float | bool | None = None,
                  latency_search: bool | None = False, equalize: bool | None = None,
                  bias_correction: bool | None = None) -> QuantConfig:
     """Build the typed QuantConfig from the quantize command's raw option values."""

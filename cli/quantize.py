@@ -18,7 +18,7 @@ from onnxq.metrics import compare_models, format_metrics
 
 from .build import build_and_save, check_engine_build, require_engine_build
 from .options import (accuracy_options, calib_options, image_options, output_path, quant_config, selection_options,
-                      target_option)
+                      smoothquant_value, target_option)
 from .progress import StageProgress, plural
 from .summary import finding_lines, write_run_report
 
@@ -45,9 +45,13 @@ from .summary import finding_lines, write_run_report
 @click.option("--engine", metavar="OUT.plan", type=click.Path(dir_okay=False, path_type=Path),
               help="Also build a TensorRT engine from the INT8 model and write its plan here (needs onnxq[trt]).")
 @accuracy_options
-@click.option("--smoothquant", type=float, is_flag=False, flag_value=0.5, default=None, metavar="[ALPHA]",
-              help="SmoothQuant: move activation outliers of MatMul/Gemm inputs into the weights before "
-                   "calibrating (LayerNorm and linear producers); ALPHA is the migration strength (default 0.5).")
+@click.option("--smoothquant", "smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[auto|ALPHA]",
+              callback=smoothquant_value,
+              help="SmoothQuant (on by default with --calib): move activation outliers of MatMul/Gemm inputs into the "
+                   "weights, through the producer (LayerNorm, a linear layer) or an explicit per-channel Mul (GELU "
+                   "outputs, attention outputs). auto (the default): alpha measured per layer, kept only where it "
+                   "cuts the error; ALPHA in (0, 1): that migration strength everywhere.")
+@click.option("--no-smoothquant", is_flag=True, default=False, help="No SmoothQuant.")
 @click.option("--equalize/--no-equalize", default=None,
               help="Cross-layer equalization before calibrating: balance the per-channel weight ranges of Conv "
                    "pairs across ReLU-like activations (Nagel et al., 2019); float outputs unchanged. Default: on, "
@@ -67,7 +71,8 @@ from .summary import finding_lines, write_run_report
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
                  batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
-                 accuracy: AccuracyGoal | None, smoothquant: float | None, equalize: bool | None,
+                 accuracy: AccuracyGoal | None, smoothquant: float | bool | None, no_smoothquant: bool,
+                 equalize: bool | None,
                  latency_search: bool | None, bias_correction: bool | None, report_dir: Path | None,
                  preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
@@ -85,6 +90,9 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     """
     if (calib_path is None) == (stats_path is None):
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
+    if no_smoothquant and smoothquant is not None:
+        raise click.UsageError("give --smoothquant or --no-smoothquant, not both")
+    smoothquant = False if no_smoothquant else smoothquant
     if engine is not None:  # a missing TensorRT or GPU must fail before any calibration
         require_engine_build()
     config = quant_config(selection, method, target, high_precision, batch_size, providers, percentile, smoothquant,

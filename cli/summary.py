@@ -15,6 +15,7 @@ from onnxq.steps.bias_correction import BiasCorrected
 from onnxq.steps.latency_search import LatencySearch
 from onnxq.steps.ranges import RangesChosen
 from onnxq.steps.equalize import Equalized
+from onnxq.steps.attention import AttentionChoice
 from onnxq.steps.smoothquant import Smoothed
 from onnxq.steps.accuracy.sensitivity import SensitivityResult, worst
 from onnxq.metrics import OutputMetrics
@@ -136,8 +137,9 @@ def finding_lines(findings: Sequence[object]) -> list[str]:
         elif isinstance(finding, BiasCorrected):
             lines += bias_lines(finding)
         elif isinstance(finding, Smoothed):
-            lines.append(f"  smoothquant  alpha {finding.alpha:g}: {plural(len(finding.tensors), 'linear-layer input')} "
-                         f"smoothed, {len(finding.left_alone)} left alone")
+            lines.append(f"  smoothquant  {finding.describe()}")
+        elif isinstance(finding, AttentionChoice):
+            lines.append(f"  attention    {finding.describe()}")
     return lines
 
 

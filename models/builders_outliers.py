@@ -7,7 +7,9 @@ channels and the others round to a few levels: this model reproduces that. The L
 the attention and FFN projections have `OUTLIER_CHANNELS` whose gamma and beta are `OUTLIER_GAIN` (50
 to 100) times larger than usual; the rows of the projection weights that read those channels are
 smaller by the square root of the gain, so the outlier channels matter to the result without drowning
-the others (as in trained models, which learn to use them).
+the others (as in trained models, which learn to use them). In each FFN, four hidden channels of the
+GELU output are 20 to 50 times larger than the rest (fc1's column and a positive bias scaled up, fc2's
+row scaled down): outliers that only an explicit per-channel scale before fc2 can smooth.
 
 Layout (pre-LN, as GPT/OPT/LLaMA): ``x + attn(LN(x))`` then ``x + ffn(LN(x))``, a final LayerNorm
 without outliers writes the output. Linear layers are MatMul by [in, out] plus Add, the attention mask
@@ -24,7 +26,8 @@ import onnx
 
 from models.builders_common import BATCH_DIM, GraphBuilder, int64s, scalar
 
-__all__ = ["build_outlier_encoder", "HIDDEN", "OUTLIER_CHANNELS", "OUTLIER_GAIN"]
+__all__ = ["build_outlier_encoder", "HIDDEN", "OUTLIER_CHANNELS", "OUTLIER_GAIN", "FFN_OUTLIER_CHANNELS",
+           "FFN_OUTLIER_GAIN"]
 
 SEQUENCE_DIM = "S"
 HIDDEN = 64
@@ -36,6 +39,10 @@ NUM_LAYERS = 2
 OUTLIER_CHANNELS = (5, 27, 49)
 #: The range the outlier gain of each such channel is drawn from.
 OUTLIER_GAIN = (50.0, 100.0)
+#: The FFN hidden channels (of 128) whose fc1 column is scaled up, so GELU writes outliers there.
+FFN_OUTLIER_CHANNELS = (7, 40, 77, 101)
+#: The range the gain of each such FFN channel is drawn from.
+FFN_OUTLIER_GAIN = (20.0, 50.0)
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
 
@@ -55,14 +62,18 @@ def _layer_norm(b: GraphBuilder, name: str, x: str, gain: np.ndarray, output: st
 
 
 def _linear(b: GraphBuilder, scope: str, x: str, fan_in: int, fan_out: int,
-            row_gain: np.ndarray | None = None) -> str:
-    """``{scope}/matmul`` by a Xavier [in, out] weight (rows divided by sqrt(row_gain)), ``{scope}/add``."""
+            row_gain: np.ndarray | None = None, column_gain: np.ndarray | None = None) -> str:
+    """``{scope}/matmul`` by a Xavier [in, out] weight (rows divided by sqrt(row_gain); columns with a
+    column_gain above 1 multiplied by it, their bias made positive and multiplied too), ``{scope}/add``."""
     weight = b.xavier_normal((fan_in, fan_out), fan_in, fan_out)
+    bias = b.small_bias(fan_out)
     if row_gain is not None:
         weight = (weight / np.sqrt(row_gain)[:, None]).astype(np.float32)
+    if column_gain is not None:
+        weight = (weight * column_gain[None, :]).astype(np.float32)
+        bias = np.where(column_gain > 1, (np.abs(bias) + 1.0) * column_gain, bias).astype(np.float32)
     product = b.add_node("MatMul", f"{scope}/matmul", [x, b.add_constant(f"{scope}.weight", weight)])
-    bias = b.add_constant(f"{scope}.bias", b.small_bias(fan_out))
-    return b.add_node("Add", f"{scope}/add", [product, bias])
+    return b.add_node("Add", f"{scope}/add", [product, b.add_constant(f"{scope}.bias", bias)])
 
 
 def _additive_mask(b: GraphBuilder, mask: str) -> str:
@@ -107,14 +118,18 @@ def _attention(b: GraphBuilder, scope: str, x: str, gain: np.ndarray, mask: str,
 
 
 def _ffn(b: GraphBuilder, scope: str, x: str, gain: np.ndarray, shared: dict[str, str]) -> str:
-    """fc1 (64->128), exact GELU x * (erf(x / sqrt2) + 1) * 0.5, fc2 (128->64)."""
-    hidden = _linear(b, f"{scope}/fc1", x, HIDDEN, FFN_HIDDEN, gain)
+    """fc1 (64->128), exact GELU x * (erf(x / sqrt2) + 1) * 0.5, fc2 (128->64); the FFN outlier channels
+    have their fc1 column and bias (made positive, so GELU passes them) multiplied by their gain and
+    their fc2 row divided by it."""
+    ffn_gain = np.ones(FFN_HIDDEN)
+    ffn_gain[list(FFN_OUTLIER_CHANNELS)] = b.rng.uniform(*FFN_OUTLIER_GAIN, len(FFN_OUTLIER_CHANNELS))
+    hidden = _linear(b, f"{scope}/fc1", x, HIDDEN, FFN_HIDDEN, gain, column_gain=ffn_gain)
     y = b.add_node("Div", f"{scope}/gelu/div", [hidden, shared["sqrt2"]])
     y = b.add_node("Erf", f"{scope}/gelu/erf", [y])
     y = b.add_node("Add", f"{scope}/gelu/add", [y, shared["one"]])
     y = b.add_node("Mul", f"{scope}/gelu/mul", [hidden, y])
     y = b.add_node("Mul", f"{scope}/gelu/mul_half", [y, shared["half"]])
-    return _linear(b, f"{scope}/fc2", y, FFN_HIDDEN, HIDDEN)
+    return _linear(b, f"{scope}/fc2", y, FFN_HIDDEN, HIDDEN, row_gain=ffn_gain**2)
 
 
 def _encoder_layer(b: GraphBuilder, scope: str, x: str, mask: str, shared: dict[str, str]) -> str:
@@ -147,7 +162,9 @@ def build_outlier_encoder(seed: int = 0) -> onnx.ModelProto:
         final_norm (LayerNormalization, no outliers) -> hidden_states [N,S,64]
 
     The weight rows of q/k/v_proj and fc1 that read an outlier channel are divided by the square
-    root of its gain.
+    root of its gain. FFN outliers: fc1 columns 7, 40, 77, 101 (weight and a positive bias) are
+    multiplied by a gain of 20 to 50, so the GELU output (fc2's input, which no producer can rescale)
+    carries them; fc2's rows for those channels are divided by the gain.
     """
     b = GraphBuilder("outlier_encoder", seed)
     tokens = b.add_input("tokens", [BATCH_DIM, SEQUENCE_DIM, HIDDEN])

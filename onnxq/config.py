@@ -34,8 +34,9 @@ class QuantConfig:
         calib: how calibration runs and which range method.
         target: the runtime the model is written for (its placement rules, scheme, defaults).
         high_precision: the float type of everything not quantized (the target must allow it).
-        smoothquant: SmoothQuant's migration strength alpha in (0, 1), or None (no SmoothQuant);
-            shorthand for the `SmoothQuant` step.
+        smoothquant: SmoothQuant (the `SmoothQuant` step): None (the default) or True: alpha measured per
+            layer, smoothing kept only where it cuts the error; a number in (0, 1): that alpha everywhere;
+            False: off.
         latency_search: time layer classes in INT8 and float and keep the faster (the `LatencySearch`
             step). None: the target's default (on for ort-cpu when there is calibration data to time).
         bias_correction: correct each quantized layer's bias for the mean output shift quantization gives
@@ -49,7 +50,7 @@ class QuantConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     target: QuantTarget = TRT
     high_precision: HighPrecision = HighPrecision.FP32
-    smoothquant: float | None = None
+    smoothquant: float | bool | None = None
     latency_search: bool | None = False
     bias_correction: bool | None = None
     equalize: bool | None = None
@@ -57,7 +58,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.target, QuantTarget):
             object.__setattr__(self, "target", get_target(self.target))
-        if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
+        if not isinstance(self.smoothquant, (bool, type(None))) and not 0.0 < self.smoothquant < 1.0:
             raise ConfigError(f"--smoothquant: alpha must be between 0 and 1 (exclusive), got {self.smoothquant}")
         if self.equalize not in (None, True, False):
             raise ConfigError(f"equalize must be True, False or None (the default), got {self.equalize!r}")

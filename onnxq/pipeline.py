@@ -38,6 +38,7 @@ from onnxq.steps.equalize import Equalize
 from onnxq.steps.latency_search import LatencySearch, LatencySearchConfig, SearchLatency
 from onnxq.steps.ranges import ChooseRanges
 from onnxq.steps.smoothquant import SmoothQuant
+from onnxq.steps.attention import ChooseAttention
 from onnxq.targets import QuantTarget, get_target
 
 __all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "steps_for"]
@@ -136,7 +137,11 @@ def steps_for(config: QuantConfig, *, accuracy: AccuracyGoal | None = None, eval
     Equalization comes first: it needs no data, and SmoothQuant measures the activations of the graph it is
     given."""
     steps: list[Step] = [Equalize()] if config.equalize is not False else []
-    steps += [SmoothQuant(config.smoothquant)] if config.smoothquant is not None else []
+    if config.smoothquant is not False:
+        alpha = None if config.smoothquant in (None, True) else float(config.smoothquant)
+        steps.append(SmoothQuant(alpha, requested=config.smoothquant is not None))
+    if config.selection.quantize_attention is None and config.target.quantize_attention:
+        steps.append(ChooseAttention())
     if config.calib.method is CalibMethod.AUTO:
         steps.append(ChooseRanges())
     if latency is not None or config.latency_search:

@@ -15,19 +15,9 @@ moves quantization difficulty from activations (alpha -> 1) to weights. Every re
 one s (Q, K and V projections of one LayerNorm). A channel whose range or weight is zero, NaN or Inf
 gets s_j = 1; s is clipped to [`MIN_SCALE`, `MAX_SCALE`].
 
-The producer absorbs 1/s exactly when it is:
-  * LayerNormalization: gamma and beta (both [..., K]) divided by s;
-  * Mul by a per-channel constant [..., K] (the gamma of a LayerNorm or RMSNorm written out), or Div
-    by one (the divisor multiplied by s); scalar constants (GELU's 0.5) are left alone, since making
-    them per-channel would change the op TensorRT pattern-matches;
-  * Add or Sub of a constant (a beta, a bias) whose other input is itself such a producer, read by
-    that Add/Sub alone: both are scaled (`Add(Mul(norm, gamma), beta)`, `Add(MatMul(x, W), b)`);
-  * MatMul by a constant (output columns, the last axis, divided) or Gemm with constant B and C.
-Anything else (a graph input, Relu, Reshape, an attention output, ...) is skipped with a reason.
-
-X may have other readers (a residual Add, a graph output): they would see X / s. With `compensate`
-(the default) the producer writes a new tensor X' that the linear readers take, and a Mul by s writes
-X back under its own name for the others; without it such a tensor is skipped with a reason.
+Where 1/s goes (folded into the producer, or an explicit per-channel Mul before the linear readers)
+is decided by `onnxq.passes.smooth_sites`. alpha is one number for every tensor or one per tensor
+(`onnxq.steps.smoothquant` measures it per layer).
 
 Only new `gs.Constant`s are created; existing constants, which other nodes or the caller's graph may
 share, are never changed. Arithmetic is float64, cast back to each constant's dtype. Only the main
@@ -40,7 +30,6 @@ import logging
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -48,219 +37,16 @@ import onnx_graphsurgeon as gs
 from onnxq.graph.names import unique_name
 from onnxq.errors import CalibrationError, ConfigError
 from onnxq.passes.core import graph_pass
+from onnxq.passes.smooth_sites import SmoothCandidate, SmoothSite, smooth_sites, smoothquant_candidates
 
 __all__ = ["SmoothCandidate", "smoothquant", "smoothquant_candidates", "smooth_scales", "check_alpha", "MIN_SCALE",
-           "MAX_SCALE"]
+           "MAX_SCALE", "site_weight_amax"]
 
 log = logging.getLogger(__name__)
 
 #: The range each per-channel smoothing scale is clipped to.
 MIN_SCALE = 1e-5
 MAX_SCALE = 1e5
-_MAX_CHAIN = 8  # Add/Sub links followed back from X before giving up
-_DEFAULT_DOMAINS = (None, "", "ai.onnx")
-
-
-@dataclass(frozen=True)
-class SmoothCandidate:
-    """An activation read by linear layers with constant weights, and whether it can be smoothed.
-
-    Attributes:
-        tensor_name: the activation X.
-        producer: the node that writes X ("" for a graph input).
-        producer_op: its op type ("" for a graph input).
-        consumers: the MatMul/Gemm nodes whose weights absorb s (all linear readers of X).
-        restored: the other readers of X (and "<graph output>") that get X back through a Mul by s.
-        smoothable: whether `smoothquant` rewrites it.
-        reason: what is folded where, or why it is left alone.
-    """
-
-    tensor_name: str
-    producer: str
-    producer_op: str
-    consumers: tuple[str, ...]
-    restored: tuple[str, ...]
-    smoothable: bool
-    reason: str
-
-
-@dataclass(frozen=True, eq=False)
-class _Fold:
-    """Replace constant input `index` of `node` by itself divided (or multiplied) by s along `axis`."""
-
-    node: gs.Node
-    index: int
-    axis: int
-    divide: bool
-
-
-@dataclass(frozen=True, eq=False)
-class _Plan:
-    """A smoothable candidate with the rewrites that apply it."""
-
-    candidate: SmoothCandidate
-    tensor: gs.Tensor
-    folds: tuple[_Fold, ...]
-    readers: tuple[tuple[gs.Node, int], ...]  # (linear consumer, row axis of its weight)
-    channels: int
-
-
-def _const(tensor: gs.Tensor) -> np.ndarray | None:
-    """The values of a float constant, or None."""
-    if not isinstance(tensor, gs.Constant):
-        return None
-    values = np.asarray(tensor.values)
-    return values if values.dtype.kind == "f" else None
-
-
-def _linear_row_axis(node: gs.Node, tensor: gs.Tensor) -> int | None:
-    """The input-channel axis of `node`'s constant weight when `node` reads `tensor` as its activation."""
-    if node.domain not in _DEFAULT_DOMAINS or len(node.inputs) < 2 or node.inputs[0].name != tensor.name:
-        return None
-    weight = _const(node.inputs[1])
-    if node.op == "MatMul" and weight is not None and weight.ndim >= 2:
-        return weight.ndim - 2
-    if node.op == "Gemm" and weight is not None and weight.ndim == 2 and not int(node.attrs.get("transA", 0)):
-        return 1 if int(node.attrs.get("transB", 0)) else 0
-    return None
-
-
-def _last_axis_constant(tensor: gs.Tensor, channels: int) -> bool:
-    """True for a float constant that broadcasts along the last axis only (shape [..., 1 or K] or scalar)."""
-    values = _const(tensor)
-    return values is not None and (values.ndim == 0 or values.shape[-1] in (1, channels))
-
-
-def _producer_folds(tensor: gs.Tensor, channels: int, outputs: frozenset[str],
-                    depth: int = 0) -> tuple[tuple[_Fold, ...], str]:
-    """The constant rewrites that make the producer of `tensor` write tensor / s, or ((), why not)."""
-    if not tensor.inputs:
-        return (), "a graph input: no producer to fold 1/s into"
-    node = tensor.inputs[0]
-    op, inputs = node.op, node.inputs
-    cannot = f"producer '{node.name}' ({op}) cannot absorb a per-channel scale"
-    if node.domain not in _DEFAULT_DOMAINS or node.outputs[0].name != tensor.name:
-        return (), cannot
-    if op == "LayerNormalization":
-        return _norm_folds(node, channels, cannot)
-    constant = [i for i, t in enumerate(inputs) if isinstance(t, gs.Constant)]
-    if op in ("Mul", "Div", "Add", "Sub") and len(inputs) == 2 and len(constant) == 1:
-        index = constant[0]
-        if not _last_axis_constant(inputs[index], channels):
-            return (), f"{cannot}: its constant does not broadcast along the channel axis alone"
-        if op in ("Mul", "Div"):
-            return _scaling_folds(node, index, channels, cannot)
-        other = inputs[1 - index]
-        if depth >= _MAX_CHAIN or len({id(n) for n in other.outputs}) != 1 or other.name in outputs:
-            return (), f"{cannot}: its input '{other.name}' has other readers"
-        folds, why_not = _producer_folds(other, channels, outputs, depth + 1)
-        return ((*folds, _Fold(node, index, -1, True)), "") if folds else ((), why_not)
-    if op in ("MatMul", "Gemm"):
-        return _layer_output_folds(node, channels, cannot)
-    return (), cannot
-
-
-def _scaling_folds(node: gs.Node, index: int, channels: int, cannot: str) -> tuple[tuple[_Fold, ...], str]:
-    """x * c (c / s) or x / c (c * s), for a per-channel c: a gamma, not a scalar such as GELU's 0.5."""
-    if np.asarray(node.inputs[index].values).shape[-1:] != (channels,):
-        return (), f"{cannot}: its constant is not per-channel (a scalar op is left as it is)"
-    if node.op == "Div" and index != 1:
-        return (), f"{cannot}: constant / x"
-    return (_Fold(node, index, -1, node.op == "Mul"),), ""
-
-
-def _norm_folds(node: gs.Node, channels: int, cannot: str) -> tuple[tuple[_Fold, ...], str]:
-    """Divide gamma and beta (if any) of a LayerNormalization."""
-    indices = [i for i in (1, 2) if i < len(node.inputs) and node.inputs[i].name != ""]
-    for index in indices:
-        values = _const(node.inputs[index])
-        if values is None or values.ndim == 0 or values.shape[-1] != channels:
-            return (), f"{cannot}: its gamma/beta are not constants of {channels} channels"
-    if 1 not in indices:
-        return (), f"{cannot}: it has no gamma"
-    return tuple(_Fold(node, index, -1, True) for index in indices), ""
-
-
-def _layer_output_folds(node: gs.Node, channels: int, cannot: str) -> tuple[tuple[_Fold, ...], str]:
-    """Divide the output columns (weight and bias) of a MatMul or Gemm with constant weights."""
-    weight = _const(node.inputs[1])
-    if node.op == "MatMul":
-        if weight is None or weight.ndim < 2 or weight.shape[-1] != channels:
-            return (), f"{cannot}: its weight is not a constant [..., K, {channels}]"
-        return (_Fold(node, 1, -1, True),), ""
-    axis = 0 if int(node.attrs.get("transB", 0)) else 1
-    if weight is None or weight.ndim != 2 or weight.shape[axis] != channels:
-        return (), f"{cannot}: its B is not a constant with {channels} output columns"
-    folds = [_Fold(node, 1, axis, True)]
-    if len(node.inputs) > 2 and node.inputs[2].name != "":
-        if not _last_axis_constant(node.inputs[2], channels):
-            return (), f"{cannot}: its C is not a per-column constant"
-        folds.append(_Fold(node, 2, -1, True))
-    return tuple(folds), ""
-
-
-def _describe(folds: tuple[_Fold, ...]) -> str:
-    nodes = list(dict.fromkeys(f"{fold.node.op} '{fold.node.name}'" for fold in folds))
-    return " <- ".join(reversed(nodes))
-
-
-def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool) -> tuple[SmoothCandidate, _Plan | None]:
-    """The candidate for `tensor` (which has at least one linear reader) and, if smoothable, its plan."""
-    readers: dict[int, tuple[gs.Node, int | None]] = {}
-    for node in tensor.outputs:
-        readers.setdefault(id(node), (node, _linear_row_axis(node, tensor)))
-    linear = tuple((node, axis) for node, axis in readers.values() if axis is not None)
-    others = tuple(node.name for node, axis in readers.values() if axis is None)
-    others += ("<graph output>",) if tensor.name in outputs else ()
-    producer = tensor.inputs[0] if tensor.inputs else None
-    names = tuple(node.name for node, _ in linear)
-
-    def result(why: str, folds: tuple[_Fold, ...] = (), channels: int = 0) -> tuple[SmoothCandidate, _Plan | None]:
-        candidate = SmoothCandidate(tensor.name, producer.name if producer else "", producer.op if producer else "",
-                              names, others if folds else (), bool(folds), why)
-        return candidate, (_Plan(candidate, tensor, folds, linear, channels) if folds else None)
-
-    sizes = {int(np.asarray(node.inputs[1].values).shape[axis]) for node, axis in linear}
-    if len(sizes) != 1:
-        return result(f"its linear readers disagree on the number of input channels ({sorted(sizes)})")
-    (channels,) = sizes
-    if others and not compensate:
-        return result(f"also read by {', '.join(others)}, which would see X / s (compensation is off)")
-    folds, why_not = _producer_folds(tensor, channels, outputs)
-    if not folds:
-        return result(why_not)
-    why = f"1/s folded into {_describe(folds)}; s into the weights of {len(linear)} linear layer(s)"
-    if others:
-        why += f"; {', '.join(others)} read X back through a Mul by s"
-    return result(why, folds, channels)
-
-
-def _plans(graph: gs.Graph, compensate: bool) -> list[tuple[SmoothCandidate, _Plan | None]]:
-    """One (candidate, plan or None) per activation input of a linear layer, in graph order."""
-    outputs = frozenset(t.name for t in graph.outputs)
-    found: list[tuple[SmoothCandidate, _Plan | None]] = []
-    seen: set[str] = set()
-    for node in graph.nodes:
-        tensor = node.inputs[0] if node.inputs else None
-        if tensor is None or isinstance(tensor, gs.Constant) or tensor.name in seen \
-                or _linear_row_axis(node, tensor) is None:
-            continue
-        seen.add(tensor.name)
-        found.append(_analyse(tensor, outputs, compensate))
-    return found
-
-
-def smoothquant_candidates(graph: gs.Graph, *, compensate: bool = True) -> tuple[SmoothCandidate, ...]:
-    """Every activation read by a MatMul/Gemm with a constant weight, smoothable or not, and why.
-
-    Args:
-        graph: the prepared float graph (read only).
-        compensate: as in `smoothquant`: whether readers other than linear layers are given X back.
-
-    Returns:
-        One `SmoothCandidate` per activation, in graph order.
-    """
-    return tuple(candidate for candidate, _ in _plans(graph, compensate))
 
 
 def smooth_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -> np.ndarray:
@@ -307,7 +93,7 @@ def _replace_constant(node: gs.Node, index: int, values: np.ndarray, names: set[
     node.inputs[index] = gs.Constant(unique_name(f"{base}_smoothed", names), values)
 
 
-def _weight_amax(plan: _Plan) -> np.ndarray:
+def site_weight_amax(plan: SmoothSite) -> np.ndarray:
     """max |W[j, :]| per input channel j over every linear reader's current weight."""
     per_reader = []
     for node, axis in plan.readers:
@@ -316,7 +102,7 @@ def _weight_amax(plan: _Plan) -> np.ndarray:
     return np.max(per_reader, axis=0)
 
 
-def _restore(graph: gs.Graph, plan: _Plan, scales: np.ndarray, names: set[str]) -> None:
+def _restore(graph: gs.Graph, plan: SmoothSite, scales: np.ndarray, names: set[str]) -> None:
     """Make the producer write a new X', give it to the linear readers, and Mul(X', s) -> X for the rest."""
     tensor, producer = plan.tensor, plan.tensor.inputs[0]
     smoothed = gs.Variable(unique_name(f"{tensor.name}_smoothed", names), dtype=tensor.dtype, shape=tensor.shape)
@@ -329,9 +115,23 @@ def _restore(graph: gs.Graph, plan: _Plan, scales: np.ndarray, names: set[str]) 
                                inputs=[smoothed, scale], outputs=[tensor]))
 
 
-def _apply(graph: gs.Graph, plan: _Plan, act_amax: np.ndarray, alpha: float, names: set[str]) -> np.ndarray:
-    """Fold s into the producer and the readers' weights; returns s."""
-    scales = smooth_scales(act_amax, _weight_amax(plan), alpha)
+def _divide_explicitly(graph: gs.Graph, plan: SmoothSite, scales: np.ndarray, names: set[str]) -> None:
+    """X' = Mul(X, 1/s), read by the linear readers; the other readers keep X."""
+    tensor = plan.tensor
+    smoothed = gs.Variable(unique_name(f"{tensor.name}_smoothed", names), dtype=tensor.dtype, shape=tensor.shape)
+    dtype = tensor.dtype if tensor.dtype is not None else np.float32
+    inverse = gs.Constant(unique_name(f"{tensor.name}_smooth_inverse", names), (1.0 / scales).astype(dtype))
+    graph.nodes.append(gs.Node("Mul", unique_name(f"{tensor.name}/smoothquant_divide", names),
+                               inputs=[tensor, inverse], outputs=[smoothed]))
+    for node, _ in plan.readers:
+        node.inputs[0] = smoothed
+
+
+def _apply(graph: gs.Graph, plan: SmoothSite, act_amax: np.ndarray, alpha: float, names: set[str]) -> np.ndarray:
+    """Fold s into the producer (or divide by an explicit Mul) and into the readers' weights; returns s."""
+    scales = smooth_scales(act_amax, site_weight_amax(plan), alpha)
+    if plan.candidate.explicit:
+        _divide_explicitly(graph, plan, scales, names)
     for fold in plan.folds:
         values = np.asarray(fold.node.inputs[fold.index].values)
         _replace_constant(fold.node, fold.index, _rescaled(values, scales, fold.axis, fold.divide), names)
@@ -342,7 +142,7 @@ def _apply(graph: gs.Graph, plan: _Plan, act_amax: np.ndarray, alpha: float, nam
     return scales
 
 
-def _checked_amax(plan: _Plan, amax: np.ndarray) -> np.ndarray:
+def _checked_amax(plan: SmoothSite, amax: np.ndarray) -> np.ndarray:
     values = np.asarray(amax, dtype=np.float64).reshape(-1)
     if values.size != plan.channels:
         raise CalibrationError(f"tensor '{plan.candidate.tensor_name}': {values.size} channel ranges given, "
@@ -351,38 +151,47 @@ def _checked_amax(plan: _Plan, amax: np.ndarray) -> np.ndarray:
 
 
 @graph_pass
-def smoothquant(graph: gs.Graph, channel_amax: Mapping[str, np.ndarray], *, alpha: float = 0.5,
-                compensate: bool = True) -> gs.Graph:
+def smoothquant(graph: gs.Graph, channel_amax: Mapping[str, np.ndarray], *,
+                alpha: float | Mapping[str, float] = 0.5, compensate: bool = True, explicit: bool = False) -> gs.Graph:
     """Smooth every activation of `smoothquant_candidates` that has ranges in `channel_amax`.
 
     Args:
         graph: the prepared float graph (the pass works on a copy).
         channel_amax: tensor name -> max |x| per channel of the last axis (`channel_absmax`),
             measured on this graph before smoothing.
-        alpha: migration strength, 0 < alpha < 1.
+        alpha: migration strength, 0 < alpha < 1: one for every tensor, or tensor name -> alpha (a
+            tensor missing from the mapping is left alone).
         compensate: give readers other than the linear layers (a residual Add, a graph output) X back
-            through a Mul by s; when False such tensors are left alone.
+            through a Mul by s; when False such tensors are left alone (or divided explicitly).
+        explicit: where no producer can absorb 1/s, insert a per-channel Mul by 1/s before the
+            linear readers (`onnxq.passes.smooth_sites`); when False such tensors are left alone.
 
     Returns:
         The rewritten graph; its float outputs equal the input graph's up to rounding.
 
     Raises:
-        ConfigError: alpha is not in (0, 1).
+        ConfigError: an alpha is not in (0, 1).
         CalibrationError: a range vector's length differs from the tensor's channel count.
     """
-    alpha = check_alpha(alpha)
+    alphas = ({name: check_alpha(value) for name, value in alpha.items()} if isinstance(alpha, Mapping)
+              else None)
+    single = check_alpha(alpha) if alphas is None else 0.0
     names = set(graph.tensors()) | {node.name for node in graph.nodes}
-    plans = _plans(graph, compensate)
+    sites = smooth_sites(graph, compensate=compensate, explicit=explicit)
     smoothed = 0
-    for candidate, plan in plans:
-        if plan is None:
-            log.info("SmoothQuant: '%s' left alone: %s", candidate.tensor_name, candidate.reason)
-        elif candidate.tensor_name not in channel_amax:
-            log.warning("SmoothQuant: '%s' left alone: no channel ranges given for it", candidate.tensor_name)
+    for candidate, site in sites:
+        name = candidate.tensor_name
+        if site is None:
+            log.info("SmoothQuant: '%s' left alone: %s", name, candidate.reason)
+        elif alphas is not None and name not in alphas:
+            log.debug("SmoothQuant: '%s' left alone: no alpha given for it", name)
+        elif name not in channel_amax:
+            log.warning("SmoothQuant: '%s' left alone: no channel ranges given for it", name)
         else:
-            scales = _apply(graph, plan, _checked_amax(plan, channel_amax[candidate.tensor_name]), alpha, names)
+            strength = single if alphas is None else alphas[name]
+            scales = _apply(graph, site, _checked_amax(site, channel_amax[name]), strength, names)
             smoothed += 1
-            log.debug("SmoothQuant: '%s' smoothed (s in [%.3g, %.3g]): %s", candidate.tensor_name,
+            log.debug("SmoothQuant: '%s' smoothed (alpha %.2f, s in [%.3g, %.3g]): %s", name, strength,
                       scales.min(), scales.max(), candidate.reason)
-    log.info("SmoothQuant (alpha %.2f): %d of %d linear-layer inputs smoothed", alpha, smoothed, len(plans))
+    log.info("SmoothQuant: %d of %d linear-layer inputs smoothed", smoothed, len(sites))
     return graph

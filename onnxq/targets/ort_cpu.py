@@ -63,7 +63,12 @@ def _absorbed_output(node: gs.Node, index: GraphIndex) -> gs.Tensor:
 
 
 def _read_by_integer_op(tensor: gs.Tensor, index: GraphIndex) -> bool:
-    return any(node.op in QLINEAR_OPS | SAME_SCALE_OPS for node, _ in index.uses(tensor))
+    """True if a reader of `tensor` can be an integer kernel: not an element-wise op with a constant
+    input (a bias Add after a MatMul stays float, so a Q/DQ on the MatMul's output would only add error)."""
+    return any(node.op in SAME_SCALE_OPS
+               or (node.op in QLINEAR_OPS
+                   and (node.op in WEIGHTED_OPS or not any(is_constant(t) for t in node.inputs if t.name)))
+               for node, _ in index.uses(tensor))
 
 
 def _quantize_tensor(draft: PlanDraft, tensor: gs.Tensor, reason: str) -> None:

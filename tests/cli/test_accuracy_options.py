@@ -26,15 +26,23 @@ def _cosine(stdout: str) -> float:
     return float(row.split()[2])
 
 
-def test_smoothquant_option_improves_the_outlier_encoder(tmp_path) -> None:
+def test_smoothquant_by_default_and_its_options_on_the_outlier_encoder(tmp_path) -> None:
     model, calib, held_out = _outlier_workspace(tmp_path)
-    plain = invoke("quantize", model, "--calib", calib, "--eval", held_out, "-o", tmp_path / "plain.onnx")
-    smooth = invoke("quantize", model, "--calib", calib, "--eval", held_out, "--smoothquant",
-                    "-o", tmp_path / "smooth.onnx")
-    assert plain.code == smooth.code == 0, smooth.stderr
-    assert _cosine(plain.stdout) < 0.95 < 0.99 < _cosine(smooth.stdout)
-    bad = invoke("quantize", model, "--calib", calib, "--smoothquant", "1.5", "-o", tmp_path / "bad.onnx")
-    assert bad.code == 2 and "alpha" in bad.stderr
+    plain = invoke("quantize", model, "--calib", calib, "--eval", held_out, "--no-smoothquant",
+                   "-o", tmp_path / "plain.onnx")
+    default = invoke("quantize", model, "--calib", calib, "--eval", held_out, "-o", tmp_path / "default.onnx")
+    fixed = invoke("quantize", model, "--calib", calib, "--eval", held_out, "--smoothquant", "0.5",
+                   "-o", tmp_path / "fixed.onnx")
+    assert plain.code == default.code == fixed.code == 0, default.stderr
+    assert _cosine(plain.stdout) < 0.95 < 0.99 < min(_cosine(default.stdout), _cosine(fixed.stdout))
+    assert "smoothquant  alpha measured per layer: 6 of 8" in default.stdout  # 2 attention outputs left alone
+    assert "through an explicit Mul" in default.stdout and "smoothquant  alpha 0.5: 8 of 8" in fixed.stdout
+    assert "  smoothquant  " not in plain.stdout
+    for bad_value in ("1.5", "often"):
+        bad = invoke("quantize", model, "--calib", calib, "--smoothquant", bad_value, "-o", tmp_path / "bad.onnx")
+        assert bad.code == 2 and "--smoothquant" in bad.stderr and not (tmp_path / "bad.onnx").exists()
+    both = invoke("quantize", model, "--calib", calib, "--smoothquant", "--no-smoothquant", "-o", tmp_path / "b.onnx")
+    assert both.code == 2 and "not both" in both.stderr
 
 
 def test_report_folder_holds_json_and_markdown(tmp_path) -> None:

@@ -69,7 +69,8 @@ def test_the_library_resolves_the_default_from_the_target(flag: bool | None, tar
 def test_latency_search_and_an_accuracy_target_compose_in_that_order() -> None:
     steps = onnxq.steps_for(onnxq.QuantConfig(target="ort-cpu", latency_search=True),
                             accuracy=onnxq.AccuracyGoal(min_cosine=0.9))
-    assert [type(step).__name__ for step in steps] == ["Equalize", "SearchLatency", "MeetAccuracy", "BiasCorrection"]
+    assert [type(step).__name__ for step in steps] == ["Equalize", "SmoothQuant", "ChooseAttention", "SearchLatency",
+                                                       "MeetAccuracy", "BiasCorrection"]
 
 
 def test_latency_search_then_an_accuracy_target_on_one_run(tmp_path: Path) -> None:

@@ -74,7 +74,10 @@ def test_lite0_default_run_equalizes_nothing_and_writes_the_same_bytes() -> None
 def test_steps_for_puts_equalization_first_and_a_callers_equalize_replaces_the_default(separable) -> None:
     steps = onnxq.steps_for(onnxq.QuantConfig(smoothquant=0.5))
     assert [type(s).__name__ for s in steps] == ["Equalize", "SmoothQuant", "BiasCorrection"]
-    assert [type(s).__name__ for s in onnxq.steps_for(onnxq.QuantConfig(equalize=False))] == ["BiasCorrection"]
+    assert [type(s).__name__ for s in onnxq.steps_for(onnxq.QuantConfig(equalize=False))] == ["SmoothQuant",
+                                                                                            "BiasCorrection"]
+    assert [type(s).__name__ for s in onnxq.steps_for(onnxq.QuantConfig(target="ort-cpu", smoothquant=False))] == [
+        "Equalize", "ChooseAttention", "BiasCorrection"]
     model, calib, _ = separable
     result = onnxq.quantize(model, calib, steps=[Equalize(sweeps=1)])
     found = [f for f in result.findings if isinstance(f, Equalized)]
@@ -94,8 +97,9 @@ def test_statistics_files_record_equalization_and_must_match(separable) -> None:
     model, calib, _ = separable
     stats, _ = onnxq.collect_stats(model, calib)
     assert stats.rewrites == (Equalize().tag,)
-    # bias correction needs the samples themselves (a statistics file holds none): off for the comparison
-    config = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.MSE), bias_correction=False)
+    # bias correction and SmoothQuant measure on the samples themselves (a statistics file holds none): off
+    config = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.MSE), bias_correction=False,
+                               smoothquant=False)
     from_stats = onnxq.quantize(model, stats=stats, config=config).model
     assert from_stats.SerializeToString() == onnxq.quantize(model, calib, config).model.SerializeToString()
     plain, _ = onnxq.collect_stats(model, calib, onnxq.QuantConfig(equalize=False))

@@ -7,6 +7,7 @@ optimized_model_filepath): the QLinear kernels must be there and the float ops g
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,9 @@ def test_written_parameters_follow_the_u8s8_scheme() -> None:
     ("residual_cnn", {"QLinearConv": 6, "QLinearAdd": 2, "QGemm": 1}),
     ("concat_branches", {"QLinearConv": 5, "QLinearConcat": 1, "QGemm": 1}),
     ("yolo_neck_head", {"QLinearConv": 9, "QLinearConcat": 3}),
-    # attention: Q.K^T feeds the float Softmax (MatMulIntegerToFloat), P.V the integer output projection
-    ("transformer_encoder", {"QLinearMatMul": 14, "MatMulIntegerToFloat": 2, "Softmax": 2}),
+    # projections: MatMulIntegerToFloat (their bias Add is float, so their outputs stay float); attention
+    # measured by the attention step, kept float on this encoder
+    ("transformer_encoder", {"MatMulIntegerToFloat": 12, "QLinearMatMul": 0, "Softmax": 2}),
 ])
 def test_synthetic_models_fuse_and_stay_close_to_float(name: str, fused: dict[str, int], tmp_path: Path) -> None:
     model = models.BUILDERS[name]()
@@ -92,4 +94,9 @@ def test_attention_stays_float_for_ort_cpu_when_asked(tmp_path: Path) -> None:
     feeds = [models.random_feeds(model, batch=4, seed=s) for s in range(3)]
     config = onnxq.QuantConfig(target=onnxq.Target.ORT_CPU, selection=onnxq.Selection(quantize_attention=False))
     _, ops = optimized_session(onnxq.quantize(model, onnxq.FeedsSource(feeds), config).model, tmp_path)
-    assert ops["QLinearMatMul"] == 12 and ops["MatMulIntegerToFloat"] == 0, ops
+    assert ops["QLinearMatMul"] == 0 and ops["MatMulIntegerToFloat"] == 12, ops  # the projections only
+    asked = replace(config, selection=onnxq.Selection(quantize_attention=True))
+    (tmp_path / "asked").mkdir()
+    _, ops = optimized_session(onnxq.quantize(model, onnxq.FeedsSource(feeds), asked).model, tmp_path / "asked")
+    # Q.K^T feeds the float Softmax (MatMulIntegerToFloat), P.V the integer output projection
+    assert ops["QLinearMatMul"] == 2 and ops["MatMulIntegerToFloat"] == 14, ops

@@ -36,10 +36,14 @@ def test_outlier_encoder_fallback_and_smoothquant() -> None:
     calib = onnxq.FeedsSource([models.random_feeds(model, batch=64, seed=1)])
     held_out = onnxq.FeedsSource([models.random_feeds(model, batch=64, seed=2)])
     target = onnxq.AccuracyGoal(min_cosine=0.99)
-    fallen = onnxq.quantize(model, calib, eval_source=held_out, accuracy=target)
+    plain = onnxq.QuantConfig(smoothquant=False)
+    fallen = onnxq.quantize(model, calib, plain, eval_source=held_out, accuracy=target)
     matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
     assert fallen.fallback is not None and fallen.fallback.met
     assert 0 < len(fallen.fallback.float_layers) < matmuls
     smoothed = onnxq.quantize(model, calib, onnxq.QuantConfig(smoothquant=0.5), eval_source=held_out, accuracy=target)
     assert smoothed.fallback is not None and smoothed.fallback.met and not smoothed.fallback.float_layers
     assert smoothed.fallback.before[0].cosine > fallen.fallback.before[0].cosine + 0.1
+    default = onnxq.quantize(model, calib, eval_source=held_out, accuracy=target)  # SmoothQuant, alpha measured
+    assert default.fallback is not None and default.fallback.met and not default.fallback.float_layers
+    assert default.fallback.before[0].cosine > fallen.fallback.before[0].cosine + 0.1
