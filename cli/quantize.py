@@ -31,12 +31,8 @@ from .summary import finding_lines, write_run_report
               help="Statistics from `onnxq calibrate` instead of --calib: no inference, any --method.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model (default: <MODEL stem>.int8.onnx beside MODEL).")
-@click.option("--method", type=click.Choice(["max", "entropy", "percentile", "mse", "auto"]), default="auto",
-              show_default=True,
-              help="How activation ranges are chosen (weights: always per-channel max). auto: per scale group, "
-                   "the candidate (mse, max, percentiles, entropy) with the least output error measured on 16 "
-                   "calibration samples, in at most 52 model runs (its time is in the summary); with --stats, "
-                   "every range is MSE's. max: the largest |x| seen, the fastest.")
+@click.option("--method", type=click.Choice(["max", "entropy", "percentile", "mse", "auto"]), default="max",
+              show_default=True, help="How activation ranges are chosen (weights: always per-channel max).")
 @click.option("--percentile", type=float, default=99.99, show_default=True,
               help="For --method percentile: the share of |x| kept inside the range, in percent.")
 @target_option

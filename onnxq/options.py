@@ -104,7 +104,7 @@ class CalibConfig:
         num_bins: histogram bins per tensor for the histogram methods.
     """
 
-    method: CalibMethod = CalibMethod.AUTO
+    method: CalibMethod = CalibMethod.MAX
     batch_size: int = 8
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     percentile: float = 99.99
