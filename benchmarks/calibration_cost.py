@@ -6,11 +6,11 @@ time and peak RSS of
     (graph optimisations on) and onnxq's batch size; for reference, the same with optimisations off,
     onnxq's prepared graph, and that graph with the measured tensors exposed as outputs (onnxq's
     calibration session without the statistics: what reading the activations out of ORT costs);
-  - `onnxq.quantize` with each calibration method (max, entropy, percentile, mse, auto: the default), the
+  - `onnxq.quantize` with each calibration method (max, entropy, percentile, mse, auto), the
     data given as a memory-mapped .npy path (bias correction on, as by default);
   - ONNX Runtime `quantize_static` (QDQ, per-channel, QInt8 activations and weights,
     ActivationSymmetric) with MinMax, Entropy and Percentile calibration on the same data;
-then the default (auto) against max in one line per sample count: the whole run's wall-time ratio, the
+then auto against max in one line per sample count: the whole run's wall-time ratio, the
 calibration pass's (histograms against running maxima; target <= 2x) and the range search's seconds
 (bounded by a run count); the per-sample costs (wall at 512 - wall at 64) / 448, which cancel start-up, their ratios to the
 floor, onnxq / ORT for matching methods, the growth of peak RSS from 64 to 512 samples, and the
@@ -342,11 +342,11 @@ def _print_growth(key: str, configs: list[Config], low: int, high: int, results:
 
 
 def _print_default_vs_max(configs: list[Config], counts: list[int], results: Results) -> None:
-    """The default (auto) against max: the whole quantize, the calibration pass, and the range search."""
+    """auto against max: the whole quantize, the calibration pass, and the range search."""
     auto, fixed = Config("onnxq", "auto"), Config("onnxq", "max")
     if auto not in configs or fixed not in configs:
         return
-    print("\n  the default (auto) against max: wall, calibration pass (target <= 2x), range search (bounded: 48 runs)")
+    print("\n  auto against max: wall, calibration pass (target <= 2x), range search (bounded: 48 runs)")
     for n in counts:
         ours, theirs = results[auto, n], results[fixed, n]
         calib = [r.extra.get("calibration_seconds") for r in (ours, theirs)]
