@@ -6,11 +6,13 @@ time and peak RSS of
     (graph optimisations on) and onnxq's batch size; for reference, the same with optimisations off,
     onnxq's prepared graph, and that graph with the measured tensors exposed as outputs (onnxq's
     calibration session without the statistics: what reading the activations out of ORT costs);
-  - `onnxq.quantize` with each calibration method (max, entropy, percentile, mse), the data given as
-    a memory-mapped .npy path;
+  - `onnxq.quantize` with each calibration method (max, entropy, percentile, mse, auto), the
+    data given as a memory-mapped .npy path (bias correction on, as by default);
   - ONNX Runtime `quantize_static` (QDQ, per-channel, QInt8 activations and weights,
     ActivationSymmetric) with MinMax, Entropy and Percentile calibration on the same data;
-then the per-sample costs (wall at 512 - wall at 64) / 448, which cancel start-up, their ratios to the
+then auto against max in one line per sample count: the whole run's wall-time ratio, the
+calibration pass's (histograms against running maxima; target <= 2x) and the range search's seconds
+(bounded by a run count); the per-sample costs (wall at 512 - wall at 64) / 448, which cancel start-up, their ratios to the
 floor, onnxq / ORT for matching methods, the growth of peak RSS from 64 to 512 samples, and the
 targets with whether each is met.
 
@@ -56,9 +58,9 @@ from _bench_util import (CONTENDED_CORES, GIB, MIB, REPEAT_BELOW_S, Figure, RunR
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "models" / "data"
-METHODS = ("max", "entropy", "percentile", "mse")
+METHODS = ("max", "entropy", "percentile", "mse", "auto")
 ORT_METHOD = {"max": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # mse: no ORT counterpart
-TIME_TARGET = {"max": 1.3, "entropy": 2.0, "percentile": 2.0, "mse": 2.0}  # per-sample cost / floor's
+TIME_TARGET = {"max": 1.3, "entropy": 2.0, "percentile": 2.0, "mse": 2.0, "auto": 2.0}  # per-sample cost / floor's
 ORT_ENTROPY_TARGET = (5.0, 10.0)  # onnxq entropy at least this many times less time, memory
 RSS_ALLOWANCE = 4 * MIB  # peak RSS growth this close to the floor's counts as no more (allocator noise)
 
@@ -177,6 +179,8 @@ def child(job: dict[str, str]) -> None:
         config = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod(job["variant"])))
         result = onnxq.quantize(job["model"], job["data"], config)
         extra["calibration_seconds"] = result.calibration.seconds
+        extra["search_seconds"] = sum(getattr(f, "seconds", 0.0) for f in result.findings
+                                      if type(f).__name__ == "RangesChosen")
     else:
         data = np.load(job["data"], mmap_mode="r")
         if job["kind"] == "floor":
@@ -337,9 +341,27 @@ def _print_growth(key: str, configs: list[Config], low: int, high: int, results:
         print(line)
 
 
+def _print_default_vs_max(configs: list[Config], counts: list[int], results: Results) -> None:
+    """auto against max: the whole quantize, the calibration pass, and the range search."""
+    auto, fixed = Config("onnxq", "auto"), Config("onnxq", "max")
+    if auto not in configs or fixed not in configs:
+        return
+    print("\n  auto against max: wall, calibration pass (target <= 2x), range search (bounded: 48 runs)")
+    for n in counts:
+        ours, theirs = results[auto, n], results[fixed, n]
+        calib = [r.extra.get("calibration_seconds") for r in (ours, theirs)]
+        pass_ratio = divide(Figure(calib[0]), Figure(calib[1])) if None not in calib else None
+        print(f"    {n:>5} samples: wall {_sec(ours.seconds)} s vs {_sec(theirs.seconds)} s = "
+              f"{_ratio(divide(ours.seconds, theirs.seconds))}; calibration pass "
+              f"{calib[0] or 0:.1f} s vs {calib[1] or 0:.1f} s = {_ratio(pass_ratio)} "
+              f"{verdict(pass_ratio, at_most=2.0) if pass_ratio else ''}; range search "
+              f"{ours.extra.get('search_seconds', 0.0):.1f} s")
+
+
 def print_model(key: str, configs: list[Config], counts: list[int], results: Results, sets: dict) -> None:
     """The measured table of one model, then its ratios and targets."""
     _print_table(key, configs, counts, results, sets)
+    _print_default_vs_max(configs, counts, results)
     low, high = min(counts), max(counts)
     if low != high:
         _print_costs(configs, low, high, results)
