@@ -220,3 +220,22 @@ def test_chart_grows_with_the_number_of_layers() -> None:
 
     small, large = (height(sensitivity_png(rank_layers(_fake_rows(n)))) for n in (5, 150))
     assert large > 5 * small and large < 32768
+
+
+def test_every_step_is_in_the_report_with_its_details() -> None:
+    model = models.BUILDERS["outlier_encoder"]()
+    result = onnxq.quantize(model, onnxq.FeedsSource([models.random_feeds(model, batch=32, seed=0)]),
+                            onnxq.QuantConfig(target="ort-cpu"))
+    report = build_report(result)
+    rows = {row.step: row for row in report.steps}
+    assert list(rows) == ["cross-layer equalization", "SmoothQuant", "attention", "bias correction"]
+    smoothed = result.finding(onnxq.Smoothed)
+    assert rows["SmoothQuant"].summary == smoothed.describe() and len(rows["SmoothQuant"].details) == 8
+    assert all(detail.split(":")[0] in {c.tensor for c in smoothed.choices} for detail in rows["SmoothQuant"].details)
+    assert "attention MatMul(s)" in rows["attention"].summary and "layer1/attn/scores" in rows["attention"].details
+    corrected = result.finding(onnxq.BiasCorrected)
+    assert len(rows["bias correction"].details) == len(corrected.layers) + len(corrected.skipped)
+    document = _strict_json(to_json(report))
+    assert [row["step"] for row in document["steps"]] == list(rows)
+    markdown = to_markdown(report)
+    assert "## Steps" in markdown and "- **SmoothQuant**: alpha measured per layer" in markdown

@@ -35,6 +35,7 @@ from onnxq.plan.core import QuantizedActivation, NodeDecision, QuantPlan
 from onnxq.report.chart import LayerRow, SensitivityRow, rank_layers
 from onnxq.metrics import OutputMetrics
 from onnxq.steps.ranges import RangesChosen
+from onnxq.report.steps import StepRow, step_rows
 
 __all__ = ["SensitivityRow", "LayerRow", "ActivationRow", "WeightRow", "CalibrationSummary", "QuantReport",
            "RangeRow", "METHODS", "TOP_N", "build_report", "rank_layers", "to_json"]
@@ -114,6 +115,7 @@ class QuantReport:
     ranges: tuple[RangeRow, ...]
     percentile: float
     seconds: float
+    steps: tuple[StepRow, ...] = ()
 
 
 def build_report(result: QuantResult, *, metrics: Mapping[str, Sequence[OutputMetrics]] = MappingProxyType({}),
@@ -160,6 +162,7 @@ def build_report(result: QuantResult, *, metrics: Mapping[str, Sequence[OutputMe
         ranges=_range_rows(result),
         percentile=float(percentile),
         seconds=float(result.seconds),
+        steps=step_rows(result.findings),
     )
 
 

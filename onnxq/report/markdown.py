@@ -139,10 +139,20 @@ def _md_ranges(r: QuantReport) -> list[str]:
                           fold="ranges")
 
 
+def _md_steps(r: QuantReport) -> list[str]:
+    if not r.steps:
+        return []
+    lines = ["## Steps", ""]
+    for row in r.steps:
+        lines.append(f"- **{row.step}**: {row.summary}")
+        lines += [f"  - {detail}" for detail in row.details]
+    return lines
+
+
 def to_markdown(report: QuantReport, *, chart: str | None = None, chart_note: str | None = None) -> str:
     """The report as a Markdown document; `chart` names a sensitivity chart beside it to embed, and
     `chart_note` is the line shown instead when there is none."""
     sections = (_md_summary(report), _md_metrics(report), _md_sensitivity(report, chart, chart_note),
-                _md_fallback(report), _md_ranges(report), _md_plan(report), _md_activations(report),
+                _md_fallback(report), _md_steps(report), _md_ranges(report), _md_plan(report), _md_activations(report),
                 _md_weights(report))
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
