@@ -98,7 +98,8 @@ def channel_profiles(graph: gs.Graph, tensor_names: Iterable[str], source: Calib
     running = {name: _Running(name, rows) for name in names}
     samples = 0
     signature = signature_of(graph) if signature is None else signature
-    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, spin_after_run=False) as session:
+    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, optimize=True,
+                      spin_after_run=False) as session:
         for feed in full_batches(source, graph, config.batch_size, signature=signature):
             outputs = session.run(feed, exposed) if exposed else {}
             outputs.update({n: feed[n] for n in names if n in input_names})

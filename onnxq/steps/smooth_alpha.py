@@ -99,15 +99,15 @@ def choose_alpha(site: SmoothSite, profile: ChannelProfile, scheme: ActivationSc
         return noise / signal if signal > 0 else noise
 
     plain = error(None)
+    if explicit and plain < EXPLICIT_MIN_ERROR:
+        return AlphaChoice(name, None, plain, plain, explicit,
+                           f"left alone: error {plain:.3g} unsmoothed, below the {EXPLICIT_MIN_ERROR:g} an explicit Mul "
+                           "must fix to be worth its run time")
     tried = {alpha: error(alpha) for alpha in alphas}
     best = min(tried, key=tried.__getitem__)
     needed = EXPLICIT_MIN_GAIN if explicit else FOLDED_MIN_GAIN
     listed = ", ".join(f"{alpha:g}: {value:.3g}" for alpha, value in tried.items())
     where = "an explicit Mul" if explicit else "the producer"
-    if explicit and plain < EXPLICIT_MIN_ERROR:
-        return AlphaChoice(name, None, plain, plain, explicit,
-                           f"left alone: error {plain:.3g} unsmoothed, below the {EXPLICIT_MIN_ERROR:g} an explicit Mul "
-                           f"must fix to be worth its run time (best alpha {best:g}: {tried[best]:.3g}; tried {listed})")
     if not tried[best] < plain * (1.0 - needed):
         return AlphaChoice(name, None, plain, plain, explicit,
                            f"left alone: error {plain:.3g} unsmoothed, best alpha {best:g} gives {tried[best]:.3g}, "
