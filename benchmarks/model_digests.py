@@ -4,9 +4,8 @@ A refactor that must not change onnxq's output records the digests before it sta
 after: 3 real models (EfficientNet-Lite0, the PP-OCR classifier, Silero VAD) x 2 targets (trt, and
 ort-cpu with --no-latency-search, as the latency search depends on this machine's timing) x 4 methods
 (max, entropy, percentile, mse) = 24 runs of the CLI, `<this python> -m onnxq_cli quantize ...`, each
-writing into its own temporary folder; with `--no-bias-correction` and `--no-smoothquant` where the CLI has
-them (bias correction and SmoothQuant's per-layer measurement, on by default since, are data-dependent steps
-like the latency search: the digests are of the rest). A run's digest is the sha256 of the written .onnx; should a run
+writing into its own temporary folder; with `--no-bias-correction` where the CLI has it (bias correction,
+on by default since, is a data-dependent step like the latency search: the digests are of the rest). A run's digest is the sha256 of the written .onnx; should a run
 write any other file (e.g. a `.onnx.data` of external weights), its `name:sha256` is appended.
 
     python benchmarks/model_digests.py --record benchmarks/model_digests.json [--models silero_vad,...]
@@ -74,11 +73,10 @@ def sha256(path: Path) -> str:
 
 
 def step_flags(tmp: Path) -> list[str]:
-    """`--no-bias-correction` and `--no-smoothquant` where the onnxq under test has them (the checkouts that
-    recorded digests did not)."""
+    """`--no-bias-correction` if the onnxq under test has it (the checkouts that recorded digests did not)."""
     shown = subprocess.run([sys.executable, "-m", "onnxq_cli", "quantize", "--help"], cwd=tmp, capture_output=True,
                            text=True)
-    return [flag for flag in ("--no-bias-correction", "--no-smoothquant") if flag in shown.stdout]
+    return ["--no-bias-correction"] if "--no-bias-correction" in shown.stdout else []
 
 
 def quantize(model: str, target: str, method: str, tmp: Path, flags: list[str] = ()) -> str:

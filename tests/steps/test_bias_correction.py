@@ -76,6 +76,12 @@ class AlwaysKept(Watched):
         return True, "kept: always"
 
 
+def _fit(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The samples the step measures on without an accuracy target: all but every 4th."""
+    keep = np.arange(len(feed["x" if "x" in feed else "input"])) % 4 != 3
+    return {name: values[keep] for name, values in feed.items()}
+
+
 def _channel_means(model: onnx.ModelProto, names: list[str], axes: dict[str, int],
                    feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per channel, each tensor's mean over the feed, in float64, from ONNX Runtime (optimisations off)."""
@@ -114,8 +120,8 @@ def _rms(shifts: dict[str, np.ndarray]) -> float:
     (_ppocr, lambda: _lines("calib", 32), "ort-cpu"),
 ], ids=["lite0-trt", "ppocr-ort-cpu"])
 def test_the_mean_output_shift_of_every_corrected_layer_is_removed(model, feed, target) -> None:
-    """Measured on the samples the shifts were fitted on (once the correction is kept: every calibration
-    sample), in one batch (the sequential correction is then exact), per channel of every corrected layer: mean(float output) - mean(INT8 output).
+    """Measured on the samples the shifts were fitted on, in one batch (the sequential correction is then
+    exact), per channel of every corrected layer: mean(float output) - mean(INT8 output).
 
     Before, up to 1.6 (Lite0) and 0.3 (PP-OCR). After, the first layer's is float rounding (trt) or the
     INT32 bias grid (ort-cpu); deeper, what remains (Lite0 RMS 5 % of before, PP-OCR 21 %) is not a bias:
@@ -123,7 +129,7 @@ def test_the_mean_output_shift_of_every_corrected_layer_is_removed(model, feed, 
     a float rounding apart, and rounding to INT8 turns such differences into whole steps that grow with
     depth (a quarter of the INT8 codes of Lite0's deepest activations differ between the two by 1-6)."""
     model, feed = model(), feed()
-    fit = feed
+    fit = _fit(feed)
     watched = AlwaysKept()  # the mechanism, whatever the held-back samples say of its effect
     config = onnxq.QuantConfig(target=target, latency_search=False,
                                calib=onnxq.CalibConfig(batch_size=len(next(iter(fit.values())))))
@@ -219,15 +225,14 @@ def test_the_written_model_is_checked_and_runs_with_optimisations_on_and_off() -
 
 
 def test_lite0_measured_effect_helps() -> None:
-    """32 calibration photos (8 held back to decide), 32 evaluation photos: the correction is kept and brings the
+    """32 calibration photos (8 held back), 32 evaluation photos: the correction is kept and brings the
     INT8 model closer to the float one (full data, benchmarks/bias_correction.py: cosine 0.959 -> 0.984)."""
     model, calib, evaluation = _lite0(), _photos("calib", 32), _photos("eval", 32)
     source = onnxq.FeedsSource([calib])
     with_it = onnxq.quantize(model, source, onnxq.QuantConfig(bias_correction=True))
     without = onnxq.quantize(model, source, onnxq.QuantConfig(bias_correction=False))
     found = with_it.finding(onnxq.BiasCorrected)
-    assert isinstance(found, onnxq.BiasCorrected) and found.kept and found.fit_samples == 32  # refit on all
-    assert "re-measured on all 32 calibration samples" in found.verdict
+    assert isinstance(found, onnxq.BiasCorrected) and found.kept and found.fit_samples == 24
     onnx.checker.check_model(with_it.model, full_check=True)
     assert found.after[0].sqnr_db > found.before[0].sqnr_db
     (corrected,) = onnxq.compare_models(model, with_it.model, [evaluation])
