@@ -12,7 +12,7 @@ from onnxq.data.sources import open_source
 from onnxq.data.images import ImagePreprocess
 from onnxq.config import AccuracyGoal
 from onnxq.options import Selection
-from onnxq.io import load_model, save_model
+from onnxq.io import external_data_files, load_model, save_model
 from .plan_text import plan_counts
 from onnxq.metrics import compare_models, format_metrics
 
@@ -109,7 +109,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     with StageProgress() as progress:
         result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
                           accuracy=accuracy, eval_source=evaluation)
-    save_model(result.model, destination)
+    save_model(result.model, destination, keep=external_data_files(model_path))
     engine_summary = build_and_save(destination, plan_path, {}) if plan_path is not None else None
     calib = result.calibration
     click.echo(f"wrote {destination}")
