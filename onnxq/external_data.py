@@ -60,6 +60,8 @@ def threshold() -> int:
         raise ConfigError(f"{_ENV}={value!r}: expected a whole number of bytes") from None
 
 
+#: The side file a session's skeleton refers to (ONNX Runtime gets the values in memory instead).
+SESSION_DATA_NAME = "model.onnx.data"
 #: In a written model, tensors at least this large go to the external data file.
 MIN_EXTERNAL_TENSOR_BYTES = 1024
 # Tensors of at least 1 MiB start at a multiple of 64 KiB in the data file, so a runtime can map them
@@ -109,7 +111,7 @@ def is_large(model: onnx.ModelProto) -> bool:
     return estimated_size_bytes(model) > threshold()
 
 
-def _moves_out(tensor: onnx.TensorProto) -> bool:
+def moves_out(tensor: onnx.TensorProto) -> bool:
     return (tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.data_type != onnx.TensorProto.STRING
             and tensor_size_bytes(tensor) >= MIN_EXTERNAL_TENSOR_BYTES)
 
@@ -150,7 +152,7 @@ def _skeleton_graph(graph: onnx.GraphProto, location: str, data: BinaryIO | None
     out = onnx.GraphProto()
     _copy_fields(graph, out, skip="initializer")
     for tensor in graph.initializer:
-        if not _moves_out(tensor):
+        if not moves_out(tensor):
             out.initializer.add().CopyFrom(tensor)
             continue
         length = tensor_size_bytes(tensor)
@@ -199,21 +201,20 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str)
 _SHARED_ARRAYS: weakref.WeakValueDictionary[bytes, np.ndarray] = weakref.WeakValueDictionary()
 
 
+def shared_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """`tensor`'s values as a read-only array, shared between calls for equal contents (name, type, shape
+    and bytes)."""
+    values = _tensor_bytes(tensor)
+    key = hashlib.blake2b(values, digest_size=20)
+    key.update(f"{tensor.name}|{tensor.data_type}|{list(tensor.dims)}".encode())
+    array = _SHARED_ARRAYS.get(key.digest())
+    if array is None:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        array = np.frombuffer(values, dtype=dtype).reshape(tuple(tensor.dims))  # no copy of `values`
+        _SHARED_ARRAYS[key.digest()] = array
+    return array
+
+
 def shared_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The main graph's initializers that `skeleton` moves out, as read-only arrays shared between calls
-    for equal contents (the same name, type, shape and bytes)."""
-    arrays: dict[str, np.ndarray] = {}
-    for tensor in model.graph.initializer:
-        if not _moves_out(tensor):
-            continue
-        values = _tensor_bytes(tensor)
-        key = hashlib.blake2b(values, digest_size=20)
-        key.update(f"{tensor.name}|{tensor.data_type}|{list(tensor.dims)}".encode())
-        array = _SHARED_ARRAYS.get(key.digest())
-        if array is None:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            array = np.frombuffer(values, dtype=dtype).reshape(tuple(tensor.dims))  # no copy of `values`
-            _SHARED_ARRAYS[key.digest()] = array
-        arrays[tensor.name] = array
-        del values
-    return arrays
+    """The main graph's initializers that `skeleton` moves out, as `shared_array`s."""
+    return {tensor.name: shared_array(tensor) for tensor in model.graph.initializer if moves_out(tensor)}

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.helper
 import onnx_graphsurgeon as gs
@@ -164,6 +165,45 @@ def _keep_lazy_tensor_names(graph: gs.Graph) -> None:
             renamed = onnx.TensorProto()
             renamed.CopyFrom(values.tensor)
             tensor._values = gs.ir.tensor.LazyValues(renamed)
+
+
+def graph_size_bytes(graph: gs.Graph) -> int:
+    """The bytes of `graph`'s constants (its main graph's), without loading lazy ones."""
+    return sum(int(t._values.nbytes) if isinstance(t._values, gs.ir.tensor.LazyValues) else int(t.values.nbytes)
+               for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def export_light(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`from_graph(graph)` with each large constant as an external reference without data, and those
+    constants' values: the graph's own arrays where it holds them (no copy), else read once from the
+    tensor a lazy constant wraps (`external_data.shared_array`). For ONNX Runtime sessions on large graphs."""
+    arrays: dict[str, np.ndarray] = {}
+    saved: list[tuple[gs.Constant, object]] = []
+    try:
+        for tensor in graph.tensors().values():
+            if not isinstance(tensor, gs.Constant):
+                continue
+            values = tensor._values
+            if isinstance(values, gs.ir.tensor.LazyValues):
+                if not external_data.moves_out(values.tensor):
+                    continue
+                array = external_data.shared_array(values.tensor)
+            elif isinstance(values, np.ndarray) and values.nbytes >= external_data.MIN_EXTERNAL_TENSOR_BYTES \
+                    and values.dtype != object:
+                array = values
+            else:
+                continue
+            reference = onnx.TensorProto(name=tensor.name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                         dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+            entry = reference.external_data.add()
+            entry.key, entry.value = "location", external_data.SESSION_DATA_NAME
+            saved.append((tensor, values))
+            tensor._values = gs.ir.tensor.LazyValues(reference)
+            arrays[tensor.name] = array
+        return from_graph(graph), arrays
+    finally:
+        for tensor, values in saved:
+            tensor._values = values
 
 
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:

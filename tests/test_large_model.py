@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 import onnxq
 import onnxq.external_data as external_data
 import onnxq.io
+import onnxq.runtime.session
 from onnxq.errors import ConfigError, ModelError
 from tests.support.cli import invoke
 
@@ -191,3 +192,15 @@ def test_threshold_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("ONNXQ_LARGE_MODEL_BYTES", "2GB")
     with pytest.raises(ConfigError, match="ONNXQ_LARGE_MODEL_BYTES='2GB'"):
         external_data.threshold()
+
+
+def test_a_session_on_a_large_graph_runs_on_the_graphs_own_arrays(tmp_path: Path, large: list[str]) -> None:
+    """Calibration opens sessions on graphs: a large graph's weights reach ONNX Runtime without a copy."""
+    model_path = write_mlp(tmp_path)
+    graph = onnxq.io.to_graph(onnxq.load_model(model_path))
+    loaded = graph.tensors()["w0"].values  # a weight the graph holds as an array (as after SmoothQuant)
+    feed = {"x": np.random.default_rng(3).standard_normal((2, WIDTH)).astype(np.float32)}
+    with onnxq.runtime.session.open_session(graph) as session:
+        assert any(shared is loaded for shared in session._shared)
+        np.testing.assert_allclose(session.run(feed)["y"], run_from_path(model_path, feed), rtol=1e-5, atol=1e-5)
+    assert "InferenceSession: path" in large

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime
 
 import onnxq.external_data as external_data
+from onnxq.io import export_light, from_graph, graph_size_bytes
 from onnxq.errors import ConfigError, ModelError
 from onnxq.runtime.ort_errors import describe_array, ort_message
 
@@ -176,7 +178,7 @@ class Session:
 
 
 def open_session(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | gs.Graph | str | os.PathLike[str],
     providers: Sequence[str] = (CPU_PROVIDER,),
     *,
     optimize: bool = False,
@@ -189,7 +191,8 @@ def open_session(
     """Create an ONNX Runtime session for `model`.
 
     Args:
-        model: a model, or the path of an .onnx file (its external data is found next to it).
+        model: a model, a graph (exported as `from_graph` does; a large graph's weights are handed to ONNX
+            Runtime in place, without a copy), or the path of an .onnx file (its external data beside it).
         providers: provider aliases or full names in order of preference; CPU is always added last.
         optimize: apply all ONNX Runtime graph optimizations (they never remove a graph output, so a
             calibration session whose measured tensors are outputs may use them).
@@ -229,8 +232,8 @@ def open_session(
         options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_mem_pattern = memory_pattern
     options.enable_cpu_mem_arena = arena
-    source, temp_dir = _session_source(model)
-    shared = _share_weights(model, options) if temp_dir is not None else ()
+    source, temp_dir, arrays = _session_source(model)
+    shared = _share_weights(arrays, options)
     try:
         ort_session = onnxruntime.InferenceSession(source, sess_options=options, providers=ort_providers)
     except Exception as err:  # onnxruntime's exceptions share no base class but Exception
@@ -246,18 +249,26 @@ def open_session(
 
 
 def _session_source(
-    model: onnx.ModelProto | str | os.PathLike[str],
-) -> tuple[str | bytes, tempfile.TemporaryDirectory[str] | None]:
-    """What to hand ONNX Runtime: a path, serialized bytes, or a temporary copy for a huge model."""
-    if not isinstance(model, onnx.ModelProto):
-        return os.fspath(model), None
-    _reject_unresolved_external_data(model)
-    if not external_data.is_large(model):
-        return model.SerializeToString(), None
+    model: onnx.ModelProto | gs.Graph | str | os.PathLike[str],
+) -> tuple[str | bytes, tempfile.TemporaryDirectory[str] | None, dict[str, np.ndarray]]:
+    """What to hand ONNX Runtime: a path, serialized bytes, or for a large model the path of a temporary
+    skeleton and the arrays of the weights it leaves out."""
+    if isinstance(model, gs.Graph):
+        if graph_size_bytes(model) <= external_data.threshold():
+            return from_graph(model).SerializeToString(), None, {}
+        light, arrays = export_light(model)
+    elif isinstance(model, onnx.ModelProto):
+        _reject_unresolved_external_data(model)
+        if not external_data.is_large(model):
+            return model.SerializeToString(), None, {}
+        light, arrays = external_data.skeleton(model, external_data.SESSION_DATA_NAME), None
+    else:
+        return os.fspath(model), None, {}
     _LOG.debug("opening an ONNX Runtime session on a large model's skeleton, its weights shared")
     temp_dir = tempfile.TemporaryDirectory(prefix="onnxq-session-", ignore_cleanup_errors=True)
     try:
-        return _save_with_external_data(model, Path(temp_dir.name)), temp_dir
+        path = _save_skeleton(light, Path(temp_dir.name))
+        return path, temp_dir, external_data.shared_arrays(model) if arrays is None else arrays
     except BaseException:
         temp_dir.cleanup()
         raise
@@ -290,33 +301,32 @@ def _reject_unresolved_external_data(model: onnx.ModelProto) -> None:
             )
 
 
-def _save_with_external_data(model: onnx.ModelProto, directory: Path) -> str:
-    """Write `model`'s skeleton (its large tensors as references into an empty side file); return its path.
+def _save_skeleton(skeleton: onnx.ModelProto, directory: Path) -> str:
+    """Write a skeleton (large tensors as references into an empty side file); return its path.
 
     ONNX Runtime gets the large tensors' values from `_share_weights`, not from the file.
     """
     model_path = directory / "model.onnx"
     try:
-        (directory / "model.onnx.data").touch()
-        onnx.save_model(external_data.skeleton(model, "model.onnx.data"), os.fspath(model_path))
+        (directory / external_data.SESSION_DATA_NAME).touch()
+        onnx.save_model(skeleton, os.fspath(model_path))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot write a temporary copy of the model: {err}") from None
     return os.fspath(model_path)
 
 
-def _share_weights(model: onnx.ModelProto | str | os.PathLike[str],
-                   options: onnxruntime.SessionOptions) -> tuple[object, ...]:
-    """Hand ONNX Runtime a large model's weights as shared arrays (see `external_data.shared_arrays`):
-    sessions over equal weights then hold one copy between them, used in place. Prepacking is off: it
+def _share_weights(arrays: Mapping[str, np.ndarray], options: onnxruntime.SessionOptions) -> tuple[object, ...]:
+    """Hand ONNX Runtime a large model's weights as arrays it uses in place (shared between sessions over
+    equal weights, see `external_data.shared_array`, or the graph's own arrays). Prepacking is off: it
     would give each session a repacked copy of every MatMul weight. Returns what must outlive the session."""
-    if not isinstance(model, onnx.ModelProto):
+    if not arrays:
         return ()
-    arrays = external_data.shared_arrays(model)
-    values = tuple(onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in arrays.values())
+    contiguous = [np.ascontiguousarray(array) for array in arrays.values()]
+    values = tuple(onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in contiguous)
     for name, value in zip(arrays, values):
         options.add_initializer(name, value)
     options.add_session_config_entry("session.disable_prepacking", "1")
-    return (*arrays.values(), *values)
+    return (*contiguous, *values)
 
 
 def set_runtime_log_level(verbose: bool) -> None:

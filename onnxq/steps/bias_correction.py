@@ -123,8 +123,10 @@ def measure_shifts(job: Job, plan: QuantPlan, layers: Sequence[LinearLayer], sou
     samples measured on."""
     assert job.graph is not None and job.calibration is not None
     params = activation_params(plan, job.calibration.stats, job.config.calib, job.target.scheme, job.amax(plan))
-    quantized = from_graph(insert_qdq(job.graph, plan, params), template=job.model)
-    model = sequential_shift_model(from_graph(job.graph, template=job.model), quantized, layers)
+    # Both exports are dropped once merged: on a large model each holds a copy of the weights.
+    model = sequential_shift_model(from_graph(job.graph, template=job.model),
+                                   from_graph(insert_qdq(job.graph, plan, params), template=job.model), layers,
+                                   reuse=True)
     return measure(model, source, job.config.calib.batch_size, job.signature, job.config.calib.providers,
                    job.progress("measuring output shifts"))
 
