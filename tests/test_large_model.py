@@ -24,6 +24,8 @@ import onnxq.external_data as external_data
 import onnxq.io
 import onnxq.runtime.session
 from onnxq.errors import ConfigError, ModelError
+from onnxq.steps.base import StepSkipped
+from onnxq.steps.bias_correction import BiasCorrected
 from tests.support.cli import invoke
 
 _SAVE_MODEL = onnx.save_model  # the test's own writes are not under the guards below
@@ -104,6 +106,7 @@ def test_cli_quantizes_a_large_model_through_files_only(tmp_path: Path, large: l
     code, stdout, stderr = invoke("quantize", model_path, "--calib", calib, "-o", out / "mlp.int8.onnx")
     assert code == 0, stderr
     assert "wrote" in stdout
+    assert "no bias correction by default on a model over 2 GB" in stdout  # its ~8x peak is opt-in
     # Every route taken was a file or a proto below the threshold (the guards assert it), and the
     # file-based routes were taken: ORT sessions from a path, the checker on a path.
     assert "InferenceSession: path" in large and "check_model: path" in large
@@ -204,3 +207,21 @@ def test_a_session_on_a_large_graph_runs_on_the_graphs_own_arrays(tmp_path: Path
         assert any(shared is loaded for shared in session._shared)
         np.testing.assert_allclose(session.run(feed)["y"], run_from_path(model_path, feed), rtol=1e-5, atol=1e-5)
     assert "InferenceSession: path" in large
+
+
+def test_cli_refuses_an_output_whose_weights_file_the_input_reads(tmp_path: Path, large: list[str]) -> None:
+    source = write_mlp(tmp_path, "b.onnx")
+    source.rename(tmp_path / "a.onnx")
+    weights = (tmp_path / "b.onnx.data").read_bytes()
+    code, stdout, stderr = invoke("quantize", tmp_path / "a.onnx", "--calib", write_calib(tmp_path),
+                                  "-o", tmp_path / "b.onnx")
+    assert code == 1 and stdout == ""
+    assert stderr.count("\n") == 1 and "b.onnx.data, which the input model reads" in stderr
+    assert (tmp_path / "b.onnx.data").read_bytes() == weights and not (tmp_path / "b.onnx").exists()
+
+
+def test_bias_correction_asked_for_still_runs_on_a_large_model(tmp_path: Path, large: list[str]) -> None:
+    model_path, calib = write_mlp(tmp_path), write_calib(tmp_path)
+    result = onnxq.quantize(model_path, calib, onnxq.QuantConfig(smoothquant=False, bias_correction=True))
+    assert result.finding(BiasCorrected) is not None
+    assert not any(isinstance(f, StepSkipped) and f.step == "bias correction" for f in result.findings)

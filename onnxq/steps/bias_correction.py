@@ -46,6 +46,7 @@ from onnxq.config import AccuracyGoal
 from onnxq.data.held_back import HELD_BACK_EVERY, held_back_sources
 from onnxq.data.sources import CalibSource
 from onnxq.errors import CalibrationError, ConfigError
+import onnxq.external_data as external_data
 from onnxq.io import from_graph, to_graph
 from onnxq.lower.insert_qdq import insert_qdq
 from onnxq.metrics import OutputMetrics
@@ -238,6 +239,10 @@ class BiasCorrection(Step):
         if job.source is None:
             return plan, StepSkipped(self.name, "no bias correction: a statistics file holds no samples to "
                                                 "measure the output shift on (give --calib for it)")
+        if not self.requested and external_data.is_large(job.model):
+            return plan, StepSkipped(self.name, "no bias correction by default on a model over 2 GB: measuring the "
+                                                "shifts holds float and quantized copies of it side by side (about "
+                                                "8x its size in memory); --bias-correction runs it")
         assert job.graph is not None
         layers, skipped = linear_layers(job.graph, plan)
         if not layers:
