@@ -10,8 +10,8 @@ calibration samples, then runs the CLI in a subprocess with `-vv` and reports:
 - the output: where its weights went (beside it, referred to by a bare file name), and, unless
   `--no-check`, the INT8 model run with ONNX Runtime from its path against the float model on the samples.
 
-Everything is written to a temporary folder (`--workdir` to choose its parent; it needs ~2.5x the model's
-size free) and removed afterwards unless `--keep`. `--large-model-bytes N` sets ONNXQ_LARGE_MODEL_BYTES for
+Everything is written to a temporary folder (`--workdir` to choose its parent; it needs ~1.5x the model's
+size free on disk) and removed afterwards unless `--keep`. `--large-model-bytes N` sets ONNXQ_LARGE_MODEL_BYTES for
 the child, so a small model (`--params 20e6`) takes the same path as a > 2 GB one, for a quick try.
 
     .venv/bin/python benchmarks/large_model.py                       # ~2.1 GiB model; several minutes

@@ -91,8 +91,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
     large = external_data.is_large(model)
     data_name = path.name + ".data"
     if large:
-        clash = next((Path(k) for k in keep if Path(k).exists() and is_same_file(folder / data_name, k)), None)
-        if clash is not None:
+        if any(Path(k).exists() and is_same_file(folder / data_name, k) for k in keep):
             raise ModelError(f"{path}: its weights would be written to {folder / data_name}, which the input "
                              "model reads its weights from; choose another output name")
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))

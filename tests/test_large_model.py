@@ -225,3 +225,23 @@ def test_bias_correction_asked_for_still_runs_on_a_large_model(tmp_path: Path, l
     result = onnxq.quantize(model_path, calib, onnxq.QuantConfig(smoothquant=False, bias_correction=True))
     assert result.finding(BiasCorrected) is not None
     assert not any(isinstance(f, StepSkipped) and f.step == "bias correction" for f in result.findings)
+
+
+def test_weights_in_typed_fields_are_written_out_and_read_back(tmp_path: Path, large: list[str]) -> None:
+    """A tensor stored as float_data / int64_data (not raw_data) goes to the weights file too."""
+    weights = np.random.default_rng(4).standard_normal((200, 200)).astype(np.float32)
+    shape = np.array([1, 40000], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"])],
+        "typed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [200, 200])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, [40000, 1], weights.reshape(-1).tolist()),
+         helper.make_tensor("shape", TensorProto.INT64, [2], shape.tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert not model.graph.initializer[0].HasField("raw_data")
+    onnxq.io.save_model(model, tmp_path / "typed.onnx")
+    light = onnx.load(os.fspath(tmp_path / "typed.onnx"), load_external_data=False)
+    assert light.graph.initializer[0].data_location == TensorProto.EXTERNAL
+    reloaded = onnx.load(os.fspath(tmp_path / "typed.onnx"))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(reloaded.graph.initializer[0]).reshape(200, 200), weights)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(reloaded.graph.initializer[1]), shape)
