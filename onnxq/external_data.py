@@ -124,6 +124,21 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
     return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)).raw_data
 
 
+def tensor_with_wrong_size(model: onnx.ModelProto) -> str | None:
+    """The name of the first main-graph initializer `skeleton` moves out whose data does not fill its shape
+    (what the checker cannot see on a skeleton), or None."""
+    for tensor in model.graph.initializer:
+        if not moves_out(tensor):
+            continue
+        try:
+            actual = len(_tensor_bytes(tensor))
+        except ValueError:  # typed fields that do not fit the shape
+            return tensor.name
+        if actual != tensor_size_bytes(tensor):
+            return tensor.name
+    return None
+
+
 def _external_reference(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
     reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, doc_string=tensor.doc_string,
                                  data_location=onnx.TensorProto.EXTERNAL)

@@ -205,15 +205,25 @@ def export_light(graph: gs.Graph) -> tuple[onnx.ModelProto, dict[str, np.ndarray
             tensor._values = values
 
 
+# From this many bytes of tensors a model is checked as a skeleton: the in-memory checker serializes the
+# model and parses it back (a 0.52 GiB INT8 model: +0.56 GiB peak and 3 s, against nothing and 0.3 s).
+_CHECK_SKELETON_FROM_BYTES = 64 * 2**20
+
+
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:
     """Run the full ONNX checker (with shape inference), raising a one-line ModelError.
 
-    A large model is checked from a file holding its skeleton: the checker sees every node, type and
-    shape, and that each large tensor's external data file exists (an empty one), without its weights.
+    A large model (or one over 64 MiB) is checked from a file holding its skeleton: the checker sees every
+    node, type and shape, and that each large tensor's external data file exists (an empty one), without
+    its weights; that each of those tensors holds as many bytes as its shape says is checked here.
     """
     try:
-        if external_data.is_large(model):
+        if external_data.estimated_size_bytes(model) > min(_CHECK_SKELETON_FROM_BYTES, external_data.threshold()):
             log.debug("checking %s from a file holding its skeleton", what)
+            wrong = external_data.tensor_with_wrong_size(model)
+            if wrong is not None:
+                raise ModelError(f"{what} fails the ONNX checker: tensor '{wrong}' holds a different number of "
+                                 "bytes than its shape needs")
             with tempfile.TemporaryDirectory(prefix="onnxq-check-") as tmp:
                 staged = Path(tmp) / "model.onnx"
                 (Path(tmp) / "model.onnx.data").touch()

@@ -245,3 +245,13 @@ def test_weights_in_typed_fields_are_written_out_and_read_back(tmp_path: Path, l
     reloaded = onnx.load(os.fspath(tmp_path / "typed.onnx"))
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(reloaded.graph.initializer[0]).reshape(200, 200), weights)
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(reloaded.graph.initializer[1]), shape)
+
+
+def test_the_skeleton_check_still_finds_a_tensor_too_short_for_its_shape(large: list[str]) -> None:
+    tensor = onnx.numpy_helper.from_array(np.ones((300, 300), np.float32), "w")
+    tensor.raw_data = tensor.raw_data[:-4]
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "short", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [300, 300])], [tensor])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    with pytest.raises(ModelError, match="tensor 'w' holds a different number of bytes"):
+        onnxq.io.check_model(model)
