@@ -43,14 +43,48 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{path}: not a readable ONNX model ({first_line})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise ModelError(f"{path}: not an ONNX model (no graph or no opset)")
+    _refuse_future_versions(path, model)
+    _load_external_data(path, model)
     log.debug("loaded %s (%.0f MiB of tensors)", path, external_data.estimated_size_bytes(model) / 2**20)
     return model
+
+
+def _refuse_future_versions(path: Path, model: onnx.ModelProto) -> None:
+    """An IR version or default-domain opset newer than the installed onnx knows cannot be checked or run."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelError(f"{path}: IR version {model.ir_version} is newer than this onnx {onnx.__version__} knows "
+                         f"(up to {onnx.IR_VERSION}); upgrade onnx and onnxruntime, or re-export with an older IR")
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version > newest:
+            raise ModelError(f"{path}: opset {entry.version} is newer than this onnx {onnx.__version__} knows (up to "
+                             f"{newest}); upgrade onnx and onnxruntime, or re-export at opset {newest} or older")
+
+
+def _load_external_data(path: Path, model: onnx.ModelProto) -> None:
+    """Read the weights stored beside the model; each must lie inside the model's folder and exist."""
+    folder = path.resolve().parent
+    for tensor in external_data.all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or folder not in target.parents:
+            where = "an absolute path" if Path(location).is_absolute() else "a path outside the model's folder"
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data at {where} ('{location}'); onnxq reads "
+                             "external data only from the model's folder")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data in {location}, which does not exist")
+    try:
+        onnx.load_external_data_for_model(model, str(folder))
+    except (OSError, ValueError, onnx.checker.ValidationError) as err:
+        raise ModelError(f"{path}: cannot read its external data ({str(err).strip().splitlines()[0]})") from None
 
 
 def external_data_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
@@ -94,7 +128,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
         if any(Path(k).exists() and is_same_file(folder / data_name, k) for k in keep):
             raise ModelError(f"{path}: its weights would be written to {folder / data_name}, which the input "
                              "model reads its weights from; choose another output name")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    except OSError as err:
+        raise ModelError(f"{path}: cannot write the model ({err.strerror or err})") from None
     try:
         staged_model = staging / path.name
         if large:

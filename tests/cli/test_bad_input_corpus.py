@@ -337,9 +337,6 @@ def quantize_row(label: str, extra: str, code: int, pattern: str | None, files: 
                 code, pattern, output, xfail)
 
 
-EXTERNAL_DATA = "onnxq.io.load_model lets onnx's ValidationError through: an 'internal error' not naming the model"
-FUTURE = ("a model newer than the installed onnx knows (opset 99, IR version 99) is not refused up front by "
-          "load_model: inspect and calibrate accept it, quantize fails in ONNX Runtime without naming the file")
 EVAL_AFTER_WRITE = ("quantize --eval with a loader script: the loader's failure surfaces after the model was written "
                     "(exit 1, the summary on stdout and the output left in place)")
 MODEL_READERS = ("quantize", "calibrate", "inspect", "compare")
@@ -355,20 +352,15 @@ MODEL_CASES = [
     *model_rows("text", "notes.onnx", 1, r"notes\.onnx: not an? (readable )?ONNX model", ("notes.onnx",)),
     *model_rows("opset7", "opset7.onnx", 0, None, ("opset7.onnx",)),
     *model_rows("opset8", "opset8.onnx", 0, None, ("opset8.onnx",)),
-    *model_rows("future-opset", "opset99.onnx", 1, r"opset99\.onnx.*[Oo]pset 99", ("opset99.onnx",),
-                xfail=dict.fromkeys(("quantize", "calibrate", "inspect"), FUTURE)),
-    *model_rows("future-ir", "ir99.onnx", 1, r"ir99\.onnx.*IR version:? 99", ("ir99.onnx",),
-                xfail=dict.fromkeys(("quantize", "calibrate", "inspect"), FUTURE)),
+    *model_rows("future-opset", "opset99.onnx", 1, r"opset99\.onnx.*[Oo]pset 99", ("opset99.onnx",)),
+    *model_rows("future-ir", "ir99.onnx", 1, r"ir99\.onnx.*IR version:? 99", ("ir99.onnx",)),
     *model_rows("custom-domain", "custom.onnx", 1, r"com\.example:Foo", ("custom.onnx",), inspect=(0, None)),
     *model_rows("already-quantized", "qdq.onnx", 1, r"already quantized \(contains DequantizeLinear, QuantizeLinear\)",
                 ("qdq.onnx",), compare=(0, None)),
     *model_rows("external-data", "ext/m.onnx", 0, None, ("ext/m.onnx",)),
-    *model_rows("external-data-above-folder", "ext/up.onnx", 1, r"up\.onnx.*outside", ("ext/up.onnx", "outside.bin"),
-                xfail=dict.fromkeys(MODEL_READERS, EXTERNAL_DATA)),
-    *model_rows("external-data-absolute", "ext/abs.onnx", 1, r"abs\.onnx.*absolute", ("ext/abs.onnx", "outside.bin"),
-                xfail=dict.fromkeys(MODEL_READERS, EXTERNAL_DATA)),
-    *model_rows("external-data-missing", "ext/gone.onnx", 1, r"gone\.onnx.*gone\.bin", ("ext/gone.onnx",),
-                xfail=dict.fromkeys(MODEL_READERS, EXTERNAL_DATA)),
+    *model_rows("external-data-above-folder", "ext/up.onnx", 1, r"up\.onnx.*outside", ("ext/up.onnx", "outside.bin")),
+    *model_rows("external-data-absolute", "ext/abs.onnx", 1, r"abs\.onnx.*absolute", ("ext/abs.onnx", "outside.bin")),
+    *model_rows("external-data-missing", "ext/gone.onnx", 1, r"gone\.onnx.*gone\.bin", ("ext/gone.onnx",)),
     Case("model-fp16-quantize", "quantize {d}/fp16.onnx --calib {d}/float16.npz -o {d}/out/q.onnx",
          ("fp16.onnx", "float16.npz"), 1, r"input 'input' is float16: onnxq quantizes float32 models"),
     Case("model-fp16-calibrate", "calibrate {d}/fp16.onnx --calib {d}/float16.npz -o {d}/out/s.npz",
@@ -495,8 +487,6 @@ OUTPUT_COMMANDS = {
     "stats-merge": ("stats merge {d}/s.npz {d}/s.npz -o {o}", (MODEL, CALIB, "s.npz")),
     "build": ("build {d}/m.onnx -o {o}", (MODEL,)),
 }
-UNWRITABLE = ("io.save_model creates its staging folder before its try: an unwritable folder gives an "
-              "'internal error' instead of 'cannot write'")
 REPORT_THEN_FAIL = ("compare checks that the --json folder exists but not that it is writable: it prints its report, "
                     "then fails writing the JSON")
 JSON_NAMED_AS_O = "compare --json naming an input is refused as '-o ...', an option compare does not have"
@@ -519,7 +509,7 @@ OUTPUT_CASES = [
                  r"nope/result.*(the folder .*nope does not exist|No such file)"),
     *output_rows("is-a-folder", "{d}/out", 2, r"out('| is a folder| is a directory)"),
     *output_rows("unwritable-folder", "/proc/onnxq-result", 1, r"/proc/onnxq-result: cannot write",
-                 xfail={"quantize": UNWRITABLE, "compare": REPORT_THEN_FAIL}),
+                 xfail={"compare": REPORT_THEN_FAIL}),
     *output_rows("names-the-model", "{d}/m.onnx", 2, r"-o .*m\.onnx names the input model; refusing to overwrite it",
                  commands=("quantize", "calibrate", "build")),
     Case("output-names-the-model-compare", "compare {d}/m.onnx {d}/m.onnx --data {d}/c.npz --json {d}/m.onnx",
