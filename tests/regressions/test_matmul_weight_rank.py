@@ -61,5 +61,6 @@ def test_the_latency_search_runs_on_a_model_with_an_unsqueezed_weight() -> None:
     built = _unsqueezed_weight([1, 1, 8, 16])
     config = onnxq.QuantConfig(target="ort-cpu", latency_search=True)
     result = onnxq.quantize(built, onnxq.FeedsSource(feeds(built)), config)
+    assert result.latency is not None and [t.nodes for t in result.latency.trials] == [("matmul",)]  # INT8 timed
     (quantized,) = run_model(result.model, feeds(built, 1, seed=99)[0], optimized=True)
     assert quantized.shape == (1, 1, 8, 4)
