@@ -1,6 +1,6 @@
 """The quantization pipeline, spelled out once: load → prepare → [steps rewrite] → plan → calibrate →
-[steps refine] → build → check. What differs between runtimes is the target (`onnxq.targets`); what is
-optional is a step (`onnxq.steps`)."""
+[steps refine] → build → check → verify (the written model run once in ONNX Runtime, optimized). What differs
+between runtimes is the target (`onnxq.targets`); what is optional is a step (`onnxq.steps`)."""
 
 from __future__ import annotations
 
@@ -267,8 +267,9 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
         plan, finding = step.refine(job, plan)
         job.findings += [finding] if finding is not None else []
     amax = job.amax(plan)
-    return QuantResult(job.build(plan), plan, job.calibration, amax, time.perf_counter() - started,
-                       tuple(job.findings))
+    model = job.build(plan)
+    config.target.verify(model, job.first_batch())
+    return QuantResult(model, plan, job.calibration, amax, time.perf_counter() - started, tuple(job.findings))
 
 
 def collect_stats(model: ModelLike, calib: DataLike, config: QuantConfig = QuantConfig(), *,

@@ -30,6 +30,13 @@ with TensorRT") with the refinements of pytorch_quantization (`_compute_amax_ent
   (TensorRT's slides use the bin centre (i* - 0.5) * w);
 * `num_quantized_bins` = L + 1 levels of |x| (128 for symmetric INT8; 256 for a one-signed uint8
   range, whose search then starts at bin 256), see `ActivationScheme.levels`.
+* candidates keep at least half of the values unclipped (exact zeros count as kept): i >= the bin of
+  the median |x|, + 1. This is onnxq's, not TensorRT's. KL compares normalised shapes, so clipping
+  every value of a band away from zero (a pooled output, all in [0.50, 0.72]) into the last kept bin
+  makes P a point mass that its Q matches exactly: D = 0, the best score, for a range at the band's
+  lower edge that quantizes every value to one (issue 12; tests/regressions/test_narrow_band_ranges.py).
+  On the distributions entropy is meant for (a peak at 0 and a tail) the minimum lies far above the
+  median, so the floor does not bind there.
 Vectorised with prefix sums: with u = bins / N, t the tail share, S = 1 - t and U_c, n_c the share and
 non-empty-bin count of chunk c,
     D(i) = sum_{j<i-1} u_j ln u_j + p_last ln p_last - sum_c U_c ln(U_c / n_c) - t ln(U_c' / n_c') + ln S
@@ -96,7 +103,9 @@ def entropy_amax(h: Histogram, num_quantized_bins: int = INT8_LEVELS + 1, start_
     bins = np.array(h.counts[:used], dtype=np.int64)
     if used > 1:
         bins[0] = bins[1]  # pytorch_quantization calib/histogram.py, _compute_amax_entropy
-    candidates = np.arange(start_bin, used + 1, stride)
+    keeps_half = _median_bin(h) + 1  # the first candidate that clips at most half of the values
+    first = start_bin + max(0, -(-(keeps_half - start_bin) // stride)) * stride
+    candidates = np.arange(first, used + 1, stride)
     divergences = _kl_divergences(bins, candidates, num_quantized_bins)
     best = candidates[len(divergences) - 1 - int(np.argmin(divergences[::-1]))]  # last argmin, as there
     return min(int(best) * h.bin_width, float(h.amax))
@@ -186,6 +195,12 @@ def _cell_error(t: np.ndarray, levels: int = INT8_LEVELS) -> np.ndarray:
     cube *= 1 / 3
     level += cube
     return level
+
+
+def _median_bin(h: Histogram) -> int:
+    """The bin holding the median |x|, exact zeros counted (as in bin 0)."""
+    cumulative = np.cumsum(h.counts) + h.zeros
+    return int(np.searchsorted(cumulative, (int(cumulative[-1]) + 1) // 2, side="left"))
 
 
 def _used_bins(h: Histogram) -> int:

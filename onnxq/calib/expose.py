@@ -43,7 +43,7 @@ def expose_channel_max(graph: gs.Graph, outputs: Mapping[str, str]) -> gs.Graph:
 
         x ─▶ Conv ─▶ t ─▶ Relu ─▶ y       outputs: (y)
         becomes                 └▶ GlobalMaxPool ─▶ t_max [N, C, 1, ...]   outputs: (y, t_max)
-    Each tensor must have rank 3 or more (GlobalMaxPool's contract); output names must be free.
+    Each tensor must have rank 3 to 5 (`onnxq.calib.in_graph_max.POOLED_RANKS`); output names must be free.
     """
     tensors = graph.tensors()
     for name, output_name in outputs.items():

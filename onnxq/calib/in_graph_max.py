@@ -8,7 +8,9 @@ itself with GlobalMaxPool ([N, C, 1, 1] out, nothing to reorder): Lite0's 33 ReL
 this way bring the cost of reading the activations from +50% to +25% of plain inference.
 
 A tensor qualifies when its producer cannot output a negative number (the rule table below), it has
-rank 3 or more (GlobalMaxPool's contract) and it is float32. Its statistics are then exact: the max of
+rank 3 to 5 and it is float32. GlobalMaxPool's contract is rank 3 or more, but ONNX Runtime's CPU kernel
+runs ranks 3 to 5 only (rank 6 and up: "Unsupported pooling size"; measured with onnxruntime 1.31,
+tests/regressions/test_in_graph_max_rank.py). Its statistics are then exact: the max of
 the channel maxima is max x, `low` is 0 (the signed range always includes 0), and the number of values
 comes from a full run of each input shape. Only the NaN count can differ: ORT's max (like its ReLU
 and Clip) may drop a NaN where a full read would count it; a maximum that is NaN, Inf or a sentinel
@@ -25,7 +27,10 @@ import onnx_graphsurgeon as gs
 
 from onnxq.graph.query import GraphIndex, constant_values, is_constant
 
-__all__ = ["MaxReduction", "plan_in_graph_max"]
+__all__ = ["MaxReduction", "plan_in_graph_max", "POOLED_RANKS"]
+
+#: The ranks ONNX Runtime's GlobalMaxPool runs (N, C and one to three spatial axes).
+POOLED_RANKS = range(3, 6)
 
 
 def _clip_is_nonnegative(node: gs.Node) -> bool:
@@ -75,9 +80,9 @@ def _decide(index: GraphIndex, tensor: gs.Tensor) -> MaxReduction:
     rule = NONNEGATIVE.get(producer.op)
     if rule is None or not rule(producer):
         return whole(f"{producer.op} '{producer.name}' can output negative values: max |x| needs the whole tensor")
-    if tensor.shape is None or len(tensor.shape) < 3:
+    if tensor.shape is None or len(tensor.shape) not in POOLED_RANKS:
         rank = "unknown" if tensor.shape is None else str(len(tensor.shape))
-        return whole(f"rank {rank}: GlobalMaxPool needs rank 3 or more")
+        return whole(f"rank {rank}: ONNX Runtime's GlobalMaxPool runs ranks 3 to 5 only")
     if all(dim == 1 for dim in tensor.shape[2:]):
         return whole("1x1 spatial (e.g. squeeze-and-excitation): as cheap to read whole")
     if tensor.dtype is not None and np.dtype(tensor.dtype) != np.float32:

@@ -24,6 +24,11 @@ The work is done by `gs.Graph.fold_constants`, called with these settings:
 - `size_threshold`: results larger than this many bytes stay computed at run time.
 - Random ops (`RandomNormal`, `RandomUniform`, `Bernoulli`, ...) are never folded; gs would freeze
   one draw of them.
+- `Shape` with `start`/`end` (opset 15) is first rewritten as `Shape -> Slice(start, end, axes=[0])`:
+  gs's shape folding (a static shape, and its Gather/Slice patterns) reads the whole shape and ignores
+  both attributes, which changed what models compute (Shape(start=1) -> Concat -> Reshape gave a rank-4
+  result instead of rank 3). Slice clamps and counts negative bounds from the back as Shape does (ONNX
+  operator docs, Shape-15 and Slice-13), so a pair left unfolded computes the same.
 - While folding, the graph and every subgraph carry the lowest IR version their opsets allow. gs
   exports each (sub)graph it evaluates with that graph's IR version, and subgraphs have none, so
   onnx writes its newest one, which ONNX Runtime rejects: nothing in If/Loop bodies would fold.
@@ -41,6 +46,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 import onnx.helper
 import onnx_graphsurgeon as gs
@@ -48,6 +54,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxq.errors import first_line
+from onnxq.graph.names import NameSource
 from onnxq.passes.core import graph_pass
 
 __all__ = ["fold_constants", "DEFAULT_SIZE_THRESHOLD"]
@@ -100,6 +107,7 @@ def _fold_copy(graph: gs.Graph, fold_shapes: bool, size_threshold: int,
                partitioning: str | None) -> gs.Graph:
     """Fold a copy of `graph` (gs folds in place and may stop half-way); return the copy."""
     candidate = graph.copy()
+    _slice_partial_shapes(candidate)
     with G_LOGGER.suppress(G_LOGGER.CRITICAL), _ir_version_runtime_accepts(candidate):
         candidate.toposort()
         candidate.fold_constants(
@@ -132,6 +140,27 @@ def _ir_version_runtime_accepts(graph: gs.Graph) -> Iterator[None]:
     finally:
         for member, original in zip(members, saved):
             member.ir_version = original
+
+
+def _slice_partial_shapes(graph: gs.Graph) -> None:
+    """Rewrite every `Shape(start, end)` of `graph` and its subgraphs as `Shape -> Slice` (in place)."""
+    members = list(_all_graphs(graph))
+    names = NameSource(graph)
+    for member in members[1:]:
+        names.taken |= set(member.tensors()) | {node.name for node in member.nodes}
+    for member in members:
+        for node in list(member.nodes):
+            if node.op != "Shape" or not {"start", "end"} & set(node.attrs):
+                continue
+            start = int(node.attrs.pop("start", 0))
+            end = node.attrs.pop("end", None)
+            sliced = node.outputs[0]
+            whole = gs.Variable(names(f"{sliced.name}_whole"), dtype=np.int64)
+            node.outputs[0] = whole
+            bounds = [gs.Constant(names(f"{sliced.name}_{what}"), np.array([value], np.int64)) for what, value in
+                      (("start", start), ("end", np.iinfo(np.int64).max if end is None else int(end)), ("axis", 0))]
+            member.nodes.append(gs.Node("Slice", names(f"{node.name}_slice"), inputs=[whole, *bounds],
+                                        outputs=[sliced]))
 
 
 def _is_random(node: gs.Node) -> bool:

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from onnxq.graph.query import GraphIndex, is_constant, is_float
 from onnxq.options import Selection
 from onnxq.plan.residual import feeds_softmax, is_silu_mul
-from onnxq.plan.rules import PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS
+from onnxq.plan.rules import PASS_THROUGH_OPS, POOLING_OPS, WEIGHTED_OPS, ort_fusion_break
 
 __all__ = [
     "QuantizedActivation", "QuantizedWeight", "QuantizedBias", "NodeDecision", "QuantPlan", "PlanDraft",
@@ -173,6 +173,8 @@ def plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
         return f"weight '{weight.name}' is {weight_values.dtype}, not float"
     if weight_values.ndim < 2:
         return f"weight '{weight.name}' has rank {weight_values.ndim}; per-channel needs rank >= 2"
+    if rule.weight_ranks is not None and weight_values.ndim not in rule.weight_ranks:
+        return rule.weight_rank_reason.format(weight=weight.name, rank=weight_values.ndim)
     axis = rule.weight_axis(node, weight_values.ndim)
     draft.quantize_input(node, rule.activation_input, f"activation input of {node.op}: per-tensor")
     draft.weights.append(QuantizedWeight(
@@ -196,6 +198,10 @@ def plan_pooling(nodes: list[gs.Node], draft: PlanDraft) -> None:
     # Reverse topological order lets a chain of pools (SPPF) follow the last one's consumer.
     for node in reversed(nodes):
         if node.op not in POOLING_OPS or node.name in draft.decisions:
+            continue
+        unfusable = ort_fusion_break(node)
+        if unfusable is not None:
+            draft.decide(node, False, unfusable)
             continue
         if is_float(node.inputs[0]) and _reaches_quantized_input(node.outputs[0], draft):
             draft.quantize_input(node, 0, f"{node.op} between quantized ops: DQ -> pool -> Q runs in INT8")

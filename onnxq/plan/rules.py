@@ -22,6 +22,8 @@ __all__ = [
     "EPILOGUE_OPS",
     "float_reasons",
     "default_float_reason",
+    "ORT_FUSION_BREAKS",
+    "ort_fusion_break",
 ]
 
 
@@ -52,19 +54,31 @@ class WeightedOp:
         weight_input: index of the constant weight quantized per-channel.
         weight_axis: the weight's output-channel axis, from the node and the weight's rank.
         layout: how the weight is laid out, for the plan's reasons.
+        weight_ranks: the weight ranks a per-channel scale is written for (None: any); a weight of
+            another rank keeps the op float, saying `weight_rank_reason`.
+        weight_rank_reason: why, with {rank} and {weight} filled in.
     """
 
     activation_input: int
     weight_input: int
     weight_axis: Callable[[gs.Node, int], int]
     layout: str
+    weight_ranks: frozenset[int] | None = None
+    weight_rank_reason: str = ""
 
 
 WEIGHTED_OPS: Mapping[str, WeightedOp] = MappingProxyType({
     "Conv": WeightedOp(0, 1, _axis_0, "[K, C/g, k...]"),
     "ConvTranspose": WeightedOp(0, 1, _axis_1, "[C, K/g, k...]"),
     "Gemm": WeightedOp(0, 1, _gemm_axis, "[N, K] if transB else [K, N]"),
-    "MatMul": WeightedOp(0, 1, _matmul_axis, "[..., K, N]"),
+    # ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat / QLinearMatMul, whose weight scale is a
+    # scalar, a per-column vector for a 2-D weight, or a tensor of the weight's rank: a per-axis
+    # DequantizeLinear of a rank >= 3 weight fails there at run time ("b zero point is not valid"), for
+    # the trt target's models too (onnxq's own steps and users run them in ORT). A [1, .., 1, K, N] weight
+    # is made 2-D beforehand (`onnxq.passes.squeeze_matmul_weights`).
+    "MatMul": WeightedOp(0, 1, _matmul_axis, "[..., K, N]", frozenset({2}),
+                         "weight '{weight}' has rank {rank}: ONNX Runtime's integer MatMul takes a per-channel "
+                         "weight scale for a 2-D weight only; kept float"),
 })
 
 # Quantized only when a neighbour is: DQ -> pool -> Q fuses into an INT8 pooling kernel.
@@ -80,6 +94,39 @@ EPILOGUE_OPS = frozenset({
     "BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid",
     "Tanh", "Elu", "Selu", "Softplus", "Identity", "Add", "Sub", "Mul", "Div",
 })
+
+
+def _dilated_pool(node: gs.Node) -> str | None:
+    dilations = [int(d) for d in node.attrs.get("dilations", ())]
+    if any(d != 1 for d in dilations):
+        return (f"AveragePool with dilations {dilations}: ONNX Runtime fuses DQ -> AveragePool -> Q into "
+                "QLinearAveragePool, which has no dilations (the optimized model is invalid); kept float")
+    return None
+
+
+def _unfusable_resize(node: gs.Node) -> str | None:
+    if node.attrs.get("mode", "nearest") == "cubic":
+        return ("cubic Resize: ONNX Runtime's fused uint8 Resize fails on cubic scales once its layout "
+                "transformer moves it to NHWC; kept float")
+    if "axes" in node.attrs:
+        return ("Resize with the axes attribute (opset 18): ONNX Runtime's fused uint8 Resize indexes its "
+                "scales out of bounds; kept float")
+    return None
+
+
+# Ops whose DQ -> op -> Q group ONNX Runtime's graph optimizer turns into a model that fails to load or
+# run (measured with onnxruntime 1.31, tests/regressions/test_unfusable_qdq.py): by op type, the check
+# giving the reason or None. Both targets consult it (the trt target's models run in ORT too).
+ORT_FUSION_BREAKS: Mapping[str, Callable[[gs.Node], str | None]] = MappingProxyType({
+    "AveragePool": _dilated_pool,
+    "Resize": _unfusable_resize,
+})
+
+
+def ort_fusion_break(node: gs.Node) -> str | None:
+    """Why Q/DQ around `node` breaks ONNX Runtime's fusion of it (None: it does not)."""
+    check = ORT_FUSION_BREAKS.get(node.op)
+    return None if check is None else check(node)
 
 
 def float_reasons(runtime: str) -> Mapping[str, str]:

@@ -7,22 +7,27 @@ A target owns
     range method and `insert_qdq` follow;
   * its defaults: whether attention MatMuls are quantized, whether the latency search runs;
   * `lower`: what happens to the graph after Q/DQ insertion (TensorRT: float16 for the float rest);
-  * `check`: its refusals, checked once when the config is made.
+  * `check`: its refusals, checked once when the config is made;
+  * `verify`: the written model, loaded and run once in ONNX Runtime with all its graph optimizations.
 Adding a target is one module defining a subclass and one `register_target` call (see `onnxq.targets`).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from onnxq.errors import ConfigError
+from onnxq.errors import ConfigError, InternalError, ModelError
 from onnxq.lower.scales import ActivationScheme
 from onnxq.options import HighPrecision, Selection
 from onnxq.passes.core import GraphPass
 from onnxq.plan.core import QuantPlan
+from onnxq.runtime.session import open_session
 
 __all__ = ["QuantTarget"]
 
@@ -70,6 +75,24 @@ class QuantTarget(abc.ABC):
             allowed = ", ".join(sorted(p.value for p in self.high_precisions))
             raise ConfigError(f"--high-precision {high_precision.value} is not available for --target {self.name} "
                               f"({self.runtime}): choose {allowed}")
+
+    def verify(self, model: onnx.ModelProto, feed: Mapping[str, np.ndarray] | None) -> None:
+        """Refuse a written model that ONNX Runtime cannot load, or run on `feed`, with all its graph
+        optimizations on (raises InternalError: the model is onnxq's, so is the fault).
+
+        ORT's QDQ fusions happen only when it optimizes, and a fused kernel can refuse what the Q/DQ graph
+        allowed (issue 12: a per-channel scale on a rank-4 MatMul weight, a dilated AveragePool). Every
+        target's model runs in ORT (onnxq's own measurements, `onnxq compare`, users' checks), so every
+        target verifies there, on the CPU provider, where these fusions are made.
+        """
+        try:
+            with open_session(model, optimize=True) as session:
+                if feed is not None:
+                    session.run(feed)
+        except ModelError as err:
+            raise InternalError(f"onnxq wrote a model ONNX Runtime cannot run with its graph optimizations on "
+                                f"(--target {self.name}): {err}. This is an onnxq bug; --exclude-nodes NODE keeps "
+                                "the node it names float meanwhile") from None
 
     def __str__(self) -> str:
         return self.name

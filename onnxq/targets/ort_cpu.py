@@ -27,7 +27,7 @@ from onnxq.passes.core import GraphPass
 from onnxq.passes.shuffle_to_gather import shuffle_to_gather
 from onnxq.plan.core import PlanDraft, QuantizedBias, QuantPlan, float_reason, plan_rule_ops, plan_weighted
 from onnxq.plan.residual import feeds_softmax
-from onnxq.plan.rules import WEIGHTED_OPS, default_float_reason, float_reasons
+from onnxq.plan.rules import WEIGHTED_OPS, default_float_reason, float_reasons, ort_fusion_break
 from onnxq.plan.scale_groups import TensorGroups
 from onnxq.targets.base import QuantTarget
 
@@ -65,18 +65,21 @@ def _absorbed_output(node: gs.Node, index: GraphIndex) -> gs.Tensor:
 def _read_by_integer_op(tensor: gs.Tensor, index: GraphIndex) -> bool:
     """True if a reader of `tensor` can be an integer kernel: not an element-wise op with a constant
     input (a bias Add after a MatMul stays float, so a Q/DQ on the MatMul's output would only add error)."""
-    return any(node.op in SAME_SCALE_OPS
+    return any((node.op in SAME_SCALE_OPS and ort_fusion_break(node) is None)
                or (node.op in QLINEAR_OPS
                    and (node.op in WEIGHTED_OPS or not any(is_constant(t) for t in node.inputs if t.name)))
                for node, _ in index.uses(tensor))
 
 
 def _quantize_tensor(draft: PlanDraft, tensor: gs.Tensor, reason: str) -> None:
-    """Every reader of `tensor` reads its DQ (the producer can then emit uint8 directly)."""
+    """Every reader of `tensor` reads its DQ (the producer can then emit uint8 directly), except a reader
+    whose fusion breaks ORT (`ort_fusion_break`): it reads the float tensor, so that no DQ -> op -> Q
+    group forms around it whatever its output gets."""
     if draft.index.is_graph_output(tensor) or not is_float(tensor) or is_constant(tensor):
         return
     for node, i in draft.index.uses(tensor):
-        draft.edges.setdefault(tensor.name, {})[(node.name, i)] = reason
+        if ort_fusion_break(node) is None:
+            draft.edges.setdefault(tensor.name, {})[(node.name, i)] = reason
 
 
 def _integer_produced(tensor: gs.Tensor, draft: PlanDraft) -> bool:
@@ -103,6 +106,9 @@ def _bias_target(node: gs.Node, draft: PlanDraft) -> QuantizedBias | None:
 
 def _plan_qlinear(node: gs.Node, draft: PlanDraft) -> str | None:
     """Quantize a QLinear op's inputs, weight, bias and output; or say why it stays float."""
+    unfusable = ort_fusion_break(node)
+    if unfusable is not None:
+        return unfusable
     variables = [t for _, t in draft.index.variable_inputs(node)]
     if not any(is_float(t) for t in node.outputs):
         return "works on integer/shape tensors: nothing to quantize"
@@ -137,6 +143,10 @@ def _plan(graph: gs.Graph, selection: Selection, quantize_attention: bool) -> Qu
     plan_rule_ops(nodes, draft, selection, QLINEAR_OPS, _plan_qlinear, "{op}: ONNX Runtime integer kernel")
     for node in nodes:  # graph order: a producer's output is marked before its consumers are visited
         if node.name in draft.decisions or node.op not in SAME_SCALE_OPS:
+            continue
+        unfusable = ort_fusion_break(node)
+        if unfusable is not None:
+            draft.decide(node, False, unfusable)
             continue
         source, out = node.inputs[0], node.outputs[0]
         if source.name in draft.edges and is_float(out) and not draft.index.is_graph_output(out):
