@@ -114,12 +114,19 @@ def _unfusable_resize(node: gs.Node) -> str | None:
     return None
 
 
+def _softmax(node: gs.Node) -> str | None:
+    return ("Softmax: ONNX Runtime fuses DQ -> Softmax -> Q into QLinearSoftmax, whose uint8 output wraps a "
+            "probability of exactly 1 to 0 (a Softmax over an axis of size 1 gave 0 instead of 1); its input is "
+            "read in float")
+
+
 # Ops whose DQ -> op -> Q group ONNX Runtime's graph optimizer turns into a model that fails to load or
-# run (measured with onnxruntime 1.31, tests/regressions/test_unfusable_qdq.py): by op type, the check
+# run, or runs wrongly (measured with onnxruntime 1.31, tests/regressions/test_unfusable_qdq.py): by op type, the check
 # giving the reason or None. Both targets consult it (the trt target's models run in ORT too).
 ORT_FUSION_BREAKS: Mapping[str, Callable[[gs.Node], str | None]] = MappingProxyType({
     "AveragePool": _dilated_pool,
     "Resize": _unfusable_resize,
+    "Softmax": _softmax,
 })
 
 

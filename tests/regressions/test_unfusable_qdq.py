@@ -69,3 +69,21 @@ def test_plain_pools_and_resizes_stay_quantized(target: str, dilations: list[int
         node, inits = _resize("nearest", [1, 1, 2, 2])
         result, _ = quantize_and_run(_conv_op_conv(node, inits), target)
         assert result.plan.decision("resize").quantized
+
+
+def test_a_softmax_between_quantized_tensors_reads_its_input_in_float() -> None:
+    """Fuzz seed 580: x -> GlobalAveragePool (QLinear, uint8 output) -> Softmax over its size-1 last axis -> MatMul.
+    With the pool's output quantized and the MatMul's input too, ORT fused DQ -> Softmax -> Q into QLinearSoftmax,
+    which gave 0 where the probability is exactly 1: the MatMul's output was all zeros. The Softmax now reads
+    the pool's float output, so no such group forms."""
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"], name="pool"),
+             helper.make_node("Softmax", ["g"], ["s"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["s", "w"], ["y"], name="matmul")]
+    built = model(nodes, {"x": [2, 3, 5, 5]}, {"y": None}, [weight("w", (1, 6), 3)], opset=13)
+    result, (quantized,) = quantize_and_run(built, "ort-cpu")
+    (reference,) = run_model(built, feeds(built, 1, seed=99)[0])
+    assert cosine(quantized, reference) > 0.99 and np.abs(quantized).max() > 0.1
+    pool_output = result.plan.decision("pool")
+    assert pool_output.quantized
+    readers = {(n.op_type, i) for n in result.model.graph.node for i, name in enumerate(n.input) if name == "g"}
+    assert ("Softmax", 0) in readers  # the float pool output itself, not its DequantizeLinear
