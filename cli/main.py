@@ -13,7 +13,6 @@ moment. A command either finishes with all of its output files written (exit 0) 
 
 from __future__ import annotations
 
-import errno
 import importlib
 import logging
 import sys
