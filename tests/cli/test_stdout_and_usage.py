@@ -81,6 +81,26 @@ def test_a_closed_stdout_lets_the_command_finish(work: Workspace, command: str) 
     _check_written(command, output)
 
 
+def test_with_stdout_closed_what_c_code_prints_goes_nowhere(work: Workspace) -> None:
+    """A C library printf()s to descriptor 1, here a loader's os.write(1, ...): with `>&-` that descriptor
+    must be /dev/null, not free (EBADF) nor a file onnxq opened (the bytes would land in it)."""
+    loader = work.folder / "loader.py"
+    loader.write_text("import os\nimport numpy as np\n"
+                      "def load_data():\n"
+                      f"    feed = dict(np.load({str(work.calib)!r}))\n"
+                      "    for _ in range(3):\n"
+                      "        os.write(1, b'progress from C code\\n')\n"
+                      "        yield feed\n")
+    output = work.out / "q.onnx"
+    args = [sys.executable, "-m", "onnxq_cli", "quantize", str(work.model), "--calib", f"{loader}:load_data",
+            "-o", str(output)]
+    line = " ".join(f"'{arg}'" for arg in args) + " >&-"
+    result = subprocess.run(line, shell=True, cwd=work.folder, stderr=subprocess.PIPE, text=True, timeout=180)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert b"progress from C code" not in output.read_bytes()
+    _check_written("quantize", output)
+
+
 def test_a_stdout_that_cannot_be_written_fails_and_leaves_nothing(work: Workspace) -> None:
     """/dev/full: every write fails with ENOSPC. One line, exit 1, and the model that was saved is removed."""
     args, _output = _file_commands(work)["quantize"]
