@@ -33,7 +33,8 @@ class StdoutError(Exception):
 
 
 def written(path: str | os.PathLike[str]) -> Path:
-    """Record a complete output file of the running command (removed again if the command fails)."""
+    """Record a complete output file of the running command, or a folder it created for its outputs (removed
+    again if the command fails: files first, then the folder if it is empty)."""
     path = Path(path)
     if _written is not None:
         _written.append(path)
@@ -50,7 +51,10 @@ def transaction() -> Iterator[None]:
     except BaseException:
         for path in reversed(_written):
             try:
-                path.unlink(missing_ok=True)
+                if path.is_dir():
+                    path.rmdir()  # a folder the command created, emptied by now; never one with other files
+                else:
+                    path.unlink(missing_ok=True)
             except OSError:  # removing is best effort: the error being reported is the one that matters
                 pass
         raise

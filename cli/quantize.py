@@ -145,6 +145,8 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         click.echo(f"  float vs int8 on {evaluation.describe()}:")
         click.echo("    " + format_metrics(metrics).replace("\n", "\n    "))
     if report_dir is not None:
+        if not report_dir.exists():
+            written(report_dir)
         reports = [written(path) for path in write_run_report(result, metrics, report_dir, config, model_path.stem)]
         click.echo(f"  report       {', '.join(map(str, reports))}")
     if engine_summary is not None:

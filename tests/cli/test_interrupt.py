@@ -224,14 +224,19 @@ def test_ctrl_c_during_eval_leaves_nothing(work: Workspace) -> None:
 
 
 def test_ctrl_c_after_the_model_was_written_removes_it(work: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While the report is written, after the model: exit 130 must not leave the model (nor the report)."""
-    import onnxq_cli.summary
+    """A Ctrl-C while the summary is printed, after the model and the report were written: exit 130 must
+    leave neither (nor the report folder the run created)."""
+    import click
 
-    def interrupted_report(*args: object, **kwargs: object) -> list[Path]:
-        assert (work.out / "q.onnx").is_file()  # the model was written before the report
-        raise KeyboardInterrupt
+    real_echo = click.echo
 
-    monkeypatch.setattr(onnxq_cli.summary, "write_run_report", interrupted_report)
+    def echo(message: object = None, *args: object, **kwargs: object) -> None:
+        if str(message).startswith("  report"):
+            assert (work.out / "q.onnx").is_file() and (work.out / "report" / "report.json").is_file()
+            raise KeyboardInterrupt
+        real_echo(message, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(click, "echo", echo)
     outcome = invoke(*work.quantize_args("-o", work.out / "q.onnx", "--report", work.out / "report"))
     assert outcome.code == 130 and outcome.stderr == "interrupted\n", outcome
     assert list(work.out.iterdir()) == []
