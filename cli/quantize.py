@@ -95,7 +95,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     quiet_libraries()
     from onnxq.data.signature import signature_of
     from onnxq.data.sources import open_source
-    from onnxq.io import load_model, save_model
+    from onnxq.io import external_data_files, load_model, save_model
     from onnxq.metrics import compare_models, format_metrics
     from onnxq.pipeline import quantize
 
@@ -123,7 +123,11 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if evaluation is not None:  # before the model is written: a Ctrl-C here leaves an earlier -o file alone
         metrics = compare_models(model, result.model, evaluation.batches(signature.batch_size(config.calib.batch_size)),
                                  config.calib.providers)
-    written(save_model(result.model, destination))
+    weights_file = destination.with_name(destination.name + ".data")  # written beside a model over 2 GB
+    weights_before = weights_file.stat().st_mtime_ns if weights_file.exists() else None
+    written(save_model(result.model, destination, keep=external_data_files(model_path)))
+    if weights_file.exists() and weights_file.stat().st_mtime_ns != weights_before:
+        written(weights_file)
     engine_summary = build_and_save(destination, plan_path, {}) if plan_path is not None else None
     calib = result.calibration
     click.echo(f"wrote {destination}")

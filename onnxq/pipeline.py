@@ -112,6 +112,19 @@ def _open(data: DataLike | None, signature: ModelSignature, preprocess: ImagePre
     return open_source(data, signature, preprocess)
 
 
+_HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _refuse_float16(model: onnx.ModelProto) -> None:
+    """A model whose inputs are float16 or bfloat16 computes in that type: INT8 Q/DQ for it needs opset 19
+    and half-precision scales throughout, which onnxq does not write. Refused before any work."""
+    for value in model.graph.input:
+        half = _HALF_TYPES.get(value.type.tensor_type.elem_type)
+        if half is not None:
+            raise ModelError(f"input '{value.name}' is {half}: onnxq quantizes float32 models; export the model in "
+                             "float32 (--high-precision fp16 then writes its unquantized rest in float16)")
+
+
 def prepare(model: ModelLike, target: QuantTarget | str | None = None) -> gs.Graph:
     """Upgrade to opset >= 13, import, move Constant weights to initializers, fold constants and BN;
     then the rewrites of `target`'s runtime, if any."""
@@ -192,12 +205,13 @@ def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile
                histograms: bool | None = None, rewrites: tuple[str, ...] = ()) -> CalibrationResult:
     if stats is not None:
         loaded = stats if isinstance(stats, StatsFile) else load_stats(stats)
+        where = "the statistics" if isinstance(stats, StatsFile) else f"{os.fspath(stats)}: these statistics"
         if loaded.model_digest != model_digest(job.model):
-            raise CalibrationError("the statistics were collected for a different model (digest mismatch). "
+            raise CalibrationError(f"{where} were collected for a different model (digest mismatch). "
                                    "Hint: run onnxq calibrate on this model")
         if loaded.rewrites != rewrites:
             collected, wanted = (f"after {', '.join(r) or 'no rewrite'}" for r in (loaded.rewrites, rewrites))
-            raise CalibrationError(f"the statistics were collected {collected}; this run quantizes {wanted}. "
+            raise CalibrationError(f"{where} were collected {collected}; this run quantizes {wanted}. "
                                    "Hint: give --equalize/--no-equalize as to onnxq calibrate, or recalibrate")
         return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
     assert job.source is not None and job.graph is not None
@@ -236,6 +250,7 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
     if (calib is None) == (stats is None):
         raise ConfigError("give either calibration data (--calib) or a statistics file (--stats), not both")
     model = _as_model(model)
+    _refuse_float16(model)
     signature = signature_of(model)
     steps = _bias_correction_last(_compose(steps_for(config, accuracy=accuracy, latency=latency,
                                                      eval_source=_open(eval_source, signature, preprocess)),

@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 import models
+import onnxq.external_data
 import onnxq.io
 from onnxq.runtime.session import open_session
 from onnxq.errors import ModelError
@@ -14,7 +15,7 @@ from onnxq.errors import ModelError
 
 def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch) -> None:
     """Above the threshold (2 GB in real use) weights go to `<name>.data` beside the model."""
-    monkeypatch.setattr(onnxq.io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(onnxq.external_data, "LARGE_MODEL_BYTES", 1000)
     model = models.BUILDERS["residual_cnn"]()
     target = tmp_path / "big.onnx"
     onnxq.io.save_model(model, target)

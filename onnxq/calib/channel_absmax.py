@@ -23,7 +23,6 @@ import onnx_graphsurgeon as gs
 
 from onnxq.options import CalibConfig
 from onnxq.errors import CalibrationError, ModelError
-from onnxq.io import from_graph
 from onnxq.calib.expose import expose_tensors
 from onnxq.calib.calibrate import full_batches
 from onnxq.data.signature import ModelSignature, signature_of
@@ -98,7 +97,7 @@ def channel_profiles(graph: gs.Graph, tensor_names: Iterable[str], source: Calib
     running = {name: _Running(name, rows) for name in names}
     samples = 0
     signature = signature_of(graph) if signature is None else signature
-    with open_session(from_graph(expose_tensors(graph, exposed)), config.providers, optimize=True,
+    with open_session(expose_tensors(graph, exposed), config.providers, optimize=True,
                       spin_after_run=False) as session:
         for feed in full_batches(source, graph, config.batch_size, signature=signature):
             outputs = session.run(feed, exposed) if exposed else {}

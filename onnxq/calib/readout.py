@@ -19,7 +19,6 @@ import onnx_graphsurgeon as gs
 
 from onnxq.options import CalibConfig
 from onnxq.graph.names import NameSource
-from onnxq.io import from_graph
 from onnxq.calib.expose import expose_channel_max, expose_tensors
 from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.calib.in_graph_max import plan_in_graph_max
@@ -81,12 +80,12 @@ class ActivationReader:
         # With a reduced session beside it, the full one runs rarely: no arena kept, no spinning.
         rare = bool(self.max_outputs)
         self.full = self._stack.enter_context(open_session(
-            from_graph(expose_tensors(graph, self.exposed)), config.providers, optimize=True,
+            expose_tensors(graph, self.exposed), config.providers, optimize=True,
             memory_pattern=False, arena=not rare, spin=not rare, spin_after_run=False))
         if self.max_outputs:
             reading = expose_channel_max(expose_tensors(graph, self.whole), self.max_outputs)
             self.reduced = self._stack.enter_context(open_session(
-                from_graph(reading), config.providers, optimize=True, memory_pattern=False, spin_after_run=False))
+                reading, config.providers, optimize=True, memory_pattern=False, spin_after_run=False))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def load_stats(path: str | os.PathLike[str]) -> StatsFile:
                 prefix = f"t{i}/"
                 fields = {k[len(prefix):]: archive[k] for k in archive.files if k.startswith(prefix)}
                 histograms[name] = Histogram.from_arrays(fields)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
         raise CalibrationError(f"{path}: unreadable statistics file ({str(err).splitlines()[0]})") from None
     return StatsFile(meta["model_digest"], int(meta["samples"]), int(meta["batches"]), histograms,
                      tuple(meta.get("rewrites", ())))

@@ -6,8 +6,10 @@ crop, `(x - mean) / std` with the ImageNet mean and std in 0..255 pixel units, R
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+_TOO_LARGE = (Image.DecompressionBombWarning, Image.DecompressionBombError)
 
 
 class Layout(enum.Enum):
@@ -115,6 +118,23 @@ def _centre_crop(picture: Image.Image, height: int, width: int) -> Image.Image:
     return picture.crop((left, top, left + width, top + height))
 
 
+@contextlib.contextmanager
+def _open_image(path: str | Path, failure: str) -> Iterator[Image.Image]:
+    """`Image.open(path)`, with every decoding failure in the block a one-line CalibrationError starting
+    "{path}: {failure}". An image above Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`,
+    89.5 million pixels by default) is refused before its pixels are decoded: Pillow itself only warns up to
+    twice that size, and would decode it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except _TOO_LARGE as err:
+        raise CalibrationError(f"{path}: the image is too large to decode safely: {first_line(err)}") from err
+    except _DECODE_ERRORS as err:
+        raise CalibrationError(f"{path}: {failure}: {first_line(err)}") from err
+
+
 def load_image(path: str | Path, preprocess: ImagePreprocess, size_hw: tuple[int, int], layout: Layout,
                channels: int = 3) -> np.ndarray:
     """Decode and preprocess one picture into one float32 sample (no batch axis).
@@ -127,17 +147,14 @@ def load_image(path: str | Path, preprocess: ImagePreprocess, size_hw: tuple[int
         channels: 3 for RGB/BGR, 1 for grayscale.
 
     Raises:
-        CalibrationError: the file cannot be decoded.
+        CalibrationError: the file cannot be decoded, or has more pixels than `PIL.Image.MAX_IMAGE_PIXELS`.
         ConfigError: `layout` is AUTO or `channels` is not 1 or 3.
     """
     if layout is Layout.AUTO or channels not in (1, 3):
         raise ConfigError(f"load_image needs layout nchw or nhwc and 1 or 3 channels, got {layout.value}, {channels}")
     height, width = size_hw
-    try:
-        with Image.open(path) as image:
-            picture = image.convert("L" if channels == 1 else "RGB")
-    except _DECODE_ERRORS as err:
-        raise CalibrationError(f"{path}: cannot decode the image: {first_line(err)}") from err
+    with _open_image(path, "cannot decode the image") as image:
+        picture = image.convert("L" if channels == 1 else "RGB")
     if min(picture.size) == 0:
         raise CalibrationError(f"{path}: the image is empty ({picture.width}x{picture.height})")
     picture = _centre_crop(_resize_shorter_side(picture, preprocess.resize_for(size_hw)), height, width)
@@ -212,11 +229,8 @@ def _image_input(location: str, specs: Sequence[InputSpec], preprocess: ImagePre
 
 
 def _check_image_header(path: Path) -> None:
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except _DECODE_ERRORS as err:
-        raise CalibrationError(f"{path}: not a readable image: {first_line(err)}") from err
+    with _open_image(path, "not a readable image") as image:
+        width, height = image.size
     if width == 0 or height == 0:
         raise CalibrationError(f"{path}: the image is empty ({width}x{height})")
 

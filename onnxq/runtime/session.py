@@ -14,16 +14,17 @@ import logging
 import os
 import tempfile
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.helper
-import onnx.numpy_helper
+import onnx_graphsurgeon as gs
 import onnxruntime
 
+import onnxq.external_data as external_data
+from onnxq.io import export_light, from_graph, graph_size_bytes
 from onnxq.errors import ConfigError, ModelError
 from onnxq.runtime.ort_errors import describe_array, ort_message
 
@@ -52,11 +53,6 @@ PROVIDER_ALIASES: Mapping[str, str] = {
     "cann": "CANNExecutionProvider",
     "webgpu": "WebGpuExecutionProvider",
 }
-
-# Protobuf refuses messages of 2 GiB; above this estimate the model goes through a file with external data.
-_SERIALIZE_LIMIT_BYTES = int(1.9 * 1024**3)
-# Tensors at least this large are written to the external data file.
-_EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 
 def _known_provider_names() -> dict[str, str]:
@@ -113,6 +109,7 @@ class Session:
     ort_session: onnxruntime.InferenceSession
     requested: tuple[str, ...]
     _temp_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
+    _shared: tuple[object, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -181,7 +178,7 @@ class Session:
 
 
 def open_session(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | gs.Graph | str | os.PathLike[str],
     providers: Sequence[str] = (CPU_PROVIDER,),
     *,
     optimize: bool = False,
@@ -194,7 +191,8 @@ def open_session(
     """Create an ONNX Runtime session for `model`.
 
     Args:
-        model: a model, or the path of an .onnx file (its external data is found next to it).
+        model: a model, a graph (exported as `from_graph` does; a large graph's weights are handed to ONNX
+            Runtime in place, without a copy), or the path of an .onnx file (its external data beside it).
         providers: provider aliases or full names in order of preference; CPU is always added last.
         optimize: apply all ONNX Runtime graph optimizations (they never remove a graph output, so a
             calibration session whose measured tensors are outputs may use them).
@@ -234,7 +232,8 @@ def open_session(
         options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_mem_pattern = memory_pattern
     options.enable_cpu_mem_arena = arena
-    source, temp_dir = _session_source(model)
+    source, temp_dir, arrays = _session_source(model)
+    shared = _share_weights(arrays, options)
     try:
         ort_session = onnxruntime.InferenceSession(source, sess_options=options, providers=ort_providers)
     except Exception as err:  # onnxruntime's exceptions share no base class but Exception
@@ -242,7 +241,7 @@ def open_session(
             temp_dir.cleanup()
         raise ModelError(f"ONNX Runtime cannot load the model: {ort_message(err)}") from None
 
-    session = Session(ort_session=ort_session, requested=requested, _temp_dir=temp_dir)
+    session = Session(ort_session=ort_session, requested=requested, _temp_dir=temp_dir, _shared=shared)
     if temp_dir is not None:
         weakref.finalize(session, temp_dir.cleanup)
     _warn_about_unloaded_providers(session)
@@ -250,17 +249,26 @@ def open_session(
 
 
 def _session_source(
-    model: onnx.ModelProto | str | os.PathLike[str],
-) -> tuple[str | bytes, tempfile.TemporaryDirectory[str] | None]:
-    """What to hand ONNX Runtime: a path, serialized bytes, or a temporary copy for a huge model."""
-    if not isinstance(model, onnx.ModelProto):
-        return os.fspath(model), None
-    _reject_unresolved_external_data(model)
-    if _estimated_size_bytes(model) <= _SERIALIZE_LIMIT_BYTES:
-        return model.SerializeToString(), None
+    model: onnx.ModelProto | gs.Graph | str | os.PathLike[str],
+) -> tuple[str | bytes, tempfile.TemporaryDirectory[str] | None, dict[str, np.ndarray]]:
+    """What to hand ONNX Runtime: a path, serialized bytes, or for a large model the path of a temporary
+    skeleton and the arrays of the weights it leaves out."""
+    if isinstance(model, gs.Graph):
+        if graph_size_bytes(model) <= external_data.threshold():
+            return from_graph(model).SerializeToString(), None, {}
+        light, arrays = export_light(model)
+    elif isinstance(model, onnx.ModelProto):
+        _reject_unresolved_external_data(model)
+        if not external_data.is_large(model):
+            return model.SerializeToString(), None, {}
+        light, arrays = external_data.skeleton(model, external_data.SESSION_DATA_NAME), None
+    else:
+        return os.fspath(model), None, {}
+    _LOG.debug("opening an ONNX Runtime session on a large model's skeleton, its weights shared")
     temp_dir = tempfile.TemporaryDirectory(prefix="onnxq-session-", ignore_cleanup_errors=True)
     try:
-        return _save_with_external_data(model, Path(temp_dir.name)), temp_dir
+        path = _save_skeleton(light, Path(temp_dir.name))
+        return path, temp_dir, external_data.shared_arrays(model) if arrays is None else arrays
     except BaseException:
         temp_dir.cleanup()
         raise
@@ -284,43 +292,8 @@ def _warn_about_unloaded_providers(session: Session) -> None:
             _LOG.warning("%s was requested but could not be loaded; running on %s", name, running_on)
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in `graph`: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
-
-
-def _tensor_size_bytes(tensor: onnx.TensorProto) -> int:
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return sum(len(item) for item in tensor.string_data)
-    element_count = int(np.prod(tensor.dims, dtype=np.int64))
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except KeyError:  # UNDEFINED or a type numpy cannot hold: too rare to matter for an estimate
-        itemsize = 1
-    return element_count * itemsize
-
-
-def _estimated_size_bytes(model: onnx.ModelProto) -> int:
-    """The serialized size of `model`, estimated from its tensors without serializing it."""
-    return sum(_tensor_size_bytes(tensor) for tensor in _all_tensors(model.graph))
-
-
 def _reject_unresolved_external_data(model: onnx.ModelProto) -> None:
-    for tensor in _all_tensors(model.graph):
+    for tensor in external_data.all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise ModelError(
                 f"tensor '{tensor.name}' refers to external data that was not loaded; "
@@ -328,28 +301,32 @@ def _reject_unresolved_external_data(model: onnx.ModelProto) -> None:
             )
 
 
-def _save_with_external_data(model: onnx.ModelProto, directory: Path) -> str:
-    """Write a copy of `model` with its large tensors in a side file; return the .onnx path."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # onnx.save_model moves the weights out of the proto it is given
-    for tensor in _all_tensors(copy.graph):
-        inline = not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING
-        if inline and _tensor_size_bytes(tensor) >= _EXTERNAL_TENSOR_MIN_BYTES:
-            # Only raw_data is moved to external data; typed fields (float_data, ...) would stay inline.
-            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+def _save_skeleton(skeleton: onnx.ModelProto, directory: Path) -> str:
+    """Write a skeleton (large tensors as references into an empty side file); return its path.
+
+    ONNX Runtime gets the large tensors' values from `_share_weights`, not from the file.
+    """
     model_path = directory / "model.onnx"
     try:
-        onnx.save_model(
-            copy,
-            os.fspath(model_path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location="model.onnx.data",
-            size_threshold=_EXTERNAL_TENSOR_MIN_BYTES,
-        )
+        (directory / external_data.SESSION_DATA_NAME).touch()
+        onnx.save_model(skeleton, os.fspath(model_path))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot write a temporary copy of the model: {err}") from None
     return os.fspath(model_path)
+
+
+def _share_weights(arrays: Mapping[str, np.ndarray], options: onnxruntime.SessionOptions) -> tuple[object, ...]:
+    """Hand ONNX Runtime a large model's weights as arrays it uses in place (shared between sessions over
+    equal weights, see `external_data.shared_array`, or the graph's own arrays). Prepacking is off: it
+    would give each session a repacked copy of every MatMul weight. Returns what must outlive the session."""
+    if not arrays:
+        return ()
+    contiguous = [np.ascontiguousarray(array) for array in arrays.values()]
+    values = tuple(onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in contiguous)
+    for name, value in zip(arrays, values):
+        options.add_initializer(name, value)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return (*contiguous, *values)
 
 
 def set_runtime_log_level(verbose: bool) -> None:

@@ -46,6 +46,7 @@ from onnxq.config import AccuracyGoal
 from onnxq.data.held_back import HELD_BACK_EVERY, held_back_sources
 from onnxq.data.sources import CalibSource
 from onnxq.errors import CalibrationError, ConfigError
+import onnxq.external_data as external_data
 from onnxq.io import from_graph, to_graph
 from onnxq.lower.insert_qdq import insert_qdq
 from onnxq.metrics import OutputMetrics
@@ -123,8 +124,10 @@ def measure_shifts(job: Job, plan: QuantPlan, layers: Sequence[LinearLayer], sou
     samples measured on."""
     assert job.graph is not None and job.calibration is not None
     params = activation_params(plan, job.calibration.stats, job.config.calib, job.target.scheme, job.amax(plan))
-    quantized = from_graph(insert_qdq(job.graph, plan, params), template=job.model)
-    model = sequential_shift_model(from_graph(job.graph, template=job.model), quantized, layers)
+    # Both exports are dropped once merged: on a large model each holds a copy of the weights.
+    model = sequential_shift_model(from_graph(job.graph, template=job.model),
+                                   from_graph(insert_qdq(job.graph, plan, params), template=job.model), layers,
+                                   reuse=True)
     return measure(model, source, job.config.calib.batch_size, job.signature, job.config.calib.providers,
                    job.progress("measuring output shifts"))
 
@@ -236,6 +239,10 @@ class BiasCorrection(Step):
         if job.source is None:
             return plan, StepSkipped(self.name, "no bias correction: a statistics file holds no samples to "
                                                 "measure the output shift on (give --calib for it)")
+        if not self.requested and external_data.is_large(job.model):
+            return plan, StepSkipped(self.name, "no bias correction by default on a model over 2 GB: measuring the "
+                                                "shifts holds float and quantized copies of it side by side (about "
+                                                "8x its size in memory); --bias-correction runs it")
         assert job.graph is not None
         layers, skipped = linear_layers(job.graph, plan)
         if not layers:

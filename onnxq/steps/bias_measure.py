@@ -139,11 +139,15 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def sequential_shift_model(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
-                           layers: Iterable[LinearLayer]) -> ShiftModel:
+                           layers: Iterable[LinearLayer], *, reuse: bool = False) -> ShiftModel:
     """The float model and the Q/DQ model (the same graph with the plan's Q/DQ, float rest in float32)
-    side by side, every layer of `layers` corrected by its batch mean shift as the module docstring shows."""
-    merged = onnx.ModelProto()
-    merged.CopyFrom(float_model)
+    side by side, every layer of `layers` corrected by its batch mean shift as the module docstring shows.
+
+    `reuse`: build on `float_model` itself (it is changed) instead of a copy, for a caller that exported it
+    for this alone: on a large model the copy is one more copy of the weights."""
+    merged = float_model if reuse else onnx.ModelProto()
+    if not reuse:
+        merged.CopyFrom(float_model)
     graph = merged.graph
     taken = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
     taken |= {t.name for t in graph.initializer} | {t.name for t in graph.input} | {t.name for t in graph.output}
@@ -168,7 +172,9 @@ def sequential_shift_model(float_model: onnx.ModelProto, quantized: onnx.ModelPr
                       onnx.helper.make_node("Add", [raw, shift], [out], name=out)]
         outputs[layer.node_name] = shift
     graph.node.extend(corrected)
-    graph.initializer.extend(initializers)
+    initializers.reverse()
+    while initializers:  # one tensor at a time: the list's copies go as the graph's arrive
+        graph.initializer.append(initializers.pop())
     elem_type = onnx.TensorProto.FLOAT
     del graph.output[:]
     graph.output.extend(onnx.helper.make_tensor_value_info(name, elem_type, None) for name in outputs.values())

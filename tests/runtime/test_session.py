@@ -16,6 +16,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
+from onnxq import external_data
 from onnxq.runtime import session as session_module
 from onnxq.runtime.session import PROVIDER_ALIASES, Session, open_session, resolve_providers
 from onnxq.errors import ConfigError, ModelError
@@ -252,8 +253,8 @@ def test_missing_file_is_a_model_error(tmp_path: Path) -> None:
 
 
 def test_large_model_goes_through_external_data_and_is_cleaned_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "_SERIALIZE_LIMIT_BYTES", 0)
-    monkeypatch.setattr(session_module, "_EXTERNAL_TENSOR_MIN_BYTES", 1)
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(external_data, "MIN_EXTERNAL_TENSOR_BYTES", 1)
     model = passthrough_model()
     with open_session(model) as session:
         assert session._temp_dir is not None
@@ -268,7 +269,7 @@ def test_large_model_goes_through_external_data_and_is_cleaned_up(monkeypatch: p
 
 
 def test_large_model_temp_dir_is_removed_when_the_session_is_collected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "_SERIALIZE_LIMIT_BYTES", 0)
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", 0)
     session = open_session(passthrough_model())
     assert session._temp_dir is not None
     temp_dir = Path(session._temp_dir.name)

@@ -1,0 +1,257 @@
+"""Models over 2 GB, on a small model: the large-model threshold is lowered so a ~1 MB MLP whose weights
+sit in external data takes the same path a > 2 GB model takes (benchmarks/large_model.py runs a real one).
+
+Protobuf cannot serialize a ModelProto of 2 GiB, so on that path no model above the threshold may reach
+shape inference, the checker, `onnx.save_model` or ONNX Runtime as a proto or as bytes: the guards below
+fail the test if one does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.checker
+import onnx.shape_inference
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper
+
+import onnxq
+import onnxq.external_data as external_data
+import onnxq.io
+import onnxq.runtime.session
+from onnxq.errors import ConfigError, ModelError
+from onnxq.steps.base import StepSkipped
+from onnxq.steps.bias_correction import BiasCorrected
+from tests.support.cli import invoke
+
+_SAVE_MODEL = onnx.save_model  # the test's own writes are not under the guards below
+THRESHOLD = 100_000  # bytes of tensors; the MLP below has ~800 kB
+WIDTH, LAYERS = 128, 12
+
+
+def write_mlp(folder: Path, name: str = "mlp.onnx") -> Path:
+    """A MatMul/Add/Relu MLP saved with its weights in `<name>.data` beside it."""
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    for i in range(LAYERS):
+        weights += [onnx.numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH), np.float32) / WIDTH**0.5, f"w{i}"),
+                    onnx.numpy_helper.from_array(rng.standard_normal(WIDTH).astype(np.float32) * 0.1, f"b{i}")]
+        source, out = ("x" if i == 0 else f"h{i - 1}"), ("y" if i == LAYERS - 1 else f"a{i}")
+        nodes += [helper.make_node("MatMul", [source, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [out], name=f"add{i}")]
+        if i < LAYERS - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"h{i}"], name=f"relu{i}"))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", WIDTH])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = folder / name
+    _SAVE_MODEL(model, os.fspath(path), save_as_external_data=True, location=name + ".data")
+    return path
+
+
+def write_calib(folder: Path) -> Path:
+    path = folder / "calib.npz"
+    np.savez(path, x=np.random.default_rng(1).standard_normal((8, WIDTH)).astype(np.float32))
+    return path
+
+
+@pytest.fixture
+def large(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Lower the threshold and fail on any proto or bytes above it handed to protobuf-serializing calls.
+    Returns the list of routes the guards saw taken (e.g. 'checker: path')."""
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", THRESHOLD)
+    seen: list[str] = []
+
+    def guard(what: str, model: object) -> None:
+        if isinstance(model, onnx.ModelProto):
+            assert model.ByteSize() <= THRESHOLD, f"{what} was given a {model.ByteSize()}-byte ModelProto"
+            seen.append(f"{what}: small proto")
+        elif isinstance(model, bytes):
+            assert len(model) <= THRESHOLD, f"{what} was given {len(model)} serialized bytes"
+            seen.append(f"{what}: small bytes")
+        else:
+            seen.append(f"{what}: path")
+
+    def wrap(module: object, name: str) -> None:
+        original = getattr(module, name)
+
+        def guarded(model: object, *args: object, **kwargs: object) -> object:
+            guard(name, model)
+            return original(model, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, guarded)
+
+    wrap(onnx.shape_inference, "infer_shapes")
+    wrap(onnx.checker, "check_model")
+    wrap(onnx, "save_model")
+    wrap(onnxruntime, "InferenceSession")
+    return seen
+
+
+def run_from_path(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return onnxruntime.InferenceSession(os.fspath(path), options).run(None, feed)[0]
+
+
+def test_cli_quantizes_a_large_model_through_files_only(tmp_path: Path, large: list[str]) -> None:
+    model_path, calib = write_mlp(tmp_path), write_calib(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = tmp_path / "out"
+    out.mkdir()
+    code, stdout, stderr = invoke("quantize", model_path, "--calib", calib, "-o", out / "mlp.int8.onnx")
+    assert code == 0, stderr
+    assert "wrote" in stdout
+    assert "no bias correction by default on a model over 2 GB" in stdout  # its ~8x peak is opt-in
+    # Every route taken was a file or a proto below the threshold (the guards assert it), and the
+    # file-based routes were taken: ORT sessions from a path, the checker on a path.
+    assert "InferenceSession: path" in large and "check_model: path" in large
+    # The weights sit beside the output, named after it, referred to by that bare name; nothing else is left.
+    assert sorted(p.name for p in out.iterdir()) == ["mlp.int8.onnx", "mlp.int8.onnx.data"]
+    light = onnx.load(os.fspath(out / "mlp.int8.onnx"), load_external_data=False)
+    locations = {e.value for t in light.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"mlp.int8.onnx.data"}
+    onnx.checker.check_model(os.fspath(out / "mlp.int8.onnx"), full_check=True)
+    assert {n.op_type for n in light.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    # The input is untouched.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_large_path_gives_the_same_model_as_the_in_memory_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """The file-based path is a route, not a different result: both quantize to the same numbers."""
+    model_path, calib = write_mlp(tmp_path), write_calib(tmp_path)
+    config = onnxq.QuantConfig(smoothquant=False, bias_correction=False)
+    onnxq.io.save_model(onnxq.quantize(model_path, calib, config).model, tmp_path / "small.onnx")
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", THRESHOLD)
+    big = onnxq.quantize(model_path, calib, config).model
+    assert external_data.is_large(big)
+    onnxq.io.save_model(big, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists() and not (tmp_path / "small.onnx.data").exists()
+    feed = {"x": np.random.default_rng(2).standard_normal((4, WIDTH)).astype(np.float32)}
+    np.testing.assert_array_equal(run_from_path(tmp_path / "big.onnx", feed), run_from_path(tmp_path / "small.onnx", feed))
+    reference = run_from_path(model_path, feed)
+    quantized = run_from_path(tmp_path / "big.onnx", feed)
+    cosine = np.sum(reference * quantized) / (np.linalg.norm(reference) * np.linalg.norm(quantized))
+    assert cosine > 0.999
+
+
+def test_shape_inference_runs_on_a_large_model_and_keeps_its_weights(tmp_path: Path, large: list[str]) -> None:
+    model = onnxq.load_model(write_mlp(tmp_path))
+    graph = onnxq.io.to_graph(model)
+    assert "infer_shapes: small proto" in large
+    assert graph.tensors()["m3"].dtype == np.float32 and graph.tensors()["m3"].shape == ["N", WIDTH]
+    np.testing.assert_array_equal(graph.tensors()["w0"].values, onnx.numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_a_failed_save_leaves_the_previous_output_and_no_half_written_files(tmp_path: Path, large: list[str],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    model = onnxq.load_model(write_mlp(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.onnx").write_bytes(b"previous model")
+    (out / "m.onnx.data").write_bytes(b"previous weights")
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", disk_full)  # the weights are written, the model file is not
+    with pytest.raises(ModelError, match="m.onnx: cannot write the model .No space left on device."):
+        onnxq.io.save_model(model, out / "m.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (out / "m.onnx").read_bytes() == b"previous model"
+    assert (out / "m.onnx.data").read_bytes() == b"previous weights"
+
+
+def test_save_never_replaces_the_weights_the_input_model_reads(tmp_path: Path, large: list[str]) -> None:
+    """An input `a.onnx` whose weights are in `b.onnx.data`: writing `b.onnx` must not replace them."""
+    source = write_mlp(tmp_path, "b.onnx")
+    source.rename(tmp_path / "a.onnx")
+    weights = (tmp_path / "b.onnx.data").read_bytes()
+    model = onnxq.load_model(tmp_path / "a.onnx")
+    with pytest.raises(ModelError, match="b.onnx.data, which the input model reads"):
+        onnxq.io.save_model(model, tmp_path / "b.onnx", keep=onnxq.io.external_data_files(tmp_path / "a.onnx"))
+    assert (tmp_path / "b.onnx.data").read_bytes() == weights
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_saving_leaves_the_model_in_memory_as_it_was(tmp_path: Path, large: list[str]) -> None:
+    model = onnxq.load_model(write_mlp(tmp_path))
+    before = model.SerializeToString()
+    onnxq.io.save_model(model, tmp_path / "copy.onnx")
+    assert model.SerializeToString() == before
+
+
+def test_threshold_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", None)
+    monkeypatch.setenv("ONNXQ_LARGE_MODEL_BYTES", "12345")
+    assert external_data.threshold() == 12345
+    monkeypatch.delenv("ONNXQ_LARGE_MODEL_BYTES")
+    assert external_data.threshold() == int(1.9 * 1024**3)
+    monkeypatch.setenv("ONNXQ_LARGE_MODEL_BYTES", "2GB")
+    with pytest.raises(ConfigError, match="ONNXQ_LARGE_MODEL_BYTES='2GB'"):
+        external_data.threshold()
+
+
+def test_a_session_on_a_large_graph_runs_on_the_graphs_own_arrays(tmp_path: Path, large: list[str]) -> None:
+    """Calibration opens sessions on graphs: a large graph's weights reach ONNX Runtime without a copy."""
+    model_path = write_mlp(tmp_path)
+    graph = onnxq.io.to_graph(onnxq.load_model(model_path))
+    loaded = graph.tensors()["w0"].values  # a weight the graph holds as an array (as after SmoothQuant)
+    feed = {"x": np.random.default_rng(3).standard_normal((2, WIDTH)).astype(np.float32)}
+    with onnxq.runtime.session.open_session(graph) as session:
+        assert any(shared is loaded for shared in session._shared)
+        np.testing.assert_allclose(session.run(feed)["y"], run_from_path(model_path, feed), rtol=1e-5, atol=1e-5)
+    assert "InferenceSession: path" in large
+
+
+def test_cli_refuses_an_output_whose_weights_file_the_input_reads(tmp_path: Path, large: list[str]) -> None:
+    source = write_mlp(tmp_path, "b.onnx")
+    source.rename(tmp_path / "a.onnx")
+    weights = (tmp_path / "b.onnx.data").read_bytes()
+    code, stdout, stderr = invoke("quantize", tmp_path / "a.onnx", "--calib", write_calib(tmp_path),
+                                  "-o", tmp_path / "b.onnx")
+    assert code == 1 and stdout == ""
+    assert stderr.count("\n") == 1 and "b.onnx.data, which the input model reads" in stderr
+    assert (tmp_path / "b.onnx.data").read_bytes() == weights and not (tmp_path / "b.onnx").exists()
+
+
+def test_bias_correction_asked_for_still_runs_on_a_large_model(tmp_path: Path, large: list[str]) -> None:
+    model_path, calib = write_mlp(tmp_path), write_calib(tmp_path)
+    result = onnxq.quantize(model_path, calib, onnxq.QuantConfig(smoothquant=False, bias_correction=True))
+    assert result.finding(BiasCorrected) is not None
+    assert not any(isinstance(f, StepSkipped) and f.step == "bias correction" for f in result.findings)
+
+
+def test_weights_in_typed_fields_are_written_out_and_read_back(tmp_path: Path, large: list[str]) -> None:
+    """A tensor stored as float_data / int64_data (not raw_data) goes to the weights file too."""
+    weights = np.random.default_rng(4).standard_normal((200, 200)).astype(np.float32)
+    shape = np.array([1, 40000], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["y"])],
+        "typed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [200, 200])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, [40000, 1], weights.reshape(-1).tolist()),
+         helper.make_tensor("shape", TensorProto.INT64, [2], shape.tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert not model.graph.initializer[0].HasField("raw_data")
+    onnxq.io.save_model(model, tmp_path / "typed.onnx")
+    light = onnx.load(os.fspath(tmp_path / "typed.onnx"), load_external_data=False)
+    assert light.graph.initializer[0].data_location == TensorProto.EXTERNAL
+    reloaded = onnx.load(os.fspath(tmp_path / "typed.onnx"))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(reloaded.graph.initializer[0]).reshape(200, 200), weights)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(reloaded.graph.initializer[1]), shape)
+
+
+def test_the_skeleton_check_still_finds_a_tensor_too_short_for_its_shape(large: list[str]) -> None:
+    tensor = onnx.numpy_helper.from_array(np.ones((300, 300), np.float32), "w")
+    tensor.raw_data = tensor.raw_data[:-4]
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "short", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [300, 300])], [tensor])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    with pytest.raises(ModelError, match="tensor 'w' holds a different number of bytes"):
+        onnxq.io.check_model(model)
