@@ -71,13 +71,15 @@ def compare_cmd(float_path: Path, quant_path: Path, data_path: str, backend: str
     config = CompareConfig(backend=chosen, providers=names or ("cpu",), batch_size=batch_size,
                            warmup=warmup, iterations=iterations, intra_op_threads=threads)
     if json_path is not None:
-        json_path = output_path(float_path, json_path, protected=(quant_path, data_path))
+        json_path = output_path(float_path, json_path, protected=(quant_path, data_path), option="--json")
     with Progress("comparing") as progress:
         result = compare(float_path, quant_path, data_path, config, preprocess=preprocess, on_progress=progress)
+    if json_path is not None:  # before the report is printed: a JSON that cannot be written fails with no report
+        written(write_json(result, json_path))
     for line in report_lines(result):
         click.echo(line)
     if json_path is not None:
-        click.echo(f"wrote {written(write_json(result, json_path))}")
+        click.echo(f"wrote {json_path}")
 
 
 def _model_line(role: str, run: ModelRun, backend: Backend) -> str:

@@ -171,8 +171,9 @@ def quant_config(selection: Selection, method: str, target: str, high_precision:
 
 
 def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx",
-                protected: tuple[str | Path | None, ...] = ()) -> Path:
-    """`-o` or `<stem><suffix>` beside the model, checked before any work is done.
+                protected: tuple[str | Path | None, ...] = (), option: str = "-o") -> Path:
+    """`-o` (or the output option named `option`) or `<stem><suffix>` beside the model, checked before any
+    work is done.
 
     Raises:
         ConfigError: the path names the input model or another input file (`protected`: data files
@@ -186,12 +187,12 @@ def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx
         for source in (model_path, *protected):
             if source is not None and Path(source).is_file() and is_same_file(target, source):
                 what = "the input model" if source is model_path else f"the input file {source}"
-                raise ConfigError(f"-o {target} names {what}; refusing to overwrite it")
+                raise ConfigError(f"{option} {target} names {what}; refusing to overwrite it")
     if target.is_dir():
-        raise ConfigError(f"-o {target} is a folder; give a file name")
+        raise ConfigError(f"{option} {target} is a folder; give a file name")
     folder = target.parent
     if not folder.is_dir():
-        raise ModelError(f"-o {target}: the folder {folder} does not exist")
+        raise ModelError(f"{option} {target}: the folder {folder} does not exist")
     return target
 
 

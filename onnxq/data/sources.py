@@ -253,7 +253,7 @@ def _import_loader(script: Path, function_name: str) -> Callable[[], Any]:
 def _failure(err: BaseException, after: str = "") -> str:
     """What a loader did, e.g. "failed: ValueError: bad path" or "called sys.exit(0) after 2 feeds; ..."."""
     if isinstance(err, SystemExit):  # sys.exit(...) and raise SystemExit(...) alike
-        return (f"called sys.exit({err.code!r}){after}; a data loader must return or yield its feeds, "
+        return (f"called sys.exit({err.code!r}) (SystemExit){after}; a data loader must return or yield its feeds, "
                 "not end the process")
     if after:
         return f"raised {type(err).__name__}{after}: {first_line(err)}"

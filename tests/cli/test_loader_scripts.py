@@ -30,12 +30,12 @@ def _loader(work: Workspace, body: str) -> str:
 
 
 @pytest.mark.parametrize(("body", "fragment"), [
-    ("def load_data():\n    sys.exit(0)\n", "loader.py:load_data called sys.exit(0) after 0 feeds"),
-    ("def load_data():\n    sys.exit(3)\n", "loader.py:load_data called sys.exit(3) after 0 feeds"),
-    ("def load_data():\n    raise SystemExit('x')\n", "loader.py:load_data called sys.exit('x') after 0 feeds"),
+    ("def load_data():\n    sys.exit(0)\n", "loader.py:load_data called sys.exit(0) (SystemExit) after 0 feeds"),
+    ("def load_data():\n    sys.exit(3)\n", "loader.py:load_data called sys.exit(3) (SystemExit) after 0 feeds"),
+    ("def load_data():\n    raise SystemExit('x')\n", "loader.py:load_data called sys.exit('x') (SystemExit) after 0 feeds"),
     ("def load_data():\n    yield dict(np.load({calib!r}))\n    sys.exit()\n",
-     "loader.py:load_data called sys.exit(None) after 1 feeds"),
-    ("sys.exit(0)\ndef load_data():\n    return []\n", "loader.py: importing the data loader called sys.exit(0)"),
+     "loader.py:load_data called sys.exit(None) (SystemExit) after 1 feeds"),
+    ("sys.exit(0)\ndef load_data():\n    return []\n", "loader.py: importing the data loader called sys.exit(0) (SystemExit)"),
     ("def load_data():\n    raise ValueError('no such folder')\n",
      "loader.py:load_data raised ValueError after 0 feeds: no such folder"),
     ("def load_data():\n    return []\n", "loader.py:load_data produced no feeds"),
@@ -61,7 +61,7 @@ def test_sys_exit_0_in_a_real_process_is_exit_1_without_output(work: Workspace, 
     assert result.returncode == 1, result
     assert result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert "loader.py:load_data called sys.exit(0)" in result.stderr
+    assert "loader.py:load_data called sys.exit(0) (SystemExit)" in result.stderr
     assert list(work.out.iterdir()) == []
 
 
