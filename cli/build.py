@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import click
 
+from .logs import quiet_libraries
 from .options import output_path
+from .outputs import written
 
 if TYPE_CHECKING:
     import onnx
@@ -67,10 +69,11 @@ def build_and_save(model_path: Path, destination: Path, shapes: Mapping[str, tup
 
     result = build_engine(model_path, BuildConfig(shapes=dict(shapes), workspace_bytes=workspace_bytes))
     save_plan(result.plan, destination)
+    written(destination)
     return EngineSummary(result.seconds, result.log_summary, precision_counts(result.layer_precisions))
 
 
-@click.command("build", no_args_is_help=True)
+@click.command("build")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Engine plan file (default: <MODEL stem>.plan beside MODEL).")
@@ -89,6 +92,8 @@ def build_cmd(model_path: Path, output: Path | None, shapes: str | None, workspa
       onnxq build model.int8.onnx -o model.plan --shapes input:8x3x224x224
     """
     from onnxq.runtime.trt.build import parse_shapes, read_model_header
+
+    quiet_libraries()
 
     shape_map = parse_shapes(shapes) if shapes is not None else {}
     require_engine_build()

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from onnxq.pipeline import collect_stats
-from onnxq.data.images import ImagePreprocess
-from onnxq.calib.stats_file import save_stats
-from onnxq.config import QuantConfig
-from onnxq.options import Selection
-from onnxq.io import load_model
-
+from .logs import quiet_libraries
 from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
+from .outputs import written
 from .progress import StageProgress, plural
 
+if TYPE_CHECKING:
+    from onnxq.config import QuantConfig
+    from onnxq.data.images import ImagePreprocess
+    from onnxq.options import Selection
 
-@click.command("calibrate", no_args_is_help=True)
+
+@click.command("calibrate")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--calib", "calib_path", required=True, metavar="PATH",
               help="Calibration data: .npz/.npy, a folder of them or of images, or loader.py:function.")
@@ -31,7 +32,7 @@ from .progress import StageProgress, plural
                    "quantize --stats must use the same setting).")
 @image_options
 def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, target: str, selection: Selection,
-                  batch_size: int, providers: tuple[str, ...], equalize: bool | None,
+                  batch_size: int, max_samples: int | None, providers: tuple[str, ...], equalize: bool | None,
                   preprocess: ImagePreprocess) -> None:
     """Run the calibration data through MODEL and save histograms of every tensor it would quantize.
 
@@ -43,12 +44,20 @@ def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, target
       onnxq calibrate model.onnx --calib calib/ -o model.onnxq.npz
       onnxq quantize model.onnx --stats model.onnxq.npz --method entropy
     """
+    quiet_libraries()
+    from onnxq.calib.stats_file import save_stats
+    from onnxq.data.signature import signature_of
+    from onnxq.data.sources import open_source
+    from onnxq.io import load_model
+    from onnxq.pipeline import collect_stats
+
     config: QuantConfig = quant_config(selection, "max", target, "fp32", batch_size, providers, equalize=equalize)
     model = load_model(model_path)
     destination = output_path(model_path, output, suffix=".onnxq.npz", protected=(calib_path,))
+    calib = open_source(calib_path, signature_of(model), preprocess, max_samples)
     with StageProgress() as progress:
-        stats, calibration = collect_stats(model, calib_path, config, preprocess=preprocess, on_progress=progress)
-    save_stats(stats, destination)
+        stats, calibration = collect_stats(model, calib, config, preprocess=preprocess, on_progress=progress)
+    written(save_stats(stats, destination))
     click.echo(f"wrote {destination}")
     click.echo(f"  statistics   {plural(len(stats.histograms), 'tensor')}, {stats.num_bins} bins each, "
                f"{plural(stats.samples, 'sample')} in {plural(stats.batches, 'batch', 'batches')} "

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from onnxq.data.images import ImagePreprocess
-from onnxq.compare import Backend, CompareConfig, CompareResult, ModelRun, compare, require_backend, write_json
 from onnxq.options import parse_enum
-from onnxq.runtime.timing import format_latency
-from onnxq.metrics import format_metrics
 
+from .logs import quiet_libraries
 from .options import image_options, output_path
+from .outputs import written
 from .progress import Progress, plural
 
+if TYPE_CHECKING:
+    from onnxq.compare import Backend, CompareResult, ModelRun
+    from onnxq.data.images import ImagePreprocess
 
-@click.command("compare", no_args_is_help=True)
+#: `onnxq.compare.Backend`'s values.
+BACKENDS = ("ort", "trt")
+
+
+@click.command("compare")
 @click.argument("float_path", metavar="FLOAT", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("quant_path", metavar="QUANT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "data_path", metavar="PATH", required=True,
               help="Inputs for both models, in any --calib format of `onnxq quantize`.")
-@click.option("--backend", type=click.Choice([b.value for b in Backend]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="ort: ONNX Runtime with all graph optimizations; trt: TensorRT engines (needs a GPU).")
 @click.option("--providers", multiple=True, metavar="P,...",
               help="ONNX Runtime execution providers for both sessions, e.g. cuda,cpu (default: cpu).")
@@ -54,6 +60,9 @@ def compare_cmd(float_path: Path, quant_path: Path, data_path: str, backend: str
       onnxq compare model.onnx model.int8.onnx --data eval/ --json report.json
       onnxq compare model.onnx model.int8.onnx --data eval.npz --backend trt
     """
+    quiet_libraries()
+    from onnxq.compare import Backend, CompareConfig, compare, require_backend, write_json
+
     chosen = parse_enum(Backend, backend, "--backend")
     require_backend(chosen)  # before any work: a missing TensorRT or GPU is found at once
     names = tuple(part.strip() for value in providers for part in value.split(",") if part.strip())
@@ -62,16 +71,20 @@ def compare_cmd(float_path: Path, quant_path: Path, data_path: str, backend: str
     config = CompareConfig(backend=chosen, providers=names or ("cpu",), batch_size=batch_size,
                            warmup=warmup, iterations=iterations, intra_op_threads=threads)
     if json_path is not None:
-        json_path = output_path(float_path, json_path, protected=(quant_path, data_path))
+        json_path = output_path(float_path, json_path, protected=(quant_path, data_path), option="--json")
     with Progress("comparing") as progress:
         result = compare(float_path, quant_path, data_path, config, preprocess=preprocess, on_progress=progress)
+    if json_path is not None:  # before the report is printed: a JSON that cannot be written fails with no report
+        written(write_json(result, json_path))
     for line in report_lines(result):
         click.echo(line)
     if json_path is not None:
-        click.echo(f"wrote {write_json(result, json_path)}")
+        click.echo(f"wrote {json_path}")
 
 
 def _model_line(role: str, run: ModelRun, backend: Backend) -> str:
+    from onnxq.compare import Backend
+
     line = f"  {role:<12} {run.path}: {run.runtime}"
     if backend is Backend.ORT:
         line += f" on {', '.join(run.providers)}"
@@ -82,6 +95,10 @@ def _model_line(role: str, run: ModelRun, backend: Backend) -> str:
 
 def report_lines(result: CompareResult) -> list[str]:
     """The printed report: what ran, accuracy per output, then latency."""
+    from onnxq.compare import Backend
+    from onnxq.metrics import format_metrics
+    from onnxq.runtime.timing import format_latency
+
     threads = "ONNX Runtime's default" if result.intra_op_threads is None else str(result.intra_op_threads)
     lines = [f"float vs quant on {result.data}", _model_line("float", result.reference, result.backend),
              _model_line("quant", result.candidate, result.backend)]

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import click
 
-from onnxq.pipeline import inspect
-from onnxq.options import Selection
+from .logs import quiet_libraries
+from .options import selection_options, target_option
 from .plan_text import format_plan, format_plan_summary
 
-from .options import selection_options, target_option
+if TYPE_CHECKING:
+    from onnxq.options import Selection
 
 
-@click.command("inspect", no_args_is_help=True)
+@click.command("inspect")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @selection_options
 @target_option
@@ -25,5 +28,8 @@ def inspect_cmd(model_path: Path, selection: Selection, target: str, summary: bo
     Example:
       onnxq inspect model.onnx --exclude-op-types Gemm
     """
+    quiet_libraries()
+    from onnxq.pipeline import inspect
+
     plan = inspect(model_path, selection, target)
     click.echo(format_plan_summary(plan) if summary else format_plan(plan))

@@ -1,11 +1,14 @@
 """`onnxq` command line: a thin click front end over the onnxq library.
 
 Exit codes: 0 success, 1 runtime error, 2 usage error or missing optional dependency, 130 on Ctrl-C.
-No traceback is shown unless `--debug` is given. `onnxq` or a command without arguments prints its
-help on stderr and exits 2, like any other usage error.
+No traceback is shown unless `--debug` is given. `onnxq` or a command without its arguments is a usage
+error like any other: click's short usage and the error, exit 2.
 
-The commands are imported on first use, inside `run`, so that a Ctrl-C while the heavy libraries
-(onnx, ONNX Runtime) load still exits 130 without a traceback, and `--help`/`--version` stay fast.
+The commands are imported on first use, and they import the library (onnx, ONNX Runtime) only when they
+run, so `--help` and `--version` stay fast; the console script (`launch.py`) installs the Ctrl-C handling
+before any of it, so a Ctrl-C while those libraries load exits 130 without a traceback, as at any other
+moment. A command either finishes with all of its output files written (exit 0) or leaves none of them
+(`outputs.transaction`); a stdout whose reader is gone does not change that (`outputs.StdoutGuard`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import click
 from onnxq import __version__
 from onnxq.errors import ConfigError, InternalError, MissingDependencyError, OnnxqError
 
+from . import interrupt
+from .outputs import StdoutError, StdoutGuard, transaction
+
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
 
 # command name -> "module:attribute", relative to this package; listed in this order by `--help`.
 _COMMANDS = {"quantize": ".quantize:quantize_cmd", "calibrate": ".calibrate:calibrate_cmd",
@@ -48,7 +54,7 @@ class _LazyGroup(click.Group):
         return command
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_LazyGroup, no_args_is_help=False, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxq")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors: no warnings and no progress bar.")
@@ -62,13 +68,6 @@ def cli(verbose: int, quiet: bool, debug: bool) -> None:
     """
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    from onnxq.runtime.session import set_runtime_log_level
-
-    set_runtime_log_level(verbose=verbose >= 2)
-    # onnx-graphsurgeon prints its messages to stdout, into the command's output: errors only unless -v.
-    G_LOGGER.severity = G_LOGGER.WARNING if verbose else G_LOGGER.ERROR
 
 
 def _fail(message: str, code: int) -> int:
@@ -92,34 +91,69 @@ def _internal_error(err: Exception) -> str:
     return f"internal error: {type(err).__name__}: {first_line} (run with --debug for the traceback)"
 
 
+def _invoke(args: list[str]) -> object:
+    """Parse `args` and run the command; click's own error handling (`main`) is left out so that every
+    outcome, Ctrl-C and a broken stdout included, is decided in `run` alone."""
+    with cli.make_context("onnxq", args) as context:
+        return cli.invoke(context)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code instead of raising (with `--debug`, errors are re-raised)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _wants_debug(args)
+    stdout = StdoutGuard(sys.stdout)
+    sys.stdout = stdout  # type: ignore[assignment]
     try:
-        result = cli.main(args=args, prog_name="onnxq", standalone_mode=False)
+        with transaction():
+            result = _invoke(args)
+            stdout.flush()  # a write error still in the buffer (a full disk) fails the command too
     except (click.Abort, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except click.ClickException as err:  # a usage error: its traceback would only show click's parser
+        return _interrupted()
+    except click.exceptions.Exit as done:  # --help, --version
+        return done.exit_code
+    except click.UsageError as err:  # its traceback would only show click's parser
+        _show_usage_error(err)
+        return err.exit_code
+    except click.ClickException as err:
         err.show()
         return err.exit_code
     except (ConfigError, MissingDependencyError) as err:
         if debug:
             raise
         return _fail(str(err), EXIT_USAGE)
-    except OnnxqError as err:
+    except (OnnxqError, StdoutError) as err:
         if debug:
             raise
-        return _fail(str(err), EXIT_RUNTIME_ERROR)
+        return _interrupted() if interrupt.received() else _fail(str(err), EXIT_RUNTIME_ERROR)
     except Exception as err:  # an onnxq bug or an unexpected library failure
         if debug:
             raise
-        return _fail(_internal_error(err), EXIT_RUNTIME_ERROR)
-    # Without standalone mode, click returns the code of `--help`/`--version` (ctx.exit) as an int.
+        # A Ctrl-C that a library turned into another error is still an interruption.
+        return _interrupted() if interrupt.received() else _fail(_internal_error(err), EXIT_RUNTIME_ERROR)
+    finally:
+        stdout.release()
     return result if isinstance(result, int) else EXIT_OK
 
 
+def _show_usage_error(err: click.UsageError) -> None:
+    """Three lines on stderr: the command's usage, where the help is, and the error (click's text without
+    its blank line)."""
+    lines = []
+    if err.ctx is not None:
+        lines.append(err.ctx.get_usage())
+        help_option = max(err.ctx.help_option_names, key=len, default=None)
+        if err.ctx.command.get_help_option(err.ctx) is not None and help_option is not None:
+            lines.append(f"Try '{err.ctx.command_path} {help_option}' for help.")
+    lines.append(f"Error: {err.format_message()}")
+    click.echo("\n".join(lines), err=True)
+
+
+def _interrupted() -> int:
+    click.echo(interrupt.MESSAGE, err=True)
+    return EXIT_INTERRUPTED
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Run the command line (the console script is `launch.main`, which also handles Ctrl-C at start-up)."""
     sys.exit(run())

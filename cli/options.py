@@ -1,19 +1,24 @@
-"""Reusable option groups. Each collapses its raw strings into one typed onnxq object, here and only here."""
+"""Reusable option groups. Each collapses its raw strings into one typed onnxq object, here and only here.
+
+The library modules that need onnx or ONNX Runtime are imported when a command runs, not when its options
+are declared, so that `--help` does not load them; the few choices and defaults the declarations show are
+written out here (tests/cli/test_startup.py checks them against the library's).
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from onnxq.data.images import ColorOrder, ImagePreprocess, Layout
-from onnxq.config import AccuracyGoal, QuantConfig
-from onnxq.targets import get_target, targets
-from onnxq.options import CalibConfig, CalibMethod, HighPrecision, Selection, parse_enum
 from onnxq.errors import ConfigError, ModelError
+from onnxq.options import CalibConfig, CalibMethod, HighPrecision, Selection, parse_enum
+
+if TYPE_CHECKING:
+    from onnxq.config import AccuracyGoal, QuantConfig
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -46,6 +51,10 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return (height, width)
 
 
+#: `onnxq.data.images.Layout`'s values.
+LAYOUTS = ("auto", "nchw", "nhwc")
+
+
 def image_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add image preprocessing options; the command receives `preprocess: ImagePreprocess`."""
     options: list[Decorator] = [
@@ -55,7 +64,7 @@ def image_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--mean", help="Per-channel mean in 0-255 pixel units, RGB order "
                      "(default: ImageNet 123.675,116.28,103.53)."),
         click.option("--std", help="Per-channel std in 0-255 pixel units (default: ImageNet 58.395,57.12,57.375)."),
-        click.option("--layout", type=click.Choice([m.value for m in Layout]), default="auto",
+        click.option("--layout", type=click.Choice(LAYOUTS), default="auto",
                      show_default=True, help="Input layout; auto reads it from the model's input shape."),
         click.option("--bgr", is_flag=True, help="Feed channels in BGR order."),
     ]
@@ -63,6 +72,8 @@ def image_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, image_size: str | None, resize: int | None, mean: str | None, std: str | None,
                 layout: str, bgr: bool, **kwargs: Any) -> Any:
+        from onnxq.data.images import ColorOrder, ImagePreprocess, Layout
+
         fields: dict[str, Any] = {"size": _size(image_size), "resize": resize,
                                   "layout": parse_enum(Layout, layout, "--layout"),
                                   "color": ColorOrder.BGR if bgr else ColorOrder.RGB}
@@ -105,6 +116,8 @@ TARGET_HELP = ("Runtime the Q/DQ placement is written for: trt (int8 symmetric, 
 
 def _registered_target(context: click.Context, parameter: click.Parameter, name: str) -> str:
     """A registered target's name (checked when the command runs, so targets registered later count)."""
+    from onnxq.targets import targets
+
     if name not in targets():
         raise click.BadParameter(f"'{name}' is not one of {', '.join(targets())}", context, parameter)
     return name
@@ -117,7 +130,10 @@ def target_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def calib_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --batch-size and --providers (passed through as raw values)."""
+    """Add --batch-size, --max-samples and --providers (passed through as raw values)."""
+    fn = click.option("--max-samples", type=click.IntRange(min=1), metavar="N",
+                      help="Calibrate on at most N samples of --calib, the first ones. A loader script may then be "
+                           "an endless generator (without it, one giving over 100000 samples is stopped).")(fn)
     fn = click.option("--providers", multiple=True, metavar="P,...",
                       help="ONNX Runtime execution providers for calibration, e.g. cuda,cpu (default: cpu).")(fn)
     return click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
@@ -142,7 +158,9 @@ def quant_config(selection: Selection, method: str, target: str, high_precision:
                  latency_search: bool | None = False, equalize: bool | None = None,
                  bias_correction: bool | None = None) -> QuantConfig:
     """Build the typed QuantConfig from the quantize command's raw option values."""
+    from onnxq.config import QuantConfig
     from onnxq.runtime.session import resolve_providers
+    from onnxq.targets import get_target
 
     calib = CalibConfig(method=parse_enum(CalibMethod, method, "--method"), batch_size=batch_size,
                         providers=resolve_providers(_split(providers) or ("cpu",)), percentile=percentile)
@@ -153,8 +171,9 @@ def quant_config(selection: Selection, method: str, target: str, high_precision:
 
 
 def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx",
-                protected: tuple[str | Path | None, ...] = ()) -> Path:
-    """`-o` or `<stem><suffix>` beside the model, checked before any work is done.
+                protected: tuple[str | Path | None, ...] = (), option: str = "-o") -> Path:
+    """`-o` (or the output option named `option`) or `<stem><suffix>` beside the model, checked before any
+    work is done.
 
     Raises:
         ConfigError: the path names the input model or another input file (`protected`: data files
@@ -168,16 +187,17 @@ def output_path(model_path: Path, output: Path | None, suffix: str = ".int8.onnx
         for source in (model_path, *protected):
             if source is not None and Path(source).is_file() and is_same_file(target, source):
                 what = "the input model" if source is model_path else f"the input file {source}"
-                raise ConfigError(f"-o {target} names {what}; refusing to overwrite it")
+                raise ConfigError(f"{option} {target} names {what}; refusing to overwrite it")
     if target.is_dir():
-        raise ConfigError(f"-o {target} is a folder; give a file name")
+        raise ConfigError(f"{option} {target} is a folder; give a file name")
     folder = target.parent
     if not folder.is_dir():
-        raise ModelError(f"-o {target}: the folder {folder} does not exist")
+        raise ModelError(f"{option} {target}: the folder {folder} does not exist")
     return target
 
 
-DEFAULT_HELD_BACK = AccuracyGoal().samples
+#: `onnxq.config.AccuracyGoal().samples`.
+DEFAULT_HELD_BACK = 32
 
 
 def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -198,6 +218,8 @@ def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, min_cosine: float | None, max_sqnr_drop: float | None, write_anyway: bool,
                 held_back: int, **kwargs: Any) -> Any:
+        from onnxq.config import AccuracyGoal
+
         accuracy = None
         if min_cosine is not None or max_sqnr_drop is not None:
             accuracy = AccuracyGoal(min_cosine=min_cosine, max_sqnr_drop_db=max_sqnr_drop,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from onnxq.plan.core import QuantPlan
+if TYPE_CHECKING:
+    from onnxq.plan.core import QuantPlan
 
 __all__ = ["plan_counts", "format_plan", "format_plan_summary"]
 

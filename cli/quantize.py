@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from onnxq.pipeline import quantize
-from onnxq.data.signature import signature_of
-from onnxq.data.sources import open_source
-from onnxq.data.images import ImagePreprocess
-from onnxq.config import AccuracyGoal
-from onnxq.options import Selection
-from onnxq.io import external_data_files, load_model, save_model
-from .plan_text import plan_counts
-from onnxq.metrics import compare_models, format_metrics
-
 from .build import build_and_save, check_engine_build, require_engine_build
+from .logs import quiet_libraries
 from .options import (accuracy_options, calib_options, image_options, output_path, quant_config, selection_options,
                       smoothquant_value, target_option)
+from .outputs import written
+from .plan_text import plan_counts
 from .progress import StageProgress, plural
-from .summary import finding_lines, write_run_report
+
+if TYPE_CHECKING:
+    from onnxq.config import AccuracyGoal
+    from onnxq.data.images import ImagePreprocess
+    from onnxq.options import Selection
 
 
-@click.command("quantize", no_args_is_help=True)
+@click.command("quantize")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--calib", "calib_path", metavar="PATH",
               help="Calibration data: .npz/.npy, a folder of them or of images, or loader.py:function.")
@@ -70,7 +68,7 @@ from .summary import finding_lines, write_run_report
 @image_options
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
-                 batch_size: int, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
+                 batch_size: int, max_samples: int | None, providers: tuple[str, ...], eval_path: str | None, engine: Path | None,
                  accuracy: AccuracyGoal | None, smoothquant: float | bool | None, no_smoothquant: bool,
                  equalize: bool | None,
                  latency_search: bool | None, bias_correction: bool | None, report_dir: Path | None,
@@ -90,8 +88,19 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     """
     if (calib_path is None) == (stats_path is None):
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
+    if max_samples is not None and calib_path is None:
+        raise click.UsageError("--max-samples applies to --calib data, not to --stats")
     if no_smoothquant and smoothquant is not None:
         raise click.UsageError("give --smoothquant or --no-smoothquant, not both")
+    quiet_libraries()
+    from onnxq.data.signature import signature_of
+    from onnxq.data.sources import open_source
+    from onnxq.io import external_data_files, load_model, save_model
+    from onnxq.metrics import compare_models, format_metrics
+    from onnxq.pipeline import quantize
+
+    from .summary import finding_lines, write_run_report
+
     smoothquant = False if no_smoothquant else smoothquant
     if engine is not None:  # a missing TensorRT or GPU must fail before any calibration
         require_engine_build()
@@ -106,10 +115,19 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     # Open the evaluation data first: a mistake in it must not cost a calibration run.
     signature = signature_of(model)
     evaluation = open_source(eval_path, signature, preprocess) if eval_path is not None else None
+    calib = open_source(calib_path, signature, preprocess, max_samples) if calib_path is not None else None
     with StageProgress() as progress:
-        result = quantize(model, calib_path, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
+        result = quantize(model, calib, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
                           accuracy=accuracy, eval_source=evaluation)
-    save_model(result.model, destination, keep=external_data_files(model_path))
+    metrics = ()
+    if evaluation is not None:  # before the model is written: a Ctrl-C here leaves an earlier -o file alone
+        metrics = compare_models(model, result.model, evaluation.batches(signature.batch_size(config.calib.batch_size)),
+                                 config.calib.providers)
+    weights_file = destination.with_name(destination.name + ".data")  # written beside a model over 2 GB
+    weights_before = weights_file.stat().st_mtime_ns if weights_file.exists() else None
+    written(save_model(result.model, destination, keep=external_data_files(model_path)))
+    if weights_file.exists() and weights_file.stat().st_mtime_ns != weights_before:
+        written(weights_file)
     engine_summary = build_and_save(destination, plan_path, {}) if plan_path is not None else None
     calib = result.calibration
     click.echo(f"wrote {destination}")
@@ -127,15 +145,14 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         click.echo(f"  note         {note}")
     for line in finding_lines(result.findings):
         click.echo(line)
-    metrics = ()
     if evaluation is not None:
-        metrics = compare_models(model, result.model, evaluation.batches(signature.batch_size(config.calib.batch_size)),
-                                 config.calib.providers)
         click.echo(f"  float vs int8 on {evaluation.describe()}:")
         click.echo("    " + format_metrics(metrics).replace("\n", "\n    "))
     if report_dir is not None:
-        written = write_run_report(result, metrics, report_dir, config, model_path.stem)
-        click.echo(f"  report       {', '.join(map(str, written))}")
+        if not report_dir.exists():
+            written(report_dir)
+        reports = [written(path) for path in write_run_report(result, metrics, report_dir, config, model_path.stem)]
+        click.echo(f"  report       {', '.join(map(str, reports))}")
     if engine_summary is not None:
         click.echo(f"  engine       {plan_path} built in {engine_summary.seconds:.1f} s; {engine_summary.log}; "
                    f"layers {engine_summary.layers}")

@@ -6,20 +6,18 @@ from pathlib import Path
 
 import click
 
-from onnxq.calib.amax import entropy_amax, max_amax, mse_amax, percentile_amax
-from onnxq.calib.stats_file import load_stats, merge_stats, save_stats
 from onnxq.errors import ConfigError
-from onnxq.io import is_same_file
 
+from .outputs import written
 from .progress import plural
 
 
-@click.group("stats", no_args_is_help=True)
+@click.group("stats", no_args_is_help=False)
 def stats_group() -> None:
     """Work with statistics files written by `onnxq calibrate`."""
 
 
-@stats_group.command("merge", no_args_is_help=True)
+@stats_group.command("merge")
 @click.argument("inputs", metavar="FILE...", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The merged statistics file.")
@@ -34,22 +32,28 @@ def merge_cmd(inputs: tuple[Path, ...], output: Path) -> None:
     """
     if len(inputs) < 2:
         raise click.UsageError("give at least two statistics files to merge")
+    from onnxq.calib.stats_file import load_stats, merge_stats, save_stats
+    from onnxq.io import is_same_file
+
     for source in inputs:
         if output.exists() and source.is_file() and is_same_file(output, source):
             raise ConfigError(f"-o {output} names the input file {source}; refusing to overwrite it")
     merged = load_stats(inputs[0])
     for source in inputs[1:]:
         merged = merge_stats(merged, load_stats(source), what=f"merging {source}")
-    save_stats(merged, output)
+    written(save_stats(merged, output))
     click.echo(f"wrote {output}: {plural(len(merged.histograms), 'tensor')}, {plural(merged.samples, 'sample')} "
                f"from {plural(len(inputs), 'file')}")
 
 
-@stats_group.command("show", no_args_is_help=True)
+@stats_group.command("show")
 @click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For the percentile column.")
 def show_cmd(path: Path, percentile: float) -> None:
     """Print every tensor's range under each calibration method."""
+    from onnxq.calib.amax import entropy_amax, max_amax, mse_amax, percentile_amax
+    from onnxq.calib.stats_file import load_stats
+
     stats = load_stats(path)
     click.echo(f"{path}: {plural(len(stats.histograms), 'tensor')}, {plural(stats.samples, 'sample')}, "
                f"model digest {stats.model_digest[:12]}" + (f", after {', '.join(stats.rewrites)}" if stats.rewrites else ""))

@@ -11,8 +11,6 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-import onnx.defs
-
 from onnxq.errors import ConfigError
 
 __all__ = ["CalibMethod", "HighPrecision", "Selection", "CalibConfig", "parse_enum"]
@@ -48,8 +46,17 @@ def parse_enum(enum_type: type[enum.Enum], text: str, option: str) -> enum.Enum:
     raise ConfigError(f"{option}: '{text}' is not one of {choices}")
 
 
-def _known_op_types() -> frozenset[str]:
-    return frozenset(schema.name for schema in onnx.defs.get_all_schemas_with_history())
+def _check_op_type(op_type: str) -> None:
+    """Raise a ConfigError unless `op_type` is an ONNX op type (of any domain and version)."""
+    import onnx.defs  # here, not at the top: the command line's --help needs no onnx
+
+    domains = {getattr(onnx.defs, name) for name in dir(onnx.defs) if name.endswith("_DOMAIN")}  # ONNX_ML_DOMAIN...
+    if any(onnx.defs.has(op_type, domain) for domain in domains):
+        return
+    known = {schema.name for schema in onnx.defs.get_all_schemas_with_history()}  # only for the hint
+    close = difflib.get_close_matches(op_type, known, n=1)
+    hint = f" Hint: did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"--exclude-op-types: '{op_type}' is not an ONNX op type.{hint}")
 
 
 @dataclass(frozen=True)
@@ -75,12 +82,8 @@ class Selection:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"--exclude-nodes: invalid regular expression '{pattern}': {err}") from None
-        known = _known_op_types()
-        for op_type in self.exclude_op_types:
-            if op_type not in known:
-                close = difflib.get_close_matches(op_type, known, n=1)
-                hint = f" Hint: did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"--exclude-op-types: '{op_type}' is not an ONNX op type.{hint}")
+        for op_type in self.exclude_op_types:  # no schema listing when none is given (every run's default)
+            _check_op_type(op_type)
 
     def excluded_by(self, node_name: str, op_type: str) -> str | None:
         """The reason a node is excluded by the user, or None."""

@@ -32,6 +32,9 @@ ARRAY_SUFFIXES = (".npz", ".npy")
 Inputs = ModelSignature | Sequence[InputSpec]
 _ArrayHeaders = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 _SCRIPT_REFERENCE = re.compile(r"^(?P<script>.+\.py)(?::(?P<function>[^:/\\]*))?$", re.IGNORECASE)
+#: Samples a data loader may give in one pass when no `max_samples` is set: more, and it is taken for an
+#: endless generator and stopped with an error (an endless generator is fine with `--max-samples N`).
+SCRIPT_SAMPLE_LIMIT = 100_000
 
 
 @runtime_checkable
@@ -236,16 +239,25 @@ def _import_loader(script: Path, function_name: str) -> Callable[[], Any]:
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as err:  # the user's code may raise anything
+    except (Exception, SystemExit) as err:  # the user's code may raise anything, sys.exit() included
         del sys.modules[module_name]
-        raise CalibrationError(f"{script}: importing the data loader failed: {type(err).__name__}: "
-                               f"{first_line(err)}") from err
+        raise CalibrationError(f"{script}: importing the data loader {_failure(err)}") from err
     loader = getattr(module, function_name, None)
     if loader is None:
         raise CalibrationError(f"{script}: no function '{function_name}' (write `{script}:NAME` for another one)")
     if not callable(loader):
         raise CalibrationError(f"{script}: '{function_name}' is a {type(loader).__name__}, not a function")
     return loader
+
+
+def _failure(err: BaseException, after: str = "") -> str:
+    """What a loader did, e.g. "failed: ValueError: bad path" or "called sys.exit(0) after 2 feeds; ..."."""
+    if isinstance(err, SystemExit):  # sys.exit(...) and raise SystemExit(...) alike
+        return (f"called sys.exit({err.code!r}) (SystemExit){after}; a data loader must return or yield its feeds, "
+                "not end the process")
+    if after:
+        return f"raised {type(err).__name__}{after}: {first_line(err)}"
+    return f"failed: {type(err).__name__}: {first_line(err)}"
 
 
 def _feed_arrays(label: str, feed: object) -> Feed:
@@ -262,10 +274,12 @@ def _feed_arrays(label: str, feed: object) -> Feed:
 class ScriptSource(SignedSource):
     """Feeds from a user's Python function (Polygraphy's data-loader convention), checked as they come."""
 
-    def __init__(self, script: Path, function_name: str, signature: Inputs) -> None:
+    def __init__(self, script: Path, function_name: str, signature: Inputs,
+                 sample_limit: int | None = SCRIPT_SAMPLE_LIMIT) -> None:
         self._label = f"{script}:{function_name}"
         self._loader = _import_loader(script, function_name)
         self._signature = ModelSignature.of(signature)
+        self._sample_limit = sample_limit
 
     def describe(self) -> str:
         """E.g. "feeds from loader.py:load_data"."""
@@ -282,7 +296,7 @@ class ScriptSource(SignedSource):
         return _rebatch(self._checked_feeds(), self._signature, batch_size)
 
     def _checked_feeds(self) -> Iterator[tuple[str, Feed]]:
-        count = 0
+        count = samples = 0
         try:
             produced = self._loader()
             if not isinstance(produced, Iterable):
@@ -292,12 +306,16 @@ class ScriptSource(SignedSource):
                 label = f"{self._label} feed {count - 1}"
                 arrays = _feed_arrays(label, feed)
                 check_arrays(label, {name: (a.shape, a.dtype) for name, a in arrays.items()}, self._signature)
+                samples += self._signature.samples_in(arrays)
+                if self._sample_limit is not None and samples > self._sample_limit:
+                    raise CalibrationError(f"{self._label} gave more than {self._sample_limit} samples without "
+                                           "stopping; for an endless generator give --max-samples N (its first "
+                                           "N samples are used)")
                 yield label, arrays
         except OnnxqError:
             raise
-        except Exception as err:  # the user's code may raise anything
-            raise CalibrationError(f"{self._label} raised {type(err).__name__} after {count} feeds: "
-                                   f"{first_line(err)}") from err
+        except (Exception, SystemExit) as err:  # the user's code may raise anything, sys.exit() included
+            raise CalibrationError(f"{self._label} {_failure(err, f' after {count} feeds')}") from err
         if count == 0:
             raise CalibrationError(f"{self._label} produced no feeds")
 
@@ -323,7 +341,7 @@ def _open_directory(directory: Path, signature: ModelSignature, preprocess: Imag
 
 
 def open_source(path: str | os.PathLike[str], signature: Inputs,
-                preprocess: ImagePreprocess = ImagePreprocess()) -> CalibSource:
+                preprocess: ImagePreprocess = ImagePreprocess(), max_samples: int | None = None) -> CalibSource:
     """Open `--calib PATH` as a calibration source for a model with input signature `signature`.
 
     Args:
@@ -331,18 +349,30 @@ def open_source(path: str | os.PathLike[str], signature: Inputs,
         signature: the model's inputs, from `signature_of` (or, for compatibility, a sequence of
             `InputSpec`s, e.g. from `input_specs`). The source's `signature` attribute holds it.
         preprocess: how images are turned into tensors (only used for image directories).
+        max_samples: use at most this many samples, the first ones (`--max-samples`). A loader script may
+            then be an endless generator; without it, one that gives more than SCRIPT_SAMPLE_LIMIT samples
+            in a pass is stopped with a CalibrationError.
 
     Raises:
         CalibrationError: the path is missing or unsupported, or the data does not fit the model.
     """
-    text = os.fspath(path)
     signature = ModelSignature.of(signature)
+    source = _open_all(os.fspath(path), signature, preprocess, max_samples is None)
+    if max_samples is None:
+        return source
+    from onnxq.data.limited import FirstSamples  # it imports this module
+
+    return FirstSamples(source, max_samples, signature)
+
+
+def _open_all(text: str, signature: ModelSignature, preprocess: ImagePreprocess, script_limit: bool) -> CalibSource:
     reference = _SCRIPT_REFERENCE.match(text)
     if reference:
         function_name = reference.group("function") or "load_data"
         if not function_name.isidentifier():
             raise CalibrationError(f"{text}: '{function_name}' is not a Python function name")
-        return ScriptSource(Path(reference.group("script")), function_name, signature)
+        return ScriptSource(Path(reference.group("script")), function_name, signature,
+                            SCRIPT_SAMPLE_LIMIT if script_limit else None)
     location = Path(text)
     if not location.exists():
         raise CalibrationError(f"{text}: no such file or directory")

@@ -337,8 +337,6 @@ def quantize_row(label: str, extra: str, code: int, pattern: str | None, files: 
                 code, pattern, output, xfail)
 
 
-EVAL_AFTER_WRITE = ("quantize --eval with a loader script: the loader's failure surfaces after the model was written "
-                    "(exit 1, the summary on stdout and the output left in place)")
 MODEL_READERS = ("quantize", "calibrate", "inspect", "compare")
 SIGNAL_LOADER = "quantize {d}/m.onnx --calib {d}/slow.py -o {d}/out/q.onnx"
 
@@ -413,19 +411,14 @@ DATA_CASES = [
                r"\(90250000 pixels\) exceeds limit", image_folder("big.png")),
     *data_rows("loader-syntax-error", "syntax.py", 1, r"syntax\.py: importing the data loader failed: SyntaxError"),
     *data_rows("loader-raises", "raises.py", 1, r"raises\.py:load_data raised RuntimeError after 0 feeds: "
-               r"the data server is down", xfail={"eval": EVAL_AFTER_WRITE}),
+               r"the data server is down"),
     *data_rows("loader-returns-int", "number.py", 1,
-               r"number\.py:load_data returned int; it must return or yield dicts",
-               xfail={"eval": EVAL_AFTER_WRITE}),
+               r"number\.py:load_data returned int; it must return or yield dicts"),
     *data_rows("loader-no-function", "number.py:nope", 1, r"number\.py: no function 'nope'", ("number.py",)),
     *data_rows("loader-missing", "absent.py", 1, r"absent\.py: no such data-loader script", ()),
-    *data_rows("loader-no-feeds", "nothing.py", 1, r"nothing\.py:load_data produced no feeds",
-               xfail={"eval": EVAL_AFTER_WRITE}),
-    *data_rows("loader-lists", "lists.py", 1, r"lists\.py:load_data feed 0: input 'input' is a list, not a numpy array",
-               xfail={"eval": EVAL_AFTER_WRITE}),
-    *data_rows("loader-sys-exit", "exits.py", 1, r"exits\.py.*SystemExit", commands=("quantize", "calibrate"),
-               xfail=dict.fromkeys(("quantize", "calibrate"), "a loader's sys.exit() ends onnxq (SystemExit escapes "
-                                   "the CLI) instead of a one-line error")),
+    *data_rows("loader-no-feeds", "nothing.py", 1, r"nothing\.py:load_data produced no feeds"),
+    *data_rows("loader-lists", "lists.py", 1, r"lists\.py:load_data feed 0: input 'input' is a list, not a numpy array"),
+    *data_rows("loader-sys-exit", "exits.py", 1, r"exits\.py.*SystemExit", commands=("quantize", "calibrate")),
     Case("data-fp16-model-float32-data", "calibrate {d}/fp16.onnx --calib {d}/c.npz -o {d}/out/s.npz",
          (CALIB, "fp16.onnx"), 1, r"c\.npz: input 'input' has dtype float32; the model expects float16"),
 ]
@@ -487,9 +480,6 @@ OUTPUT_COMMANDS = {
     "stats-merge": ("stats merge {d}/s.npz {d}/s.npz -o {o}", (MODEL, CALIB, "s.npz")),
     "build": ("build {d}/m.onnx -o {o}", (MODEL,)),
 }
-REPORT_THEN_FAIL = ("compare checks that the --json folder exists but not that it is writable: it prints its report, "
-                    "then fails writing the JSON")
-JSON_NAMED_AS_O = "compare --json naming an input is refused as '-o ...', an option compare does not have"
 
 
 def output_rows(label: str, target: str, code: int, pattern: str | None,
@@ -508,12 +498,11 @@ OUTPUT_CASES = [
     *output_rows("missing-folder", "{d}/nope/result", 1,
                  r"nope/result.*(the folder .*nope does not exist|No such file)"),
     *output_rows("is-a-folder", "{d}/out", 2, r"out('| is a folder| is a directory)"),
-    *output_rows("unwritable-folder", "/proc/onnxq-result", 1, r"/proc/onnxq-result: cannot write",
-                 xfail={"compare": REPORT_THEN_FAIL}),
+    *output_rows("unwritable-folder", "/proc/onnxq-result", 1, r"/proc/onnxq-result: cannot write"),
     *output_rows("names-the-model", "{d}/m.onnx", 2, r"-o .*m\.onnx names the input model; refusing to overwrite it",
                  commands=("quantize", "calibrate", "build")),
     Case("output-names-the-model-compare", "compare {d}/m.onnx {d}/m.onnx --data {d}/c.npz --json {d}/m.onnx",
-         (MODEL, CALIB), 2, r"--json .*m\.onnx names the input model", xfail=JSON_NAMED_AS_O),
+         (MODEL, CALIB), 2, r"--json .*m\.onnx names the input model"),
     Case("output-names-the-data-quantize", "quantize {d}/m.onnx --calib {d}/c.npz -o {d}/c.npz", (MODEL, CALIB), 2,
          r"-o .*c\.npz names the input file .*c\.npz; refusing to overwrite it"),
     Case("output-names-the-data-calibrate", "calibrate {d}/m.onnx --calib {d}/c.npz -o {d}/c.npz", (MODEL, CALIB), 2,

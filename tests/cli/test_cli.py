@@ -292,7 +292,8 @@ def test_traceback_only_with_debug(work: Workspace) -> None:
 
 @pytest.mark.parametrize("path", COMMAND_PATHS, ids=lambda path: " ".join(("onnxq", *path)))
 def test_every_command_and_option_has_help(path: tuple[str, ...]) -> None:
-    """`--help`/`-h` exit 0 with help on stdout, no arguments exit 2 with it on stderr; every option has help."""
+    """`--help`/`-h` exit 0 with help on stdout; no arguments is a usage error (exit 2, three lines on stderr: the
+    usage, where the help is, the error); every option has help."""
     command: click.Command = cli
     for name in path:
         assert isinstance(command, click.Group)
@@ -300,11 +301,15 @@ def test_every_command_and_option_has_help(path: tuple[str, ...]) -> None:
     assert command is not None and command.help and command.help.strip()
     usage = " ".join(("Usage: onnxq", *path))
     bare = invoke(*path)
-    assert bare.code == 2 and bare.stdout == "" and bare.stderr.startswith(usage) and "Options:" in bare.stderr
+    error = "Error: Missing command." if isinstance(command, click.Group) else "Error: Missing argument '"
+    lines = bare.stderr.splitlines()
+    assert bare.code == 2 and bare.stdout == "" and len(lines) == 3, bare
+    assert lines[0].startswith(usage) and lines[1] == f"Try '{' '.join(('onnxq', *path))} --help' for help."
+    assert lines[2].startswith(error), lines
     for flag in ("--help", "-h"):
         outcome = invoke(*path, flag)
         assert outcome.code == 0 and outcome.stderr == "" and outcome.stdout.startswith(usage)
-    assert bare.stderr == outcome.stdout
+    assert outcome.stdout.splitlines()[0] == bare.stderr.splitlines()[0]
     options = [param for param in command.params if isinstance(param, click.Option)]
     assert options or isinstance(command, click.Group)
     for option in options:

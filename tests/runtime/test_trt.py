@@ -190,7 +190,8 @@ def test_quantize_engine_without_tensorrt_fails_before_calibrating(monkeypatch: 
     calib = residual.with_name("calib.npz")
     np.savez(calib, **random_feeds(BUILDERS["residual_cnn"](), batch=4, seed=1))
     calibrations: list[object] = []
-    monkeypatch.setattr("onnxq_cli.quantize.quantize", lambda *a, **k: calibrations.append(a))
+    # onnxq_cli.quantize imports it from the pipeline when the command runs
+    monkeypatch.setattr("onnxq.pipeline.quantize", lambda *a, **k: calibrations.append(a))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     before = sorted(residual.parent.iterdir())
     assert_one_line_error(invoke("quantize", residual, "--calib", calib, "--engine", residual.with_suffix(".plan")),
