@@ -15,7 +15,7 @@ import click
 
 from .logs import quiet_libraries
 from .options import output_path
-from .outputs import written
+from .outputs import replacing, written
 
 if TYPE_CHECKING:
     import onnx
@@ -68,6 +68,7 @@ def build_and_save(model_path: Path, destination: Path, shapes: Mapping[str, tup
     from onnxq.runtime.trt.build import BuildConfig, build_engine, save_plan
 
     result = build_engine(model_path, BuildConfig(shapes=dict(shapes), workspace_bytes=workspace_bytes))
+    replacing(destination)
     save_plan(result.plan, destination)
     written(destination)
     return EngineSummary(result.seconds, result.log_summary, precision_counts(result.layer_precisions))

@@ -9,7 +9,7 @@ import click
 
 from .logs import quiet_libraries
 from .options import calib_options, image_options, output_path, quant_config, selection_options, target_option
-from .outputs import written
+from .outputs import replacing, written
 from .progress import StageProgress, plural
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def calibrate_cmd(model_path: Path, calib_path: str, output: Path | None, target
     calib = open_source(calib_path, signature_of(model), preprocess, max_samples)
     with StageProgress() as progress:
         stats, calibration = collect_stats(model, calib, config, preprocess=preprocess, on_progress=progress)
+    replacing(destination)
     written(save_stats(stats, destination))
     click.echo(f"wrote {destination}")
     click.echo(f"  statistics   {plural(len(stats.histograms), 'tensor')}, {stats.num_bins} bins each, "

@@ -11,7 +11,7 @@ from onnxq.options import parse_enum
 
 from .logs import quiet_libraries
 from .options import image_options, output_path
-from .outputs import written
+from .outputs import replacing, written
 from .progress import Progress, plural
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ def compare_cmd(float_path: Path, quant_path: Path, data_path: str, backend: str
     with Progress("comparing") as progress:
         result = compare(float_path, quant_path, data_path, config, preprocess=preprocess, on_progress=progress)
     if json_path is not None:  # before the report is printed: a JSON that cannot be written fails with no report
+        replacing(json_path)
         written(write_json(result, json_path))
     for line in report_lines(result):
         click.echo(line)

@@ -2,8 +2,11 @@
 
 A command registers each file it has written (`written`); when the command does not finish (an error, a
 Ctrl-C during the evaluation or the report after the model was saved), `transaction` removes them again,
-so a non-zero exit never leaves an output behind. Every file is itself written to a temporary file in its
-folder and renamed (`onnxq.atomic`, `onnxq.io`), so none is ever half-written.
+so a non-zero exit never leaves an output behind. A file the command is about to replace (`-o` naming an
+earlier result) is first kept under a hidden name in its folder (`replacing`: a hard link, else a copy) and
+put back if the command fails, so a failure never loses what was there; on success the copy is deleted.
+Every file is itself written to a temporary file in its folder and renamed (`onnxq.atomic`, `onnxq.io`),
+so none is ever half-written.
 
 stdout only carries the summary of what was written. A reader that has exited (`onnxq ... | head -1`) or a
 closed stdout (`>&-`) must neither stop a command whose files are complete nor make it fail after they
@@ -15,15 +18,17 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["StdoutError", "StdoutGuard", "transaction", "written"]
+__all__ = ["StdoutError", "StdoutGuard", "replacing", "transaction", "written"]
 
 _written: list[Path] | None = None
+_backups: list[tuple[Path, Path]] | None = None
 # errno values that mean nobody reads stdout any more.
 _READER_GONE = {errno.EPIPE, errno.EBADF, errno.ECONNRESET}
 
@@ -41,11 +46,33 @@ def written(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def replacing(*paths: str | os.PathLike[str]) -> None:
+    """Before writing: keep each existing file among `paths` under a hidden name beside it, to be put back
+    if the running command fails (a hard link, so no data is copied where the file system has them)."""
+    if _backups is None:
+        return
+    for path in map(Path, paths):
+        if not path.is_file() or any(kept == path for kept, _ in _backups):
+            continue
+        backup = path.with_name(f".{path.name}.onnxq-kept-{os.getpid()}")
+        try:
+            backup.unlink(missing_ok=True)
+            try:
+                os.link(path, backup)
+            except OSError:
+                shutil.copy2(path, backup)
+        except OSError:  # cannot keep it: the write below proceeds as before, atomically
+            continue
+        _backups.append((path, backup))
+
+
 @contextmanager
 def transaction() -> Iterator[None]:
-    """Run a command: if it raises anything (Ctrl-C included), remove the files it recorded with `written`."""
-    global _written
+    """Run a command: if it raises anything (Ctrl-C included), remove the files it recorded with `written`
+    and put back the files it replaced (`replacing`); either way, delete the kept copies."""
+    global _written, _backups
     outer, _written = _written, []
+    outer_backups, _backups = _backups, []
     try:
         yield
     except BaseException:
@@ -57,9 +84,19 @@ def transaction() -> Iterator[None]:
                     path.unlink(missing_ok=True)
             except OSError:  # removing is best effort: the error being reported is the one that matters
                 pass
+        for path, backup in _backups:
+            try:
+                os.replace(backup, path)
+            except OSError:
+                pass
         raise
     finally:
-        _written = outer
+        for _, backup in _backups:
+            try:
+                backup.unlink(missing_ok=True)
+            except OSError:
+                pass
+        _written, _backups = outer, outer_backups
 
 
 class StdoutGuard:

@@ -11,7 +11,7 @@ from .build import build_and_save, check_engine_build, require_engine_build
 from .logs import quiet_libraries
 from .options import (accuracy_options, calib_options, image_options, output_path, quant_config, selection_options,
                       smoothquant_value, target_option)
-from .outputs import written
+from .outputs import replacing, written
 from .plan_text import plan_counts
 from .progress import StageProgress, plural
 
@@ -125,6 +125,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                                  config.calib.providers)
     weights_file = destination.with_name(destination.name + ".data")  # written beside a model over 2 GB
     weights_before = weights_file.stat().st_mtime_ns if weights_file.exists() else None
+    replacing(destination, weights_file)
     written(save_model(result.model, destination, keep=external_data_files(model_path)))
     if weights_file.exists() and weights_file.stat().st_mtime_ns != weights_before:
         written(weights_file)
@@ -151,6 +152,9 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     if report_dir is not None:
         if not report_dir.exists():
             written(report_dir)
+        from onnxq.report.files import REPORT_FILES
+
+        replacing(*(report_dir / name for name in REPORT_FILES))
         reports = [written(path) for path in write_run_report(result, metrics, report_dir, config, model_path.stem)]
         click.echo(f"  report       {', '.join(map(str, reports))}")
     if engine_summary is not None:

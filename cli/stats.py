@@ -8,7 +8,7 @@ import click
 
 from onnxq.errors import ConfigError
 
-from .outputs import written
+from .outputs import replacing, written
 from .progress import plural
 
 
@@ -41,6 +41,7 @@ def merge_cmd(inputs: tuple[Path, ...], output: Path) -> None:
     merged = load_stats(inputs[0])
     for source in inputs[1:]:
         merged = merge_stats(merged, load_stats(source), what=f"merging {source}")
+    replacing(output)
     written(save_stats(merged, output))
     click.echo(f"wrote {output}: {plural(len(merged.histograms), 'tensor')}, {plural(merged.samples, 'sample')} "
                f"from {plural(len(inputs), 'file')}")

@@ -11,7 +11,10 @@ from onnxq.report.chart import CHART_FILE, available, sensitivity_png
 from onnxq.report.document import QuantReport, to_json
 from onnxq.report.markdown import to_markdown
 
-__all__ = ["write_report"]
+__all__ = ["REPORT_FILES", "write_report"]
+
+#: Every file `write_report` may write into its folder.
+REPORT_FILES = ("report.json", "report.md", CHART_FILE)
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:

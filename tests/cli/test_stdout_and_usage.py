@@ -168,3 +168,18 @@ def test_selection_without_exclusions_lists_no_schemas(monkeypatch: pytest.Monke
         Selection(exclude_op_types=("Gemmm",))
     assert listed == [1]
 
+
+
+def test_a_failure_after_the_save_puts_back_the_file_it_replaced(work: Workspace) -> None:
+    """-o naming an earlier result, then a failure after the new model was saved (stdout on /dev/full): the earlier
+    file is back, byte for byte, and no kept copy is left in the folder."""
+    args, output = _file_commands(work)["quantize"]
+    output.write_bytes(b"an earlier result")
+    with open("/dev/full", "w") as full:
+        result = _onnxq(args, work.folder, stdout=full, stderr=subprocess.PIPE)
+    assert result.returncode == 1 and "cannot write to stdout" in result.stderr
+    assert output.read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in work.out.iterdir()) == [output.name]
+    replaced = _onnxq(args, work.folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert replaced.returncode == 0 and output.read_bytes() != b"an earlier result"
+    assert sorted(p.name for p in work.out.iterdir()) == [output.name]  # the kept copy deleted on success
