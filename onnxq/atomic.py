@@ -7,12 +7,17 @@ Ctrl-C included, leaves no half-written file and no temporary behind.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from onnxq.errors import OnnxqError
 
-__all__ = ["write_atomic"]
+__all__ = ["staging_name", "write_atomic"]
+
+
+def staging_name(path: Path) -> Path:
+    """A fresh hidden name beside `path` for a file or folder written before it is renamed to `path`."""
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
 
 
 def _default_mode() -> int:
@@ -29,16 +34,17 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, what: str = "the fil
         `error`: the folder does not exist or the file cannot be written (one line naming the path).
     """
     path = Path(path)
-    staged: str | None = None
+    # The name is chosen before the file exists, so an interruption at any moment after os.open still
+    # knows what to remove (mkstemp returns the name only once the file is there).
+    staged = staging_name(path)
     try:
-        handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        handle = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
-        os.chmod(staged, _default_mode())  # mkstemp creates 0600
+        os.chmod(staged, _default_mode())  # created 0600, as mkstemp would
         os.replace(staged, path)
     except BaseException as err:
-        if staged is not None:
-            Path(staged).unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise error(f"{path}: cannot write {what} ({err.strerror or err})") from None
         raise

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 import onnxq.external_data as external_data
+from onnxq.atomic import staging_name
 from onnxq.errors import ModelError
 
 __all__ = [
@@ -128,11 +129,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
         if any(Path(k).exists() and is_same_file(folder / data_name, k) for k in keep):
             raise ModelError(f"{path}: its weights would be written to {folder / data_name}, which the input "
                              "model reads its weights from; choose another output name")
+    staging = staging_name(folder / path.name)  # named first: an interruption after mkdir still removes it
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
-    except OSError as err:
-        raise ModelError(f"{path}: cannot write the model ({err.strerror or err})") from None
-    try:
+        os.mkdir(staging, 0o700)
         staged_model = staging / path.name
         if large:
             log.debug("saving %s with its weights in %s", path, data_name)
