@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxq.errors import ConfigError
+from onnxq.errors import ConfigError, InternalError, ModelError
 from onnxq.plan.core import QuantPlan
 from onnxq.runtime.session import Session, open_session
 from onnxq.runtime.timing import time_interleaved, wall_clock_timer
@@ -164,9 +164,16 @@ class _Timer:
         return self._open[id(model)][1]
 
     def medians(self, models: list[onnx.ModelProto], runs: int | None = None) -> list[float]:
-        sessions = [self._session(model) for model in models]
-        timers = [wall_clock_timer(lambda s=session: s.run(self.feed)) for session in sessions]
-        stats = time_interleaved(timers, self.config.warmup, runs or self.config.runs)
+        """Median ms per model. A model ORT cannot load or run here is one onnxq built (the float model has
+        already run in calibration): an InternalError, not an error blaming the user's model."""
+        try:
+            sessions = [self._session(model) for model in models]
+            timers = [wall_clock_timer(lambda s=session: s.run(self.feed)) for session in sessions]
+            stats = time_interleaved(timers, self.config.warmup, runs or self.config.runs)
+        except ModelError as err:
+            raise InternalError(f"the latency search built a model ONNX Runtime cannot run with its graph "
+                                f"optimizations on: {err}. This is an onnxq bug; --no-latency-search avoids it "
+                                "meanwhile") from None
         return [result.median_ms for result in stats]
 
     def retain(self, models: list[onnx.ModelProto]) -> None:

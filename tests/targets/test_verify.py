@@ -88,3 +88,13 @@ def test_the_built_in_target_writes_a_model_that_runs(case: str) -> None:
     x = feeds(built, 1, seed=99)[0]
     (reference,), (quantized,) = run_model(built, x), run_model(result.model, x, optimized=True)
     assert quantized.shape == reference.shape
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_the_latency_search_reports_its_broken_candidate_as_onnxqs_fault(case: str) -> None:
+    """The latency search times partly quantized models before the final one is verified: one ORT cannot run
+    is onnxq's (an InternalError naming the node), not a ModelError blaming the user's model."""
+    target, build, node = BROKEN[case]
+    built = build()
+    with pytest.raises(onnxq.InternalError, match=rf"latency search built a model .*\b{node}\b"):
+        onnxq.quantize(built, onnxq.FeedsSource(feeds(built)), onnxq.QuantConfig(target=target, latency_search=True))
