@@ -1,5 +1,5 @@
 """Random element-wise ops, activations and shape ops: Add/Mul/Sub/Div, Relu/Clip/Sigmoid/HardSwish/LeakyRelu,
-Concat, Split, Slice, Reshape, Transpose, Flatten, Squeeze, Unsqueeze. Each takes its signature at the
+Concat, Split, Slice, Reshape (also to a shape read with Shape), Transpose, Flatten, Squeeze, Unsqueeze. Each takes its signature at the
 model's opset (axes and split sizes as attributes before opset 13, as inputs from 13 on; Split's
 num_outputs from 18). Same contract as `ops_layers`: True when a node was added."""
 
@@ -179,6 +179,22 @@ def emit_unsqueeze(b: Builder, x: Tensor) -> bool:
     return True
 
 
+def emit_shape_reshape(b: Builder, x: Tensor) -> bool:
+    """x -> Reshape(x, Concat([-1], Shape(x)[1:])): the same shape, read from the graph. The shape without its
+    batch axis is Shape(start=1) from opset 15 (onnx-graphsurgeon's folding once read it as the whole shape:
+    issue 12 bug 6), Shape -> Slice before."""
+    if b.opset >= 15:
+        (dims,) = b.node("Shape", [x.name], start=1)
+        b.features.add("shape_start")
+    else:
+        (whole,) = b.node("Shape", [x.name])
+        (dims,) = b.node("Slice", [whole, b.ints([1]), b.ints([INT64_MAX])])
+    (target,) = b.node("Concat", [b.ints([-1], "batch"), dims], axis=0)
+    (y,) = b.node("Reshape", [x.name, target])
+    b.add(y, x.shapes)
+    return True
+
+
 def _any(x: Tensor) -> bool:
     return True
 
@@ -197,6 +213,7 @@ SHAPE_OPS = [
     ("Split", 11, lambda x: x.rank >= 2, emit_split),
     ("Slice", 11, lambda x: x.rank >= 2, emit_slice),
     ("Reshape", 11, lambda x: x.rank >= 2, emit_reshape),
+    ("Shape", 11, lambda x: x.rank >= 2, emit_shape_reshape),
     ("Transpose", 11, lambda x: x.rank >= 3, emit_transpose),
     ("Flatten", 11, lambda x: x.rank >= 3, emit_flatten),
     ("Squeeze", 11, lambda x: x.rank >= 3, emit_squeeze),

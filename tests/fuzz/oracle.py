@@ -36,11 +36,15 @@ FEW_ELEMENTS = 8
 FEW_ELEMENTS_ATOL = 0.02
 CALIB_SAMPLES = 8
 
-# (error class name, start of the message, why a user can act on it)
+# (error class name, a regular expression the message must match from its start, why a user can act on it)
 ACCEPTABLE_REFUSALS = (
-    ("ModelError", "cannot convert the model from opset",
+    ("ModelError", r"cannot convert the model from opset",
      "onnx's version converter cannot raise this opset-11/12 model to opset 13 (per-channel Q/DQ needs it); "
      "the message names the op and says to re-export at opset 13 or newer"),
+    ("CalibrationError", r"tensor '[^']+': every calibration value is NaN, Inf or a sentinel",
+     "the float model itself writes nothing but -FLT_MAX, Inf or NaN there (seed 1441: a dilated MaxPool whose "
+     "window is larger than its input fills its output with float32's lowest value); there is no range to "
+     "quantize, and the message names the tensor and says to exclude the node that reads it"),
 )
 
 
@@ -78,7 +82,7 @@ def _ort_error(err: BaseException) -> str:
 def _is_acceptable(err: OnnxqError) -> bool:
     text = str(err)
     return "\n" not in text.strip() and any(
-        type(err).__name__ == name and text.startswith(prefix) for name, prefix, _ in ACCEPTABLE_REFUSALS)
+        type(err).__name__ == name and re.match(pattern, text) for name, pattern, _ in ACCEPTABLE_REFUSALS)
 
 
 def session(model: onnx.ModelProto, optimized: bool = False) -> ort.InferenceSession:
@@ -98,8 +102,9 @@ def _cosine(ref: np.ndarray, out: np.ndarray) -> float:
     norms = np.linalg.norm(a) * np.linalg.norm(b)
     if a.size < FEW_ELEMENTS and np.max(np.abs(a - b)) <= 0.1 * np.max(np.abs(a)) + FEW_ELEMENTS_ATOL:
         return 1.0  # cosine of one or two numbers compares their signs only: a loose absolute bound also passes
-    if np.linalg.norm(a) < 1e-6:  # a (near) zero float output: only its quantized size matters
-        return 1.0 if np.linalg.norm(b) < 1e-3 * max(1.0, np.sqrt(a.size)) else 0.0
+    if np.linalg.norm(a) < 1e-6:  # a (near) zero float output: only the size of the INT8 error matters (seed 330:
+        # LeakyRelu(x) - LeakyRelu(x) is 0 in float, half a quantization step of unit-scale data in INT8)
+        return 1.0 if np.max(np.abs(b), initial=0.0) <= FEW_ELEMENTS_ATOL else 0.0
     return float(a @ b / norms) if norms > 0 else 0.0
 
 

@@ -20,10 +20,11 @@ ISSUE_OPS = {
     "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Sub", "Div", "Concat", "Split", "Slice", "Reshape",
     "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Relu",
     "Clip", "Sigmoid", "HardSwish", "LeakyRelu", "Softmax", "LayerNormalization", "BatchNormalization", "Constant",
+    "Shape",  # with start (opset 15 on): issue 12 bug 6
 }
 ISSUE_VARIANTS = {
     "conv_depthwise", "conv_grouped", "gemm_transB0", "gemm_transB1", "shared_weight", "tied_weight",
-    "constant_node", "mid_graph_output", "dynamic_batch", "dynamic_spatial",
+    "constant_node", "mid_graph_output", "dynamic_batch", "dynamic_spatial", "shape_start",
 }
 
 
