@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx.checker
 import onnx.shape_inference
+import onnx_graphsurgeon as gs
 import onnxruntime
 import pytest
 from onnx import TensorProto, helper
@@ -24,6 +25,7 @@ import onnxq.external_data as external_data
 import onnxq.io
 import onnxq.runtime.session
 from onnxq.errors import ConfigError, ModelError
+from onnxq.passes.smooth_sites import smoothquant_candidates
 from onnxq.steps.base import StepSkipped
 from onnxq.steps.bias_correction import BiasCorrected
 from tests.support.cli import invoke
@@ -255,3 +257,13 @@ def test_the_skeleton_check_still_finds_a_tensor_too_short_for_its_shape(large: 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     with pytest.raises(ModelError, match="tensor 'w' holds a different number of bytes"):
         onnxq.io.check_model(model)
+
+
+def test_smoothquant_analysis_leaves_a_large_graphs_weights_in_the_model(tmp_path: Path, large: list[str]) -> None:
+    """Finding SmoothQuant's sites needs the weights' shapes only: loading them would copy every weight of a
+    large model into the graph beside the model's own (+1x its size for the whole run)."""
+    graph = onnxq.io.to_graph(onnxq.load_model(write_mlp(tmp_path)))
+    candidates = smoothquant_candidates(graph)
+    assert len(candidates) == LAYERS  # every MatMul's activation input was analysed
+    weights = [graph.tensors()[f"w{i}"] for i in range(LAYERS)]
+    assert all(isinstance(w._values, gs.ir.tensor.LazyValues) for w in weights)

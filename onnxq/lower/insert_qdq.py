@@ -56,7 +56,10 @@ def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, g
 
 def _insert_weight(graph: gs.Graph, names: NameSource, weight: gs.Constant,
                    uses: list[QuantizedWeight], nodes: Mapping[str, gs.Node]) -> np.ndarray:
-    values = np.asarray(weight.values)
+    # A weight not yet loaded (a large model's, see `onnxq.io.to_graph`) is read for this call only: the
+    # graph keeps referring to the model's tensor instead of holding a float copy beside the INT8 one.
+    lazy = weight._values if isinstance(weight._values, gs.ir.tensor.LazyValues) else None
+    values = np.asarray(lazy.load() if lazy is not None else weight.values)
     axis = uses[0].axis
     scales = weight_scales(values, axis)
     int8 = gs.Constant(names(f"{weight.name}_int8"), quantize_weight(values, scales, axis))

@@ -93,7 +93,19 @@ def weight_out_axis(node: gs.Node) -> int:
     """The output-channel axis of a linear reader's weight (where its per-channel scales lie)."""
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1
-    return np.asarray(node.inputs[1].values).ndim - 1
+    return len(node.inputs[1].shape) - 1
+
+
+def _float_const_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The shape of a float constant, or None, read without loading its values: a large model's weights
+    stay in the model (see `onnxq.io.to_graph`) instead of being copied into the graph."""
+    if not isinstance(tensor, gs.Constant):
+        return None
+    try:
+        is_float = np.dtype(tensor.dtype).kind == "f"
+    except TypeError:  # a type numpy cannot hold (bfloat16, float8): not a weight SmoothQuant scales
+        return None
+    return tuple(int(d) for d in tensor.shape) if is_float else None
 
 
 def _const(tensor: gs.Tensor) -> np.ndarray | None:
@@ -108,10 +120,10 @@ def _linear_row_axis(node: gs.Node, tensor: gs.Tensor) -> int | None:
     """The input-channel axis of `node`'s constant weight when `node` reads `tensor` as its activation."""
     if node.domain not in _DEFAULT_DOMAINS or len(node.inputs) < 2 or node.inputs[0].name != tensor.name:
         return None
-    weight = _const(node.inputs[1])
-    if node.op == "MatMul" and weight is not None and weight.ndim >= 2:
-        return weight.ndim - 2
-    if node.op == "Gemm" and weight is not None and weight.ndim == 2 and not int(node.attrs.get("transA", 0)):
+    weight = _float_const_shape(node.inputs[1])
+    if node.op == "MatMul" and weight is not None and len(weight) >= 2:
+        return len(weight) - 2
+    if node.op == "Gemm" and weight is not None and len(weight) == 2 and not int(node.attrs.get("transA", 0)):
         return 1 if int(node.attrs.get("transB", 0)) else 0
     return None
 
@@ -174,13 +186,13 @@ def _norm_folds(node: gs.Node, channels: int, cannot: str) -> tuple[tuple[_Fold,
 
 def _layer_output_folds(node: gs.Node, channels: int, cannot: str) -> tuple[tuple[_Fold, ...], str]:
     """Divide the output columns (weight and bias) of a MatMul or Gemm with constant weights."""
-    weight = _const(node.inputs[1])
+    weight = _float_const_shape(node.inputs[1])
     if node.op == "MatMul":
-        if weight is None or weight.ndim < 2 or weight.shape[-1] != channels:
+        if weight is None or len(weight) < 2 or weight[-1] != channels:
             return (), f"{cannot}: its weight is not a constant [..., K, {channels}]"
         return (_Fold(node, 1, -1, True),), ""
     axis = 0 if int(node.attrs.get("transB", 0)) else 1
-    if weight is None or weight.ndim != 2 or weight.shape[axis] != channels:
+    if weight is None or len(weight) != 2 or weight[axis] != channels:
         return (), f"{cannot}: its B is not a constant with {channels} output columns"
     folds = [_Fold(node, 1, axis, True)]
     if len(node.inputs) > 2 and node.inputs[2].name != "":
@@ -214,7 +226,7 @@ def _analyse(tensor: gs.Tensor, outputs: frozenset[str], compensate: bool,
                                     names, others if folds else (), usable, why, by_mul)
         return candidate, (SmoothSite(candidate, tensor, folds, linear, channels) if usable else None)
 
-    sizes = {int(np.asarray(node.inputs[1].values).shape[axis]) for node, axis in linear}
+    sizes = {int(node.inputs[1].shape[axis]) for node, axis in linear}
     if len(sizes) != 1:
         return result(f"its linear readers disagree on the number of input channels ({sorted(sizes)})")
     (channels,) = sizes
