@@ -267,3 +267,15 @@ def test_smoothquant_analysis_leaves_a_large_graphs_weights_in_the_model(tmp_pat
     assert len(candidates) == LAYERS  # every MatMul's activation input was analysed
     weights = [graph.tensors()[f"w{i}"] for i in range(LAYERS)]
     assert all(isinstance(w._values, gs.ir.tensor.LazyValues) for w in weights)
+
+
+@pytest.mark.parametrize("target", [onnxq.TRT, onnxq.ORT_CPU], ids=str)
+def test_planning_leaves_a_large_graphs_weights_in_the_model(tmp_path: Path, large: list[str],
+                                                             target: onnxq.QuantTarget) -> None:
+    """The plan needs each weight's type and rank only: loading the values would copy every weight of a large
+    model into the graph beside the model's own (+1x its size for the rest of the run)."""
+    graph = onnxq.prepare(onnxq.load_model(write_mlp(tmp_path)), target)
+    plan = target.plan(graph, onnxq.Selection())
+    assert sorted(w.tensor_name for w in plan.weights) == sorted(f"w{i}" for i in range(LAYERS))
+    weights = [graph.tensors()[f"w{i}"] for i in range(LAYERS)]
+    assert all(isinstance(w._values, gs.ir.tensor.LazyValues) for w in weights)

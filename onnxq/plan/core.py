@@ -149,6 +149,16 @@ def on_softmax_path(node: gs.Node, index: GraphIndex) -> bool:
     return False
 
 
+def _constant_type(constant: gs.Constant) -> tuple[np.dtype, int]:
+    """A constant's dtype and rank, without loading a lazy one's values (a large model's weights stay in
+    the model instead of being copied into the graph, see `onnxq.io.to_graph`)."""
+    try:
+        return np.dtype(constant.dtype), len(constant.shape)
+    except TypeError:  # a type numpy has no dtype for: as numpy loads it
+        values = np.asarray(constant.values)
+        return values.dtype, values.ndim
+
+
 def plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
     """Quantize a weighted op's inputs, or return why it stays float."""
     rule = WEIGHTED_OPS[node.op]
@@ -168,14 +178,14 @@ def plan_weighted(node: gs.Node, draft: PlanDraft) -> str | None:
             draft.quantize_input(node, 1, "activation x activation MatMul: both inputs per-tensor")
             return None
         return f"weight '{weight.name}' is computed at run time: {draft.runtime} needs constant INT8 weights"
-    weight_values = np.asarray(weight.values)
-    if weight_values.dtype.kind != "f":
-        return f"weight '{weight.name}' is {weight_values.dtype}, not float"
-    if weight_values.ndim < 2:
-        return f"weight '{weight.name}' has rank {weight_values.ndim}; per-channel needs rank >= 2"
-    if rule.weight_ranks is not None and weight_values.ndim not in rule.weight_ranks:
-        return rule.weight_rank_reason.format(weight=weight.name, rank=weight_values.ndim)
-    axis = rule.weight_axis(node, weight_values.ndim)
+    dtype, rank = _constant_type(weight)
+    if dtype.kind != "f":
+        return f"weight '{weight.name}' is {dtype}, not float"
+    if rank < 2:
+        return f"weight '{weight.name}' has rank {rank}; per-channel needs rank >= 2"
+    if rule.weight_ranks is not None and rank not in rule.weight_ranks:
+        return rule.weight_rank_reason.format(weight=weight.name, rank=rank)
+    axis = rule.weight_axis(node, rank)
     draft.quantize_input(node, rule.activation_input, f"activation input of {node.op}: per-tensor")
     draft.weights.append(QuantizedWeight(
         weight.name, node.name, rule.weight_input, axis,
