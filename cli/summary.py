@@ -77,11 +77,11 @@ def latency_lines(search: LatencySearch | None) -> list[str]:
     """The summary lines of `--latency-search`; none without it."""
     if search is None:
         return []
-    kept = sum(trial.kept_int8 for trial in search.trials)
+    final = {trial.layer_class: trial.kept_int8 for trial in search.trials}  # a later sweep's trial decides
     verdict = "INT8 faster" if search.speedup > 1.0 else "INT8 NOT faster than float on this machine"
     lines = [f"  latency      float {search.float_model_ms:.2f} ms, full INT8 plan {search.start_ms:.2f} ms, "
              f"chosen {search.final_ms:.2f} ms on one batch ({search.speedup:.2f}x: {verdict}); "
-             f"{kept} of {len(search.trials)} layer classes kept INT8 ({search.seconds:.1f} s)"]
+             f"{sum(final.values())} of {len(final)} layer classes kept INT8 ({search.seconds:.1f} s)"]
     for trial in search.trials:
         where = "int8 " if trial.kept_int8 else "float"
         lines.append(f"    {where} {trial.layer_class} ({plural(len(trial.nodes), 'node')}): {trial.reason}")
