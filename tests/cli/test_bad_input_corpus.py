@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from tests.support.cli import invoke
+from tests.support.cli import invoke, spawn_process
 
 MODEL, CALIB = "m.onnx", "c.npz"
 SAMPLES, SHAPE = 4, (3, 8, 8)
@@ -597,10 +596,7 @@ def make_files(folder: Path, names: tuple[str, ...]) -> None:
 def run_with_signal(argv: list[str], case_folder: Path, sent: int) -> tuple[int, str, str]:
     """`onnxq ARGV` as a real process, sent `sent` once its loader has started; (code, stdout, stderr)."""
     marker = case_folder.parent / "started"
-    # preexec_fn: a SIGINT ignored by a background CI job would be inherited and Python would ignore it too.
-    process = subprocess.Popen([sys.executable, "-m", "onnxq_cli", *argv], cwd=case_folder, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = spawn_process(*argv, cwd=case_folder)
     try:
         deadline = time.monotonic() + 30
         while not marker.exists():

@@ -10,7 +10,6 @@ import errno
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import pytest
 from onnxq.pipeline import prepare
 from onnxq_cli.main import cli
 from tests.support.cli import (CALIB_SAMPLES, Workspace, assert_one_line_error, assert_qdq_model, digest, invoke,
-                               run_process)
+                               run_process, spawn_process)
 from tests.support.paths import REPO
 
 PPOCR_MODEL = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
@@ -254,11 +253,8 @@ def test_ctrl_c_inside_calibration_exits_130(work: Workspace, global_options: li
 def test_sigint_to_a_real_process_exits_130_and_writes_nothing(work: Workspace) -> None:
     """Ctrl-C during calibration of a real `onnxq quantize`: exit 130, no traceback, no output, no temp file."""
     loader, marker = write_loader(work)
-    command = [sys.executable, "-m", "onnxq_cli", "quantize", str(work.model), "--calib", f"{loader}:load_data",
-               "-o", str(work.out / "q.onnx")]
-    # preexec_fn: a SIGINT ignored by a background CI job would be inherited and Python would ignore it too.
-    process = subprocess.Popen(command, cwd=work.folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = spawn_process("quantize", work.model, "--calib", f"{loader}:load_data", "-o", work.out / "q.onnx",
+                            cwd=work.folder)
     try:
         deadline = time.monotonic() + 30
         while not marker.exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.cli import Workspace, invoke
+from tests.support.cli import Workspace, invoke, spawn_process
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGINT to a child and /proc/PID/maps: Linux only")
 
@@ -56,16 +56,9 @@ def load_data():
 '''
 
 
-def _spawn(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    # preexec_fn: a SIGINT ignored by a background CI job would be inherited, and Python would ignore it too.
-    return subprocess.Popen([sys.executable, "-m", "onnxq_cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
 def _interrupt(args: list[str], cwd: Path, wait: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str, str, float]:
     """Start `onnxq ARGS`, `wait` for the moment, send SIGINT; (exit code, stdout, stderr, seconds to exit)."""
-    process = _spawn(args, cwd)
+    process = spawn_process(*args, cwd=cwd)
     try:
         wait(process)
         assert process.poll() is None, f"the command ended before the signal: {process.communicate()}"
@@ -202,8 +195,8 @@ def test_a_thread_of_a_failing_loader_does_not_hold_the_exit(work: Workspace) ->
                       "def load_data():\n"
                       "    threading.Thread(target=time.sleep, args=(3600,)).start()\n"
                       "    raise ValueError('no data today')\n")
-    process = _spawn(["quantize", str(work.model), "--calib", f"{loader}:load_data", "-o", str(work.out / "q.onnx")],
-                     work.folder)
+    process = spawn_process("quantize", work.model, "--calib", f"{loader}:load_data", "-o", work.out / "q.onnx",
+                            cwd=work.folder)
     try:
         stdout, stderr = process.communicate(timeout=60)
     finally:
@@ -246,8 +239,8 @@ def test_a_run_without_signal_still_writes_its_outputs(work: Workspace) -> None:
     """The counterpart: the same command, not interrupted, exits 0 with the model written."""
     loader = work.folder / "finite.py"
     loader.write_text(f"import numpy as np\ndef load_data():\n    return [dict(np.load({str(work.calib)!r}))]\n")
-    process = _spawn(["quantize", str(work.model), "--calib", f"{loader}:load_data", "-o", str(work.out / "q.onnx")],
-                     work.folder)
+    process = spawn_process("quantize", work.model, "--calib", f"{loader}:load_data", "-o", work.out / "q.onnx",
+                            cwd=work.folder)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert stdout.startswith(f"wrote {work.out / 'q.onnx'}") and (work.out / "q.onnx").is_file()

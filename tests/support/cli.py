@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,6 +86,14 @@ def run_process(*args: str | os.PathLike[str], cwd: Path) -> subprocess.Complete
     """Run `onnxq ARGS` as a real process with stdout and stderr captured (neither is a TTY)."""
     command = [sys.executable, "-m", "onnxq_cli", *(os.fspath(arg) for arg in args)]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def spawn_process(*args: str | os.PathLike[str], cwd: Path) -> subprocess.Popen[str]:
+    """Start `onnxq ARGS` as a real process (stdout and stderr piped) that a test can send SIGINT to."""
+    command = [sys.executable, "-m", "onnxq_cli", *(os.fspath(arg) for arg in args)]
+    # preexec_fn: a SIGINT ignored by a background CI job would be inherited, and Python would ignore it too.
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def digest(path: Path) -> str:
