@@ -82,20 +82,21 @@ def choose_alpha(site: SmoothSite, profile: ChannelProfile, scheme: ActivationSc
     weights = [(np.asarray(node.inputs[1].values, dtype=np.float64), axis, weight_out_axis(node))
                for node, axis in site.readers]
     weight_amax = site_weight_amax(site)
-    folds = ((rows[0::2], rows[1::2]), (rows[1::2], rows[0::2]))
+    # (fit half, checked half, the float outputs of the checked half per reader): computed once, not per alpha
+    folds = [(fit, check, [check @ _as_matrix(w, axis) for w, axis, _ in weights])
+             for fit, check in ((rows[0::2], rows[1::2]), (rows[1::2], rows[0::2]))]
+    signal = sum(float(np.sum(want**2)) for _, _, wants in folds for want in wants)
 
     def error(alpha: float | None) -> float:
-        noise = signal = 0.0
-        for fit, check in folds:
+        noise = 0.0
+        for fit, check, wants in folds:
             low, high = fit.min(axis=0), fit.max(axis=0)
             scales = (np.ones(site.channels) if alpha is None
                       else smooth_scales(np.maximum(np.abs(low), np.abs(high)), weight_amax, alpha))
             x = _fake_quant_activation(check / scales, low / scales, high / scales, scheme, name)
-            for w, axis, out_axis in weights:
+            for (w, axis, out_axis), want in zip(weights, wants):
                 scaled = w * scales.reshape([-1 if i == axis % w.ndim else 1 for i in range(w.ndim)])
-                want = check @ _as_matrix(w, axis)
                 noise += float(np.sum((x @ _as_matrix(_fake_quant_weight(scaled, out_axis), axis) - want) ** 2))
-                signal += float(np.sum(want**2))
         return noise / signal if signal > 0 else noise
 
     plain = error(None)
