@@ -45,6 +45,10 @@ def merge_cmd(inputs: tuple[Path, ...], output: Path) -> None:
     written(save_stats(merged, output))
     click.echo(f"wrote {output}: {plural(len(merged.histograms), 'tensor')}, {plural(merged.samples, 'sample')} "
                f"from {plural(len(inputs), 'file')}")
+    if merged.shards:
+        missing = merged.missing_shards()
+        click.echo(f"  shards {', '.join(merged.shards)}" + (f"; missing {', '.join(missing)}" if missing else
+                                                             " (complete)"))
 
 
 @stats_group.command("show")
@@ -58,6 +62,9 @@ def show_cmd(path: Path, percentile: float) -> None:
     stats = load_stats(path)
     click.echo(f"{path}: {plural(len(stats.histograms), 'tensor')}, {plural(stats.samples, 'sample')}, "
                f"model digest {stats.model_digest[:12]}" + (f", after {', '.join(stats.rewrites)}" if stats.rewrites else ""))
+    if stats.shards:
+        missing = stats.missing_shards()
+        click.echo(f"shards {', '.join(stats.shards)}" + (f"; missing {', '.join(missing)}" if missing else " (complete)"))
     width = max((len(name) for name in stats.histograms), default=6)
     click.echo(f"{'tensor':<{width}}  {'max':>10} {'entropy':>10} {f'p{percentile:g}':>10} {'mse':>10}  ignored")
     for name, h in stats.histograms.items():

@@ -4,6 +4,7 @@ between runtimes is the target (`onnxq.targets`); what is optional is a step (`o
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,8 @@ from onnxq.steps.attention import ChooseAttention
 from onnxq.targets import QuantTarget, get_target
 
 __all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "steps_for"]
+
+log = logging.getLogger(__name__)
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
 DataLike = CalibSource | str | os.PathLike[str]
@@ -213,6 +216,9 @@ def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile
             collected, wanted = (f"after {', '.join(r) or 'no rewrite'}" for r in (loaded.rewrites, rewrites))
             raise CalibrationError(f"{where} were collected {collected}; this run quantizes {wanted}. "
                                    "Hint: give --equalize/--no-equalize as to onnxq calibrate, or recalibrate")
+        if loaded.missing_shards():
+            log.warning("%s hold shards %s of the data; shards %s are missing", where, ", ".join(loaded.shards),
+                        ", ".join(loaded.missing_shards()))
         return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
     assert job.source is not None and job.graph is not None
     return calibrate(job.graph, (*plan.activation_names, *extra), job.source, job.config.calib,
@@ -287,5 +293,6 @@ def collect_stats(model: ModelLike, calib: DataLike, config: QuantConfig = Quant
     job.graph = graph
     calibration = _calibrate(job, config.target.plan(job.graph, config.selection), (), None, histograms=True)
     histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}
+    shard = getattr(job.source, "shard", None)  # a shard of the data (onnxq.data.shards) records its id
     return StatsFile(model_digest(model), calibration.samples, calibration.batches, histograms,
-                     _rewrites(rewriting)), calibration
+                     _rewrites(rewriting), () if shard is None else (str(shard),)), calibration

@@ -2,11 +2,13 @@
 
 Format (`.npz`, read with `allow_pickle=False`, so loading never runs code):
     meta            uint8 array holding UTF-8 JSON: format, version, model digest, samples, batches,
-                    num_bins, the tensor names in order, and (when any) the rewrites the graph went
-                    through before collecting (e.g. cross-layer equalization), which a run must repeat
+                    num_bins, the tensor names in order, (when any) the rewrites the graph went
+                    through before collecting (e.g. cross-layer equalization), which a run must repeat,
+                    and (for shards of the data, see onnxq.data.shards) the shard ids "i/N" it holds
     t<i>/<field>    the i-th tensor's histogram as plain numeric arrays (Histogram.to_arrays)
 The model digest (SHA-256 of the main graph's nodes and weights) ties the statistics to one model:
-merging or quantizing with statistics of another model is refused.
+merging or quantizing with statistics of another model is refused, and so is merging two files that
+hold the same shard (its samples would count twice).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import onnx
 
 from onnxq.atomic import write_atomic
-from onnxq.errors import CalibrationError
+from onnxq.errors import CalibrationError, ConfigError
 from onnxq.calib.histogram import Histogram
 
 __all__ = ["StatsFile", "model_digest", "save_stats", "load_stats", "merge_stats"]
@@ -43,6 +45,13 @@ class StatsFile:
     batches: int
     histograms: Mapping[str, Histogram]
     rewrites: tuple[str, ...] = ()
+    shards: tuple[str, ...] = ()  # the shard ids ("i/N") whose samples these are; () for unsharded data
+
+    def missing_shards(self) -> tuple[str, ...]:
+        """Shard ids of the same partition that these statistics lack (() when complete or unsharded)."""
+        counts = {int(shard.split("/")[1]) for shard in self.shards}
+        return tuple(f"{index}/{count}" for count in sorted(counts) for index in range(count)
+                     if f"{index}/{count}" not in self.shards)
 
     @property
     def num_bins(self) -> int:
@@ -70,6 +79,8 @@ def save_stats(stats: StatsFile, path: str | os.PathLike[str]) -> Path:
             "batches": stats.batches, "num_bins": stats.num_bins, "tensors": names}
     if stats.rewrites:
         meta["rewrites"] = list(stats.rewrites)
+    if stats.shards:
+        meta["shards"] = list(stats.shards)
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     for i, name in enumerate(names):
         for field, values in stats.histograms[name].to_arrays().items():
@@ -108,7 +119,18 @@ def load_stats(path: str | os.PathLike[str]) -> StatsFile:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
         raise CalibrationError(f"{path}: unreadable statistics file ({str(err).splitlines()[0]})") from None
     return StatsFile(meta["model_digest"], int(meta["samples"]), int(meta["batches"]), histograms,
-                     tuple(meta.get("rewrites", ())))
+                     tuple(meta.get("rewrites", ())), _shard_ids(path, meta.get("shards", [])))
+
+
+def _shard_ids(path: Path, ids: object) -> tuple[str, ...]:
+    from onnxq.data.shards import Shard  # no cycle: shards imports no calibration module
+
+    if not isinstance(ids, list):
+        raise CalibrationError(f"{path}: unreadable statistics file (shards is not a list)")
+    try:
+        return tuple(str(Shard.parse(str(text))) for text in ids)
+    except ConfigError as err:
+        raise CalibrationError(f"{path}: unreadable statistics file (shard ids: {err})") from None
 
 
 def merge_stats(first: StatsFile, second: StatsFile, what: str = "statistics") -> StatsFile:
@@ -124,6 +146,14 @@ def merge_stats(first: StatsFile, second: StatsFile, what: str = "statistics") -
         raise CalibrationError(f"{what}: the shards cover different tensors (e.g. '{missing[0]}')")
     if first.num_bins != second.num_bins:
         raise CalibrationError(f"{what}: {first.num_bins} vs {second.num_bins} histogram bins")
+    twice = sorted(set(first.shards) & set(second.shards))
+    if twice:
+        raise CalibrationError(f"{what}: shard {twice[0]} is in both files; its samples would count twice")
+    counts = {shard.split("/")[1] for shard in first.shards + second.shards}
+    if len(counts) > 1:
+        raise CalibrationError(f"{what}: the files come from different partitions of the data "
+                               f"({', '.join(sorted(first.shards + second.shards))}); shard with one count N")
     merged = {name: h.merge(second.histograms[name]) for name, h in first.histograms.items()}
+    shards = tuple(sorted(first.shards + second.shards, key=lambda shard: int(shard.split("/")[0])))
     return StatsFile(first.model_digest, first.samples + second.samples, first.batches + second.batches, merged,
-                     first.rewrites)
+                     first.rewrites, shards)

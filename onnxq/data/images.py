@@ -17,13 +17,14 @@ import numpy as np
 from PIL import Image
 
 from onnxq.errors import CalibrationError, ConfigError, first_line
-from onnxq.data.signature import Feed, InputSpec, ModelSignature, SignedSource
+from onnxq.data.signature import Feed, InputSpec, ModelSignature, SignedSource, window_text
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "ColorOrder",
     "ImageFolderSource",
     "ImagePreprocess",
+    "ImagesWindow",
     "Layout",
     "load_image",
 ]
@@ -263,6 +264,10 @@ class ImageFolderSource(SignedSource):
         """One sample per image."""
         return len(self._files)
 
+    def window(self, samples: range, shard: object) -> ImagesWindow:
+        """Images `samples` of the sorted file list, as shard `shard` (see onnxq.data.shards)."""
+        return ImagesWindow(self, samples, shard)
+
     def batches(self, batch_size: int) -> Iterator[Feed]:
         """Batches of preprocessed images in file-name order; see `CalibSource.batches`."""
         if batch_size < 1:
@@ -275,3 +280,23 @@ class ImageFolderSource(SignedSource):
             samples = [load_image(path, self._preprocess, target.size_hw, target.layout, target.channels)
                        for path in self._files[start:start + batch_size]]
             yield {target.name: np.stack(samples).astype(target.dtype, copy=False)}
+
+
+class ImagesWindow(SignedSource):
+    """Images `samples` of an `ImageFolderSource` (a slice of its sorted file list, the rest never decoded):
+    a shard, `shard` says which."""
+
+    def __init__(self, source: ImageFolderSource, samples: range, shard: object) -> None:
+        self._whole, self._window, self.shard = source, samples, shard
+        self._signature = source.signature
+        self._part = ImageFolderSource(source._location, source._files[samples.start:samples.stop], source.signature,
+                                       source._preprocess)
+
+    def describe(self) -> str:
+        return f"shard {self.shard} ({window_text(self._window)}) of {self._whole.describe()}"
+
+    def num_samples(self) -> int:
+        return len(self._window)
+
+    def batches(self, batch_size: int) -> Iterator[Feed]:
+        return self._part.batches(batch_size)

@@ -23,7 +23,7 @@ from onnx import helper
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 
 __all__ = ["SignedSource", "Feed", "InputSpec", "ModelSignature", "batch_is_dynamic", "cut_samples", "input_specs", "sample_axis_of",
-           "samples_in", "signature_of"]
+           "samples_in", "signature_of", "window_text"]
 
 Feed = dict[str, np.ndarray]
 
@@ -268,3 +268,8 @@ class SignedSource:
     @property
     def signature(self) -> ModelSignature:
         return self._signature
+
+
+def window_text(samples: range) -> str:
+    """E.g. "samples 16-31" or "sample 4": a shard's samples in messages."""
+    return f"sample {samples.start}" if len(samples) == 1 else f"samples {samples.start}-{samples.stop - 1}"

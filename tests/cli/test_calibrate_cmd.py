@@ -7,7 +7,7 @@ import onnx
 
 import models
 from onnxq.calib.stats_file import load_stats
-from tests.support.cli import Workspace, digest, invoke
+from tests.support.cli import Workspace, assert_one_line_error, digest, invoke
 
 
 def test_calibrate_then_quantize_with_stats_equals_quantize_with_calib(work: Workspace) -> None:
@@ -70,3 +70,24 @@ def test_stats_show_lists_every_tensor_under_each_method(work: Workspace) -> Non
     names = load_stats(stats).histograms.keys()
     rows = [line for line in shown.stdout.splitlines() if line.split() and line.split()[0] in names]
     assert len(rows) == len(names) and all(len(row.split()) == 6 for row in rows)
+
+
+def test_shard_option_and_merge_equal_one_run(work: Workspace) -> None:
+    one_run = invoke("calibrate", work.model, "--calib", work.calib, "-o", work.out / "all.npz")
+    assert one_run.code == 0, one_run.stderr
+    for index in range(3):
+        part = invoke("calibrate", work.model, "--calib", work.calib, "--shard", f"{index}/3")
+        assert part.code == 0 and f"shard {index}/3 (samples" in part.stdout, part.stderr
+    files = [work.model.with_name(f"residual.shard-{index}-of-3.onnxq.npz") for index in range(3)]  # default names
+    partial = invoke("stats", "merge", files[0], files[2], "-o", work.out / "partial.npz")
+    assert partial.code == 0 and "missing 1/3" in partial.stdout
+    merged = invoke("stats", "merge", work.out / "partial.npz", files[1], "-o", work.out / "merged.npz")
+    assert merged.code == 0 and "(complete)" in merged.stdout, merged.stderr
+    expected, combined = load_stats(work.out / "all.npz"), load_stats(work.out / "merged.npz")
+    assert combined.samples == expected.samples and combined.shards == ("0/3", "1/3", "2/3")
+    assert all(combined.histograms[name] == expected.histograms[name] for name in expected.histograms)
+    twice = invoke("stats", "merge", work.out / "merged.npz", files[1], "-o", work.out / "twice.npz")
+    assert_one_line_error(twice, 1, "shard 1/3 is in both files")
+    assert not (work.out / "twice.npz").exists()
+    bad = invoke("calibrate", work.model, "--calib", work.calib, "--shard", "3/3")
+    assert_one_line_error(bad, 2, "shards are numbered from 0")

@@ -13,7 +13,8 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from onnxq.data.signature import ModelSignature
-from onnxq.data.sources import CalibSource, InputSpec, _rebatch, input_specs, open_source
+from onnxq.data.arrays import rebatch as _rebatch
+from onnxq.data.sources import CalibSource, InputSpec, input_specs, open_source
 from onnxq.data.images import ColorOrder, ImagePreprocess, Layout, load_image
 from onnxq.errors import CalibrationError, ConfigError, ModelError
 from tests.support.paths import MODELS
