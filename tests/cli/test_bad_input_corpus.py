@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime  # noqa: F401  first imported here, so its telemetry file lands in the real $TMPDIR
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
@@ -459,6 +460,16 @@ OPTION_CASES = [
     Case("option-calibrate-target-nope", "calibrate {d}/m.onnx --calib {d}/c.npz --target nope", (MODEL, CALIB), 2,
          r"Invalid value for '--target'"),
     Case("option-calibrate-missing-calib", "calibrate {d}/m.onnx", (MODEL,), 2, r"Missing option '--calib'"),
+    Case("option-calibrate-shard-past-the-end", "calibrate {d}/m.onnx --calib {d}/c.npz --shard 4/4", (MODEL, CALIB), 2,
+         r"shard 4/4: the index must be 0 to 3 .*numbered from 0"),
+    Case("option-calibrate-shard-text", "calibrate {d}/m.onnx --calib {d}/c.npz --shard half", (MODEL, CALIB), 2,
+         r"--shard: expected INDEX/COUNT such as 0/4"),
+    Case("option-calibrate-shard-empty", "calibrate {d}/m.onnx --calib {d}/c.npz --shard 0/5", (MODEL, CALIB), 1,
+         rf"shard 0/5 of {SAMPLES} samples in .*c\.npz holds no samples: {SAMPLES} samples split 5 ways; use at most "
+         rf"{SAMPLES} shards"),
+    Case("option-calibrate-shard-loader-without-arguments",
+         "calibrate {d}/m.onnx --calib {d}/nothing.py --shard 0/2 -o {d}/out/s.npz", (MODEL, "nothing.py"), 2,
+         r"--shard 0/2: .*nothing\.py:load_data takes no shard_index and num_shards arguments"),
     Case("option-inspect-exclude-op-types", "inspect {d}/m.onnx --exclude-op-types Nonsense", (MODEL,), 2,
          r"'Nonsense' is not an ONNX op type"),
     Case("option-compare-iterations-0", "compare {d}/m.onnx {d}/m.onnx --data {d}/c.npz --iterations 0",
