@@ -18,7 +18,7 @@ from onnxq.errors import ConfigError, ModelError
 from onnxq.options import CalibConfig, CalibMethod, HighPrecision, Selection, parse_enum
 
 if TYPE_CHECKING:
-    from onnxq.config import AccuracyGoal, QuantConfig
+    from onnxq.config import QuantConfig
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from onnxq.errors import ConfigError
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from onnxq.report.document import METHODS, TOP_N, ActivationRow, QuantReport
+
+if TYPE_CHECKING:
+    from onnxq.plan.core import NodeDecision
 
 __all__ = ["to_markdown"]
 
