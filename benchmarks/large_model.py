@@ -86,38 +86,47 @@ def _vm_field(pid: int, field: str) -> int:
     return 0
 
 
+Memory = tuple[int, int, int]  # VmRSS, RssAnon (the process's own memory), RssFile (mapped file pages)
+
+
+def _memory(pid: int) -> Memory:
+    return _vm_field(pid, "VmRSS"), _vm_field(pid, "RssAnon"), _vm_field(pid, "RssFile")
+
+
 def run_cli(argv: list[str], env: dict[str, str], rss_cap: int
-            ) -> tuple[int, float, int, int, list[tuple[float, int, str]], str]:
+            ) -> tuple[int, float, int, int, Memory, list[tuple[float, Memory, str]], str]:
     """Run the CLI (killed above `rss_cap` bytes); return exit code, seconds, peak RSS (rusage), polled
-    VmHWM, onnxq's log lines stamped on arrival with the RSS then, and stdout."""
+    VmHWM, the polled peaks of RSS, RssAnon and RssFile, onnxq's log lines stamped on arrival with the
+    memory then, and stdout."""
     started = time.monotonic()
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    rss = [0]
-    lines: list[tuple[float, int, str]] = [(0.0, 0, "(started)")]
+    now: list[Memory] = [(0, 0, 0)]
+    lines: list[tuple[float, Memory, str]] = [(0.0, (0, 0, 0), "(started)")]
 
     def read_stderr() -> None:
         assert child.stderr is not None
         for line in child.stderr:
             if "onnxruntime" in line:  # -vv also makes ORT verbose; keep onnxq's own lines
                 continue
-            lines.append((time.monotonic() - started, rss[0], line.rstrip()))
+            lines.append((time.monotonic() - started, now[0], line.rstrip()))
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    hwm = 0
+    hwm, peaks = 0, (0, 0, 0)
     while child.poll() is None:
-        rss[0] = _vm_field(child.pid, "VmRSS")
+        now[0] = _memory(child.pid)
+        peaks = tuple(max(a, b) for a, b in zip(peaks, now[0]))  # type: ignore[assignment]
         hwm = max(hwm, _vm_field(child.pid, "VmHWM"))
-        if rss[0] > rss_cap:
+        if now[0][0] > rss_cap:
             child.kill()
-            lines.append((time.monotonic() - started, rss[0], f"(killed above {rss_cap / GIB:g} GiB)"))
+            lines.append((time.monotonic() - started, now[0], f"(killed above {rss_cap / GIB:g} GiB)"))
         time.sleep(0.05)
     out = child.stdout.read() if child.stdout is not None else ""
     reader.join()
     seconds = time.monotonic() - started
-    lines.append((seconds, rss[0], "(exited)"))
+    lines.append((seconds, now[0], "(exited)"))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return child.returncode, seconds, peak, hwm, lines, out
+    return child.returncode, seconds, peak, hwm, peaks, lines, out
 
 
 def check_output(output: Path, model_path: Path, samples: np.ndarray) -> str:
@@ -168,17 +177,20 @@ def main() -> None:
         argv = [sys.executable, "-m", "onnxq_cli", "-vv", "quantize", os.fspath(model_path),
                 "--calib", os.fspath(folder / "calib.npz"), "-o", os.fspath(output), *args.cli_args]
         print("running:", " ".join(argv[1:]))
-        code, seconds, peak, hwm, lines, out = run_cli(argv, env, int(args.rss_cap_gib * GIB))
-        print("\nstages (time at each log line's arrival, the child's RSS then):")
+        code, seconds, peak, hwm, peaks, lines, out = run_cli(argv, env, int(args.rss_cap_gib * GIB))
+        print("\nstages (time at each log line's arrival, the child's RSS then: all = anonymous + mapped file pages):")
         previous = 0.0
-        for stamp, rss, line in lines:
-            print(f"  {stamp:7.1f} s (+{stamp - previous:6.1f})  RSS {rss / GIB:5.2f} GiB  {line[:110]}")
+        for stamp, (rss, anon, mapped), line in lines:
+            print(f"  {stamp:7.1f} s (+{stamp - previous:6.1f})  RSS {rss / GIB:5.2f} = {anon / GIB:5.2f} + "
+                  f"{mapped / GIB:5.2f} GiB  {line[:100]}")
             previous = stamp
         print("\nstdout:\n  " + out.strip().replace("\n", "\n  "))
         print(f"\nexit code {code}; wall {seconds:.1f} s")
         print(f"peak RSS {peak / GIB:.2f} GiB (rusage), {hwm / GIB:.2f} GiB (VmHWM) = "
               f"{peak / size:.2f}x the model's {size / GIB:.2f} GiB (target <= 1.5x: "
               f"{'met' if peak <= 1.5 * size else 'NOT met'})")
+        print(f"polled peaks: RSS {peaks[0] / GIB:.2f} GiB, RssAnon {peaks[1] / GIB:.2f} GiB (the process's own "
+              f"memory), RssFile {peaks[2] / GIB:.2f} GiB (file pages mapped: the input's weights, libraries)")
         if code == 0 and not args.no_check:
             print("output:", check_output(output, model_path, samples))
     finally:

@@ -24,6 +24,7 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
+import onnxq.mapped_weights as mapped_weights
 from onnxq.errors import ConfigError
 
 __all__ = [
@@ -88,8 +89,9 @@ def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def tensor_size_bytes(tensor: onnx.TensorProto) -> int:
-    """The bytes of `tensor`'s values, without copying them (0 for data stored elsewhere)."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    """The bytes of `tensor`'s values, without copying them (a mapped tensor's too: see
+    `onnxq.mapped_weights`; 0 for other data stored elsewhere)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL and not mapped_weights.is_mapped(tensor):
         return 0
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(item) for item in tensor.string_data)
@@ -112,12 +114,19 @@ def is_large(model: onnx.ModelProto) -> bool:
 
 
 def moves_out(tensor: onnx.TensorProto) -> bool:
+    """Whether a skeleton refers to `tensor`'s values elsewhere instead of holding them (a mapped tensor
+    always; an in-memory one from `MIN_EXTERNAL_TENSOR_BYTES`)."""
+    if mapped_weights.is_mapped(tensor):
+        return True
     return (tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.data_type != onnx.TensorProto.STRING
             and tensor_size_bytes(tensor) >= MIN_EXTERNAL_TENSOR_BYTES)
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
-    """The values of `tensor` as little-endian raw bytes (one copy of this tensor only)."""
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes | np.ndarray:
+    """The values of `tensor` as little-endian raw bytes (one copy of this tensor only; a mapped tensor's
+    as a byte view of its mapping, no copy)."""
+    if mapped_weights.is_mapped(tensor):
+        return mapped_weights.mapped_array(tensor).reshape(-1).view(np.uint8)
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     # Typed fields (float_data, int32_data, ...): from_array packs them as raw_data would hold them.
@@ -128,7 +137,7 @@ def tensor_with_wrong_size(model: onnx.ModelProto) -> str | None:
     """The name of the first main-graph initializer `skeleton` moves out whose data does not fill its shape
     (what the checker cannot see on a skeleton), or None."""
     for tensor in model.graph.initializer:
-        if not moves_out(tensor):
+        if not moves_out(tensor) or mapped_weights.is_mapped(tensor):  # mapped: checked when loaded
             continue
         try:
             actual = len(_tensor_bytes(tensor))
@@ -175,10 +184,13 @@ def _skeleton_graph(graph: onnx.GraphProto, location: str, data: BinaryIO | None
             offset[0] += -offset[0] % _ALIGNMENT
         if data is not None:
             data.seek(offset[0])
-            values = _tensor_bytes(tensor)
-            data.write(values)
-            length = len(values)
-            del values
+            if mapped_weights.is_mapped(tensor):  # straight from its file: no copy in memory, no mapping
+                length = mapped_weights.copy_mapped(tensor, data)
+            else:
+                values = _tensor_bytes(tensor)
+                data.write(values)
+                length = len(values)
+                del values
         out.initializer.append(_external_reference(tensor, location, offset[0], length))
         offset[0] += length
     return out
@@ -218,7 +230,9 @@ _SHARED_ARRAYS: weakref.WeakValueDictionary[bytes, np.ndarray] = weakref.WeakVal
 
 def shared_array(tensor: onnx.TensorProto) -> np.ndarray:
     """`tensor`'s values as a read-only array, shared between calls for equal contents (name, type, shape
-    and bytes)."""
+    and bytes); a mapped tensor's mapped array (shared through its mapping)."""
+    if mapped_weights.is_mapped(tensor):
+        return mapped_weights.mapped_array(tensor)
     values = _tensor_bytes(tensor)
     key = hashlib.blake2b(values, digest_size=20)
     key.update(f"{tensor.name}|{tensor.data_type}|{list(tensor.dims)}".encode())

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.helper
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 import onnxq.external_data as external_data
+import onnxq.mapped_weights as mapped_weights
 from onnxq.atomic import staging_name
 from onnxq.errors import ModelError
 
@@ -69,11 +71,14 @@ def _refuse_future_versions(path: Path, model: onnx.ModelProto) -> None:
 
 
 def _load_external_data(path: Path, model: onnx.ModelProto) -> None:
-    """Read the weights stored beside the model; each must lie inside the model's folder and exist."""
+    """Read the weights stored beside the model; each must lie inside the model's folder and exist.
+
+    A model over `external_data.threshold()` bytes keeps its large main-graph initializers in their file,
+    as mapped tensors (`onnxq.mapped_weights`): nothing of them is read here."""
     folder = path.resolve().parent
-    for tensor in external_data.all_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
+    external = [tensor for tensor in external_data.all_tensors(model.graph)
+                if tensor.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
         target = (folder / location).resolve()
         if Path(location).is_absolute() or folder not in target.parents:
@@ -82,10 +87,33 @@ def _load_external_data(path: Path, model: onnx.ModelProto) -> None:
                              "external data only from the model's folder")
         if not target.is_file():
             raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data in {location}, which does not exist")
+    declared = sum(_declared_bytes(tensor) for tensor in external)
+    if external and external_data.estimated_size_bytes(model) + declared > external_data.threshold():
+        _map_initializers(path, model, folder)
     try:
-        onnx.load_external_data_for_model(model, str(folder))
+        for tensor in external:  # what is left: loaded
+            if not mapped_weights.is_mapped(tensor):
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
     except (OSError, ValueError, onnx.checker.ValidationError) as err:
         raise ModelError(f"{path}: cannot read its external data ({str(err).strip().splitlines()[0]})") from None
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int:
+    dtype = mapped_weights.mappable_dtype(tensor)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * (dtype.itemsize if dtype is not None else 1)
+
+
+def _map_initializers(path: Path, model: onnx.ModelProto, folder: Path) -> None:
+    """Leave the model's large external initializers in their files, as mapped tensors."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or _declared_bytes(tensor) < mapped_weights.MAP_FROM_BYTES:
+            continue
+        try:
+            wrong = mapped_weights.mark_mapped(tensor, folder)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{path}: cannot read the external data of tensor '{tensor.name}' ({err})") from None
+        if wrong is not None:
+            raise ModelError(f"{path}: tensor '{tensor.name}' cannot be read: {wrong}")
 
 
 def external_data_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
@@ -123,10 +151,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ModelError(f"{path}: the folder {folder} does not exist")
-    large = external_data.is_large(model)
+    large = external_data.is_large(model) or mapped_weights.has_mapped(model)
     data_name = path.name + ".data"
     if large:
-        if any(Path(k).exists() and is_same_file(folder / data_name, k) for k in keep):
+        read = [*keep, *{mapped_weights.mapped_file(t) for t in model.graph.initializer if mapped_weights.is_mapped(t)}]
+        if any(Path(k).exists() and is_same_file(folder / data_name, k) for k in read):
             raise ModelError(f"{path}: its weights would be written to {folder / data_name}, which the input "
                              "model reads its weights from; choose another output name")
     staging = staging_name(folder / path.name)  # named first: an interruption after mkdir still removes it
@@ -170,7 +199,9 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
             if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues):
                 original = originals.get(tensor.name)
                 if original is not None and tensor._values.tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    tensor._values = gs.ir.tensor.LazyValues(original)
+                    lazy = mapped_weights.MappedValues if mapped_weights.is_mapped(original) else gs.ir.tensor.LazyValues
+                    tensor._values = lazy(original)
+                    tensor.data_location = None  # the skeleton's: not where a rewritten value would go
     return graph
 
 
@@ -181,7 +212,12 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
     IR versions long before it rejects the opsets they go with.
     """
     _keep_lazy_tensor_names(graph)
-    model = gs.export_onnx(graph, do_type_check=False)
+    saved = _refer_to_mapped_arrays(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in saved:
+            tensor._values = values
     if template is not None:
         for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
             setattr(model, field, getattr(template, field))
@@ -189,6 +225,27 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
         model.metadata_props.extend(template.metadata_props)
     model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     return model
+
+
+def _refer_to_mapped_arrays(graph: gs.Graph) -> list[tuple[gs.Constant, object]]:
+    """Turn each constant whose array still lies in a mapped file (a weight no rewrite changed) into a
+    reference to those bytes, so exporting does not copy it; returns what to put back afterwards."""
+    saved: list[tuple[gs.Constant, object]] = []
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray):
+            reference = mapped_weights.reference_for(tensor._values, tensor.name)
+            if reference is not None:
+                saved.append((tensor, tensor._values))
+                tensor._values = mapped_weights.MappedValues(reference)
+    return saved
+
+
+def has_mapped_constants(graph: gs.Graph) -> bool:
+    """Whether a constant of `graph` holds a mapped tensor or an array inside one (`onnxq.mapped_weights`)."""
+    return any(isinstance(t, gs.Constant) and (mapped_weights.is_mapped(t._values.tensor)
+                                               if isinstance(t._values, gs.ir.tensor.LazyValues)
+                                               else mapped_weights.reference_for(t._values, t.name) is not None)
+               for t in graph.tensors().values())
 
 
 def _keep_lazy_tensor_names(graph: gs.Graph) -> None:
@@ -199,7 +256,8 @@ def _keep_lazy_tensor_names(graph: gs.Graph) -> None:
         if isinstance(values, gs.ir.tensor.LazyValues) and values.tensor.name != tensor.name:
             renamed = onnx.TensorProto()
             renamed.CopyFrom(values.tensor)
-            tensor._values = gs.ir.tensor.LazyValues(renamed)
+            renamed.name = tensor.name
+            tensor._values = type(values)(renamed)
 
 
 def graph_size_bytes(graph: gs.Graph) -> int:

@@ -23,11 +23,15 @@ from onnx import TensorProto, helper
 import onnxq
 import onnxq.external_data as external_data
 import onnxq.io
+import onnxq.mapped_weights as mapped_weights
 import onnxq.runtime.session
+from onnxq.calib.stats_file import model_digest
 from onnxq.errors import ConfigError, ModelError
 from onnxq.passes.smooth_sites import smoothquant_candidates
 from onnxq.steps.base import StepSkipped
 from onnxq.steps.bias_correction import BiasCorrected
+from onnxq.steps.equalize import Equalized
+from onnxq.steps.smoothquant import Smoothed
 from tests.support.cli import invoke
 
 _SAVE_MODEL = onnx.save_model  # the test's own writes are not under the guards below
@@ -143,11 +147,12 @@ def test_large_path_gives_the_same_model_as_the_in_memory_path(tmp_path: Path, m
 
 
 def test_shape_inference_runs_on_a_large_model_and_keeps_its_weights(tmp_path: Path, large: list[str]) -> None:
-    model = onnxq.load_model(write_mlp(tmp_path))
-    graph = onnxq.io.to_graph(model)
+    model_path = write_mlp(tmp_path)
+    graph = onnxq.io.to_graph(onnxq.load_model(model_path))
     assert "infer_shapes: small proto" in large
     assert graph.tensors()["m3"].dtype == np.float32 and graph.tensors()["m3"].shape == ["N", WIDTH]
-    np.testing.assert_array_equal(graph.tensors()["w0"].values, onnx.numpy_helper.to_array(model.graph.initializer[0]))
+    expected = onnx.numpy_helper.to_array(onnx.load(os.fspath(model_path)).graph.initializer[0])
+    np.testing.assert_array_equal(graph.tensors()["w0"].values, expected)
 
 
 def test_a_failed_save_leaves_the_previous_output_and_no_half_written_files(tmp_path: Path, large: list[str],
@@ -279,3 +284,173 @@ def test_planning_leaves_a_large_graphs_weights_in_the_model(tmp_path: Path, lar
     assert sorted(w.tensor_name for w in plan.weights) == sorted(f"w{i}" for i in range(LAYERS))
     weights = [graph.tensors()[f"w{i}"] for i in range(LAYERS)]
     assert all(isinstance(w._values, gs.ir.tensor.LazyValues) for w in weights)
+
+
+# --- Weights left in the input's data file (onnxq.mapped_weights): same output, input untouched -------------
+
+def write_convnet(folder: Path, name: str = "conv.onnx") -> Path:
+    """Conv -> Relu -> Conv -> Relu -> Conv (pairs cross-layer equalization rewrites), weights beside it."""
+    rng = np.random.default_rng(5)
+    channels = [8, 48, 48, 48]
+    nodes, weights = [], []
+    for i in range(3):
+        scale = rng.uniform(0.1, 4.0, size=(channels[i + 1], 1, 1, 1)).astype(np.float32)  # unequal ranges
+        weights += [onnx.numpy_helper.from_array(
+                        rng.standard_normal((channels[i + 1], channels[i], 3, 3)).astype(np.float32) * scale / 8, f"cw{i}"),
+                    onnx.numpy_helper.from_array(rng.standard_normal(channels[i + 1]).astype(np.float32) * 0.1, f"cb{i}")]
+        source, out = ("x" if i == 0 else f"r{i - 1}"), ("y" if i == 2 else f"c{i}")
+        nodes.append(helper.make_node("Conv", [source, f"cw{i}", f"cb{i}"], [out], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 48, 12, 12])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = folder / name
+    _SAVE_MODEL(model, os.fspath(path), save_as_external_data=True, location=name + ".data")
+    np.savez(folder / "conv_calib.npz", x=np.random.default_rng(6).standard_normal((16, 8, 12, 12)).astype(np.float32))
+    return path
+
+
+def write_tied_mlp(folder: Path, name: str = "tied.onnx") -> Path:
+    """x -> MatMul(w) -> Relu -> MatMul(w) -> MatMul(v) -> y: `w` read by two MatMuls (one tensor, tied), and
+    activations with a few large channels (what SmoothQuant moves into the weights)."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / WIDTH**0.5
+    v = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / WIDTH**0.5
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m0"], name="first"),
+             helper.make_node("Relu", ["m0"], ["h0"], name="relu"),
+             helper.make_node("MatMul", ["h0", "w"], ["m1"], name="second"),
+             helper.make_node("MatMul", ["m1", "v"], ["y"], name="third")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", WIDTH])],
+                              [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(v, "v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = folder / name
+    _SAVE_MODEL(model, os.fspath(path), save_as_external_data=True, location=name + ".data")
+    samples = rng.standard_normal((64, WIDTH)).astype(np.float32)
+    samples[:, :4] *= 30.0  # outlier channels
+    np.savez(folder / "tied_calib.npz", x=samples)
+    return path
+
+
+def _file_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    """The same nodes, and the same initializers bit for bit (names, types, shapes, bytes)."""
+    first, second = onnx.load(os.fspath(a)), onnx.load(os.fspath(b))
+    assert list(first.graph.node) == list(second.graph.node)
+    tensors = [{t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer} for m in (first, second)]
+    assert tensors[0].keys() == tensors[1].keys()
+    for name, values in tensors[0].items():
+        other = tensors[1][name]
+        assert values.dtype == other.dtype and values.shape == other.shape, name
+        assert values.tobytes() == other.tobytes(), f"initializer '{name}' differs"
+
+
+def _quantize_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_path: Path, calib: Path,
+                        config: onnxq.QuantConfig) -> tuple[onnxq.QuantResult, onnxq.QuantResult]:
+    """Quantize in memory (threshold as shipped) then on the large path, saving `small.onnx` and `big.onnx`;
+    the input folder's files must be byte-identical afterwards."""
+    inputs = _file_bytes(model_path.parent)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    small = onnxq.quantize(model_path, calib, config)
+    onnxq.io.save_model(small.model, out / "small.onnx")
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", THRESHOLD)
+    model = onnxq.load_model(model_path)
+    assert any(mapped_weights.is_mapped(t) for t in model.graph.initializer)  # the weights stay in the file
+    big = onnxq.quantize(model, calib, config)
+    onnxq.io.save_model(big.model, out / "big.onnx", keep=onnxq.io.external_data_files(model_path))
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", None)
+    assert_same_model(out / "small.onnx", out / "big.onnx")
+    assert _file_bytes(model_path.parent) == inputs
+    return small, big
+
+
+def test_the_large_path_writes_the_in_memory_paths_model_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model_path, calib = write_mlp(folder), write_calib(folder)
+    # bias correction rewrites the biases; a kept-float layer keeps its weight as a reference to the input
+    config = onnxq.QuantConfig(bias_correction=True, selection=onnxq.Selection(exclude_node_patterns=("matmul5$",)))
+    small, big = _quantize_both_ways(tmp_path, monkeypatch, model_path, calib, config)
+    corrected = big.finding(BiasCorrected)
+    assert isinstance(corrected, BiasCorrected) and corrected.layers
+    assert (small.finding(BiasCorrected).layers, small.finding(BiasCorrected).kept) == (  # type: ignore[union-attr]
+        corrected.layers, corrected.kept)
+    # The float weight the excluded layer reads went from the input's file to the output's, unchanged.
+    light = onnx.load(os.fspath(tmp_path / "out" / "big.onnx"), load_external_data=False)
+    assert {t.name: t.data_location for t in light.graph.initializer}["w5"] == TensorProto.EXTERNAL
+    original = onnx.load(os.fspath(model_path))
+    written = onnx.load(os.fspath(tmp_path / "out" / "big.onnx"))
+    np.testing.assert_array_equal(*(onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w5"))
+                                    for m in (original, written)))
+
+
+@pytest.mark.parametrize("smoothquant", [0.5, False], ids=["smoothed", "untouched"])
+def test_the_large_path_matches_with_a_tied_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   smoothquant: float | bool) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model_path = write_tied_mlp(folder)
+    config = onnxq.QuantConfig(smoothquant=smoothquant, bias_correction=False)
+    small, big = _quantize_both_ways(tmp_path, monkeypatch, model_path, folder / "tied_calib.npz", config)
+    smoothed = big.finding(Smoothed)
+    if smoothquant:
+        assert isinstance(smoothed, Smoothed) and "h0" in smoothed.tensors  # the tied weight was rewritten
+        assert small.finding(Smoothed).tensors == smoothed.tensors  # type: ignore[union-attr]
+    else:
+        assert smoothed is None
+
+
+def test_the_large_path_matches_with_cross_layer_equalization(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model_path = write_convnet(folder)
+    config = onnxq.QuantConfig(equalize=True, smoothquant=False, bias_correction=True)
+    small, big = _quantize_both_ways(tmp_path, monkeypatch, model_path, folder / "conv_calib.npz", config)
+    equalized = big.finding(Equalized)
+    assert isinstance(equalized, Equalized) and any(p.equalized for p in equalized.conv_pairs)
+    assert isinstance(big.finding(BiasCorrected), BiasCorrected)
+
+
+def test_a_statistics_file_fits_the_model_on_either_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model digest a statistics file is checked against reads weights left in the file the same."""
+    model_path = write_mlp(tmp_path)
+    digest = model_digest(onnxq.load_model(model_path))
+    monkeypatch.setattr(external_data, "LARGE_MODEL_BYTES", THRESHOLD)
+    model = onnxq.load_model(model_path)
+    assert any(mapped_weights.is_mapped(t) for t in model.graph.initializer)
+    assert model_digest(model) == digest
+
+
+def test_loading_a_large_model_leaves_its_weights_in_the_file(tmp_path: Path, large: list[str]) -> None:
+    model = onnxq.load_model(write_mlp(tmp_path))
+    weights = [t for t in model.graph.initializer if t.name.startswith("w")]
+    assert weights and all(mapped_weights.is_mapped(t) and not t.HasField("raw_data") for t in weights)
+    assert external_data.is_large(model)  # their size counts, though nothing of them is in memory
+    biases = [t for t in model.graph.initializer if t.name.startswith("b")]  # below MAP_FROM_BYTES: loaded
+    assert all(t.HasField("raw_data") and t.data_location == TensorProto.DEFAULT for t in biases)
+
+
+def test_saving_over_the_inputs_data_file_is_refused_without_being_told(tmp_path: Path, large: list[str]) -> None:
+    """An output whose `<name>.data` is the file a loaded model's weights are read from is refused even when
+    the caller does not list that file in `keep` (the model itself says where its weights are)."""
+    source = write_mlp(tmp_path, "b.onnx")
+    source.rename(tmp_path / "a.onnx")
+    before = _file_bytes(tmp_path)
+    model = onnxq.load_model(tmp_path / "a.onnx")
+    with pytest.raises(ModelError, match="b.onnx.data, which the input model reads"):
+        onnxq.io.save_model(model, tmp_path / "b.onnx")
+    assert _file_bytes(tmp_path) == before
+
+
+def test_a_large_model_whose_data_file_is_too_short_is_refused(tmp_path: Path, large: list[str]) -> None:
+    model_path = write_mlp(tmp_path)
+    data = tmp_path / "mlp.onnx.data"
+    data.write_bytes(data.read_bytes()[:-1000])
+    with pytest.raises(ModelError, match=r"tensor '\w+' cannot be read: its bytes .* lie beyond the end of mlp.onnx.data"):
+        onnxq.load_model(model_path)

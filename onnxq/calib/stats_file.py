@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+import onnxq.mapped_weights as mapped_weights
 from onnxq.atomic import write_atomic
 from onnxq.errors import CalibrationError, ConfigError
 from onnxq.calib.histogram import Histogram
@@ -67,7 +68,12 @@ def model_digest(model: onnx.ModelProto) -> str:
         digest.update(value.SerializeToString(deterministic=True))
     for tensor in model.graph.initializer:
         digest.update(tensor.name.encode())
-        digest.update(np.asarray(onnx.numpy_helper.to_array(tensor)).tobytes())
+        if mapped_weights.is_mapped(tensor):  # a large model's weight left in its file: the same bytes
+            values = mapped_weights.mapped_array(tensor)
+            digest.update(values.reshape(-1).view(np.uint8))
+            mapped_weights.release_pages(values)
+        else:
+            digest.update(np.asarray(onnx.numpy_helper.to_array(tensor)).tobytes())
     return digest.hexdigest()
 
 

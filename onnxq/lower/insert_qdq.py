@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+import onnxq.mapped_weights as mapped_weights
 from onnxq.graph.names import NameSource
 from onnxq.errors import InternalError
 from onnxq.plan.core import QuantizedActivation, QuantizedBias, QuantPlan, QuantizedWeight
@@ -57,12 +58,15 @@ def _insert_activation(graph: gs.Graph, names: NameSource, nodes: Mapping[str, g
 def _insert_weight(graph: gs.Graph, names: NameSource, weight: gs.Constant,
                    uses: list[QuantizedWeight], nodes: Mapping[str, gs.Node]) -> np.ndarray:
     # A weight not yet loaded (a large model's, see `onnxq.io.to_graph`) is read for this call only: the
-    # graph keeps referring to the model's tensor instead of holding a float copy beside the INT8 one.
+    # graph keeps referring to the model's tensor instead of holding a float copy beside the INT8 one. A
+    # weight in the input's file (`onnxq.mapped_weights`) is read through its mapping, whose pages are
+    # dropped from the process once it is quantized.
     lazy = weight._values if isinstance(weight._values, gs.ir.tensor.LazyValues) else None
     values = np.asarray(lazy.load() if lazy is not None else weight.values)
     axis = uses[0].axis
     scales = weight_scales(values, axis)
     int8 = gs.Constant(names(f"{weight.name}_int8"), quantize_weight(values, scales, axis))
+    mapped_weights.release_pages(values)
     params = _scale_and_zero_point(names, weight.name, scales.astype(values.dtype))
     dequantized = _dequantize(graph, names, int8, params, weight, axis=axis)
     for use in uses:

@@ -24,7 +24,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime
 
 import onnxq.external_data as external_data
-from onnxq.io import export_light, from_graph, graph_size_bytes
+import onnxq.mapped_weights as mapped_weights
+from onnxq.io import export_light, from_graph, graph_size_bytes, has_mapped_constants
 from onnxq.errors import ConfigError, ModelError
 from onnxq.runtime.ort_errors import describe_array, ort_message
 
@@ -166,9 +167,13 @@ class Session:
         return outputs
 
     def close(self) -> None:
-        """Remove the temporary model copy, if there is one. Safe to call more than once."""
+        """Remove the temporary model copy, if there is one, and drop the pages of mapped weights this
+        session touched from the process's memory (`onnxq.mapped_weights.release_pages`). Safe to call
+        more than once."""
         if self._temp_dir is not None:
             self._temp_dir.cleanup()
+        if self._shared:
+            mapped_weights.release_pages()
 
     def __enter__(self) -> Session:
         return self
@@ -244,6 +249,8 @@ def open_session(
     session = Session(ort_session=ort_session, requested=requested, _temp_dir=temp_dir, _shared=shared)
     if temp_dir is not None:
         weakref.finalize(session, temp_dir.cleanup)
+    if shared:
+        weakref.finalize(session, mapped_weights.release_pages)
     _warn_about_unloaded_providers(session)
     return session
 
@@ -254,12 +261,12 @@ def _session_source(
     """What to hand ONNX Runtime: a path, serialized bytes, or for a large model the path of a temporary
     skeleton and the arrays of the weights it leaves out."""
     if isinstance(model, gs.Graph):
-        if graph_size_bytes(model) <= external_data.threshold():
+        if graph_size_bytes(model) <= external_data.threshold() and not has_mapped_constants(model):
             return from_graph(model).SerializeToString(), None, {}
         light, arrays = export_light(model)
     elif isinstance(model, onnx.ModelProto):
         _reject_unresolved_external_data(model)
-        if not external_data.is_large(model):
+        if not external_data.is_large(model) and not mapped_weights.has_mapped(model):
             return model.SerializeToString(), None, {}
         light, arrays = external_data.skeleton(model, external_data.SESSION_DATA_NAME), None
     else:
@@ -294,7 +301,7 @@ def _warn_about_unloaded_providers(session: Session) -> None:
 
 def _reject_unresolved_external_data(model: onnx.ModelProto) -> None:
     for tensor in external_data.all_tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not mapped_weights.is_mapped(tensor):
             raise ModelError(
                 f"tensor '{tensor.name}' refers to external data that was not loaded; "
                 "load the model with its external data or pass the model's path"
@@ -323,8 +330,9 @@ def _share_weights(arrays: Mapping[str, np.ndarray], options: onnxruntime.Sessio
         return ()
     contiguous = [np.ascontiguousarray(array) for array in arrays.values()]
     values = tuple(onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in contiguous)
-    for name, value in zip(arrays, values):
-        options.add_initializer(name, value)
+    # As external initializers, not plain ones: ORT then resolves the skeleton's references to these arrays
+    # before its graph optimizers run, which read a Conv's weights from the reference otherwise (and fail).
+    options.add_external_initializers(list(arrays), list(values))
     options.add_session_config_entry("session.disable_prepacking", "1")
     return (*contiguous, *values)
 

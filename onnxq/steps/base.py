@@ -17,12 +17,14 @@ A new algorithm is one module with one `Step` subclass.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import onnx
 import onnx_graphsurgeon as gs
 
+import onnxq.external_data as external_data
 from onnxq.calib.calibrate import CalibrationResult, full_batches
 from onnxq.calib.ranges import activation_params, group_amax
 from onnxq.config import QuantConfig
@@ -163,6 +165,11 @@ class Job:
                                        self.amax(plan))
             lowered = self.target.lower(insert_qdq(graph, plan, params), self.config.high_precision)
             model = from_graph(lowered, template=self.model)
+            if external_data.is_large(self.model):
+                # The INT8 graph's weights are now in the model too; the graph's node<->tensor cycles would
+                # keep its copy alive until Python's next cycle collection (+0.25x a large model's size).
+                del lowered
+                gc.collect()
             check_model(model, "the quantized model")
             self._built[plan] = model
         return self._built[plan]

@@ -29,6 +29,7 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
+import onnxq.mapped_weights as mapped_weights
 from onnxq.data.signature import Feed, ModelSignature
 from onnxq.data.sources import CalibSource
 from onnxq.graph.names import unique_name
@@ -80,7 +81,9 @@ def _renamed(quantized: onnx.ModelProto, taken: set[str]) -> tuple[list[tuple[st
     """The Q/DQ graph's nodes, each with its original name, every tensor but the graph inputs renamed
     apart from `taken` and the DQs of constants folded; and the constants the nodes read."""
     inputs = {t.name for t in quantized.graph.input}
-    constants = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    # A large model's weight left in its file (`onnxq.mapped_weights`) is read through its mapping.
+    constants = {t.name: mapped_weights.mapped_array(t) if mapped_weights.is_mapped(t) else onnx.numpy_helper.to_array(t)
+                 for t in quantized.graph.initializer}
     names: dict[str, str] = {"": ""}
 
     def rename(name: str) -> str:
@@ -101,9 +104,20 @@ def _renamed(quantized: onnx.ModelProto, taken: set[str]) -> tuple[list[tuple[st
         copy.output[:] = [rename(n) for n in node.output]
         nodes.append((node.name, copy))
     read = {n for _, node in nodes for n in node.input}
-    initializers += [onnx.numpy_helper.from_array(values, names[name]) for name, values in constants.items()
+    protos = {t.name: t for t in quantized.graph.initializer}
+    initializers += [_renamed_tensor(protos[name], values, names[name]) for name, values in constants.items()
                      if name in names and names[name] in read]
     return nodes, initializers
+
+
+def _renamed_tensor(tensor: onnx.TensorProto, values: np.ndarray, name: str) -> onnx.TensorProto:
+    """`tensor` under `name`: a mapped one stays a reference to its file, not a copy of its values."""
+    if not mapped_weights.is_mapped(tensor):
+        return onnx.numpy_helper.from_array(values, name)
+    renamed = onnx.TensorProto()
+    renamed.CopyFrom(tensor)
+    renamed.name = name
+    return renamed
 
 
 def _rename_outer(node: onnx.NodeProto, names: Mapping[str, str]) -> None:
