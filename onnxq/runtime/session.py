@@ -237,8 +237,8 @@ def open_session(
         options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_mem_pattern = memory_pattern
     options.enable_cpu_mem_arena = arena
-    source, temp_dir, arrays = _session_source(model)
-    shared = _share_weights(arrays, options)
+    source, temp_dir, arrays, copied = _session_source(model)
+    shared = _share_weights(arrays, options, copied)
     try:
         ort_session = onnxruntime.InferenceSession(source, sess_options=options, providers=ort_providers)
     except Exception as err:  # onnxruntime's exceptions share no base class but Exception
@@ -257,25 +257,27 @@ def open_session(
 
 def _session_source(
     model: onnx.ModelProto | gs.Graph | str | os.PathLike[str],
-) -> tuple[str | bytes, tempfile.TemporaryDirectory[str] | None, dict[str, np.ndarray]]:
+) -> tuple[str | bytes, tempfile.TemporaryDirectory[str] | None, dict[str, np.ndarray], bool]:
     """What to hand ONNX Runtime: a path, serialized bytes, or for a large model the path of a temporary
-    skeleton and the arrays of the weights it leaves out."""
+    skeleton, the arrays of the weights it leaves out, and whether ORT must get copies of them (its graph
+    optimizers read the weights of the skeleton's `_OPTIMIZERS_READ_WEIGHTS_OF` nodes)."""
     if isinstance(model, gs.Graph):
         if graph_size_bytes(model) <= external_data.threshold() and not has_mapped_constants(model):
-            return from_graph(model).SerializeToString(), None, {}
+            return from_graph(model).SerializeToString(), None, {}, False
         light, arrays = export_light(model)
     elif isinstance(model, onnx.ModelProto):
         _reject_unresolved_external_data(model)
         if not external_data.is_large(model) and not mapped_weights.has_mapped(model):
-            return model.SerializeToString(), None, {}
+            return model.SerializeToString(), None, {}, False
         light, arrays = external_data.skeleton(model, external_data.SESSION_DATA_NAME), None
     else:
-        return os.fspath(model), None, {}
+        return os.fspath(model), None, {}, False
     _LOG.debug("opening an ONNX Runtime session on a large model's skeleton, its weights shared")
     temp_dir = tempfile.TemporaryDirectory(prefix="onnxq-session-", ignore_cleanup_errors=True)
     try:
         path = _save_skeleton(light, Path(temp_dir.name))
-        return path, temp_dir, external_data.shared_arrays(model) if arrays is None else arrays
+        copied = any(node.op_type in _OPTIMIZERS_READ_WEIGHTS_OF for node in light.graph.node)
+        return path, temp_dir, external_data.shared_arrays(model) if arrays is None else arrays, copied
     except BaseException:
         temp_dir.cleanup()
         raise
@@ -322,17 +324,28 @@ def _save_skeleton(skeleton: onnx.ModelProto, directory: Path) -> str:
     return os.fspath(model_path)
 
 
-def _share_weights(arrays: Mapping[str, np.ndarray], options: onnxruntime.SessionOptions) -> tuple[object, ...]:
+# ORT's CPU graph optimizers read the weights of these nodes (Conv: the NCHWc layout, fusions) from the
+# model's tensor protos, where a weight handed over by `add_initializer` is a reference to an empty file.
+_OPTIMIZERS_READ_WEIGHTS_OF = frozenset({"Conv", "ConvTranspose", "FusedConv"})
+
+
+def _share_weights(arrays: Mapping[str, np.ndarray], options: onnxruntime.SessionOptions,
+                   copied: bool = False) -> tuple[object, ...]:
     """Hand ONNX Runtime a large model's weights as arrays it uses in place (shared between sessions over
     equal weights, see `external_data.shared_array`, or the graph's own arrays). Prepacking is off: it
-    would give each session a repacked copy of every MatMul weight. Returns what must outlive the session."""
+    would give each session a repacked copy of every MatMul weight. Returns what must outlive the session.
+
+    `copied`: as external initializers instead, which ORT resolves before its optimizers run, and copies
+    (measured on ORT 1.31: +1x the weights in the process's own memory, where `add_initializer` adds none)."""
     if not arrays:
         return ()
     contiguous = [np.ascontiguousarray(array) for array in arrays.values()]
     values = tuple(onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in contiguous)
-    # As external initializers, not plain ones: ORT then resolves the skeleton's references to these arrays
-    # before its graph optimizers run, which read a Conv's weights from the reference otherwise (and fail).
-    options.add_external_initializers(list(arrays), list(values))
+    if copied:
+        options.add_external_initializers(list(arrays), list(values))
+    else:
+        for name, value in zip(arrays, values):
+            options.add_initializer(name, value)
     options.add_session_config_entry("session.disable_prepacking", "1")
     return (*contiguous, *values)
 
