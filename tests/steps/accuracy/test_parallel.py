@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +43,21 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _quantize_twice(model: onnx.ModelProto, calib: object, eval_source: object, goal: onnxq.AccuracyGoal,
-                    config: onnxq.QuantConfig) -> tuple[onnxq.QuantResult, onnxq.QuantResult, list, list]:
+def _quantize_twice(model: onnx.ModelProto, calib: Callable[[], object], eval_source: Callable[[], object],
+                    goal: onnxq.AccuracyGoal, config: onnxq.QuantConfig) -> tuple[list[onnxq.QuantResult], list[list]]:
+    """`quantize` with `goal` at jobs=1 and at jobs=2; the results and the progress reports of the accuracy stage."""
     results, progress = [], []
     for jobs in (1, 2):
         calls: list[tuple[int, int | None]] = []
-        on_progress = lambda stage, done, total, calls=calls: calls.append((done, total)) \
-            if stage == "measuring accuracy" else None  # noqa: E731
-        results.append(onnxq.quantize(model, calib() if callable(calib) else calib, config,
-                                      eval_source=eval_source() if callable(eval_source) else eval_source,
-                                      accuracy=onnxq.AccuracyGoal(**{**goal.__dict__, "jobs": jobs}),
-                                      on_progress=on_progress))
+
+        def on_progress(stage: str, done: int, total: int | None, calls: list = calls) -> None:
+            if stage == "measuring accuracy":
+                calls.append((done, total))
+
+        results.append(onnxq.quantize(model, calib(), config, eval_source=eval_source(),
+                                      accuracy=replace(goal, jobs=jobs), on_progress=on_progress))
         progress.append(calls)
-    return results[0], results[1], progress[0], progress[1]
+    return results, progress
 
 
 def _assert_same(serial: onnxq.QuantResult, parallel: onnxq.QuantResult) -> None:
@@ -71,8 +74,8 @@ def _assert_same(serial: onnxq.QuantResult, parallel: onnxq.QuantResult) -> None
 def test_ppocr_jobs_2_gives_the_serial_ranking_and_model() -> None:
     model = onnxq.load_model(MODELS / "ppocr_mobile_v2_cls.onnx")
     entropy = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.ENTROPY))
-    serial, parallel, serial_calls, parallel_calls = _quantize_twice(
-        model, TEXTLINES / "ppocr_cls_calib.npz", TEXTLINES / "ppocr_cls_eval.npz",
+    (serial, parallel), (serial_calls, parallel_calls) = _quantize_twice(
+        model, lambda: TEXTLINES / "ppocr_cls_calib.npz", lambda: TEXTLINES / "ppocr_cls_eval.npz",
         onnxq.AccuracyGoal(min_cosine=0.999, samples=32), entropy)
     _assert_same(serial, parallel)
     assert serial.fallback is not None and serial.fallback.float_layers  # the target needed a fallback
@@ -83,7 +86,7 @@ def test_ppocr_jobs_2_gives_the_serial_ranking_and_model() -> None:
 def test_efficientnet_jobs_2_gives_the_serial_ranking_and_model() -> None:
     model = onnxq.load_model(MODELS / "efficientnet_lite0.onnx")
     specs, preprocess = onnxq.input_specs(model), onnxq.ImagePreprocess(mean=(127.0,) * 3, std=(128.0,) * 3)
-    serial, parallel, _, _ = _quantize_twice(
+    (serial, parallel), _ = _quantize_twice(
         model, lambda: onnxq.open_source(PHOTOS / "calib", specs, preprocess, 16),
         lambda: onnxq.open_source(PHOTOS / "eval", specs, preprocess),
         onnxq.AccuracyGoal(min_cosine=0.995, samples=4), onnxq.QuantConfig(bias_correction=False))
