@@ -201,7 +201,7 @@ DEFAULT_HELD_BACK = 32
 
 
 def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --min-cosine, --max-sqnr-drop, --write-anyway, --held-back; the command gets `accuracy`."""
+    """Add --min-cosine, --max-sqnr-drop, --write-anyway, --held-back, --jobs; the command gets `accuracy`."""
 
     @click.option("--min-cosine", type=float, metavar="C",
                   help="Accuracy target: leave the fewest layers in float (most sensitive first) so that every "
@@ -215,17 +215,22 @@ def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--held-back", type=click.IntRange(min=1), default=DEFAULT_HELD_BACK, show_default=True,
                   metavar="N", help="Held-back samples for the target: the first N of --eval, else every 4th "
                                     "calibration sample (then not used for calibration), up to N.")
+    @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+                  help="Measure the target's layers in N processes at once, each with its own ONNX Runtime "
+                       "session and cores/N threads; the ranking and the model are the same as with 1.")
     @functools.wraps(fn)
     def wrapper(*args: Any, min_cosine: float | None, max_sqnr_drop: float | None, write_anyway: bool,
-                held_back: int, **kwargs: Any) -> Any:
+                held_back: int, jobs: int, **kwargs: Any) -> Any:
         from onnxq.config import AccuracyGoal
 
         accuracy = None
         if min_cosine is not None or max_sqnr_drop is not None:
             accuracy = AccuracyGoal(min_cosine=min_cosine, max_sqnr_drop_db=max_sqnr_drop,
-                                      write_anyway=write_anyway, samples=held_back)
+                                      write_anyway=write_anyway, samples=held_back, jobs=jobs)
         elif write_anyway:
             raise click.UsageError("--write-anyway needs an accuracy target: --min-cosine or --max-sqnr-drop")
+        elif jobs != 1:
+            raise click.UsageError("--jobs needs an accuracy target: --min-cosine or --max-sqnr-drop")
         return fn(*args, accuracy=accuracy, **kwargs)
 
     return wrapper

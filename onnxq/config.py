@@ -80,12 +80,16 @@ class AccuracyGoal:
         write_anyway: return a model even when the target is not met (the fully quantized one when
             no model with a quantized layer meets it) instead of raising `TargetNotMetError`.
         samples: at most this many held-back samples; each measurement is a pass over them.
+        jobs: how many processes measure the layers at once, each with an ONNX Runtime session of its own
+            and cores // jobs threads (1: one session in this process). How the work runs, not what it
+            must reach: the measurements, the ranking and the model are the same for any value.
     """
 
     min_cosine: float | None = None
     max_sqnr_drop_db: float | None = None
     write_anyway: bool = False
     samples: int = 32
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
@@ -94,6 +98,8 @@ class AccuracyGoal:
             raise ConfigError(f"--max-sqnr-drop must be a finite number of dB, got {self.max_sqnr_drop_db}")
         if self.samples < 1:
             raise ConfigError(f"the accuracy target needs at least 1 held-back sample, got {self.samples}")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
 
     @property
     def has_threshold(self) -> bool:

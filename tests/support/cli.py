@@ -88,12 +88,16 @@ def run_process(*args: str | os.PathLike[str], cwd: Path) -> subprocess.Complete
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
 
 
-def spawn_process(*args: str | os.PathLike[str], cwd: Path) -> subprocess.Popen[str]:
-    """Start `onnxq ARGS` as a real process (stdout and stderr piped) that a test can send SIGINT to."""
+def spawn_process(*args: str | os.PathLike[str], cwd: Path, own_group: bool = False) -> subprocess.Popen[str]:
+    """Start `onnxq ARGS` as a real process (stdout and stderr piped) that a test can send SIGINT to.
+
+    `own_group`: in a process group (and session) of its own, whose id is its pid, so that `os.killpg` can
+    signal it and everything it started, as a terminal's Ctrl-C does, without reaching the test runner.
+    """
     command = [sys.executable, "-m", "onnxq_cli", *(os.fspath(arg) for arg in args)]
     # preexec_fn: a SIGINT ignored by a background CI job would be inherited, and Python would ignore it too.
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=own_group)
 
 
 def digest(path: Path) -> str:

@@ -35,6 +35,8 @@ from onnxq.lower.scales import INT8_SYMMETRIC, ActivationScheme
 from onnxq.plan.replan import with_reasons
 from onnxq.steps.accuracy.layers import LayerMap
 from onnxq.plan.core import QuantPlan
+from onnxq.steps.accuracy.gate_workers import MeasurerFactory
+from onnxq.steps.accuracy.process_pool import local_measurers
 from onnxq.steps.accuracy.sensitivity import (GatedRunner, HeldBack, LayerSensitivity, RunCallback, SensitivityResult, load_held_back,
                           measure_model, measure_sensitivity, worst)
 from onnxq.metrics import OutputMetrics
@@ -298,7 +300,8 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
                  held_back: CalibSource | HeldBack, build: Callable[[QuantPlan], onnx.ModelProto],
                  target: AccuracyGoal, calib: CalibConfig = CalibConfig(), *,
                  signature: ModelSignature | None = None, on_progress: RunCallback | None = None,
-                 scheme: ActivationScheme = INT8_SYMMETRIC, amax: Mapping[str, float] | None = None) -> AccuracyOutcome:
+                 scheme: ActivationScheme = INT8_SYMMETRIC, amax: Mapping[str, float] | None = None,
+                 measurers: MeasurerFactory | None = None) -> AccuracyOutcome:
     """Measure sensitivity and, if `target` has a threshold, fall back until it is met.
 
     Args:
@@ -314,6 +317,8 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
         on_progress: called after each pass over the held-back samples with (runs, planned or None).
         scheme: the target's activation scheme (the gated model's scales and zero points).
         amax: ranges chosen by group (a range search's); other groups get the method's.
+        measurers: who runs the gated model (default: `local_measurers(target.jobs)`); the results are the
+            same whoever does.
 
     Raises:
         TargetNotMetError: the target is not met and `target.write_anyway` is False.
@@ -322,7 +327,8 @@ def run_accuracy(layer_map: LayerMap, stats: Mapping[str, TensorStats], template
     held = held_back if isinstance(held_back, HeldBack) else load_held_back(
         template, held_back, calib.batch_size, calib.providers, signature=signature)
     params = activation_params(layer_map.gated_plan, stats, calib, scheme, amax)
-    with GatedRunner(layer_map, params, template, held, calib.providers, on_progress) as runner:
+    measurers = local_measurers(target.jobs) if measurers is None else measurers
+    with GatedRunner(layer_map, params, template, held, calib.providers, on_progress, measurers) as runner:
         if not target.has_threshold:
             sensitivity = measure_sensitivity(runner, layer_map, started)
             outcome = AccuracyOutcome(sensitivity, None, layer_map.plan, build(layer_map.plan))

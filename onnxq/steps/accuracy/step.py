@@ -16,6 +16,7 @@ from onnxq.config import AccuracyGoal
 from onnxq.data.sources import CalibSource
 from onnxq.plan.core import QuantPlan
 from onnxq.steps.accuracy.fallback import FallbackResult, run_accuracy
+from onnxq.steps.accuracy.gate_workers import MeasurerFactory
 from onnxq.steps.accuracy.layers import LayerMap
 from onnxq.steps.accuracy.sensitivity import SensitivityResult
 from onnxq.steps.base import HoldBack, Job, Step
@@ -60,6 +61,8 @@ class MeetAccuracy(Step):
         goal: the thresholds and the number of held-back samples.
         eval_source: where the held-back samples come from (its first `goal.samples`); None: every
             4th calibration sample, never calibrated on.
+        measurers: who runs the gated model's measurements (a pool of remote workers, say); None:
+            `local_measurers(goal.jobs)`, this process or `goal.jobs` local ones.
 
     Raises (from `quantize`): `TargetNotMetError` when no model with a quantized layer meets the goal,
     unless `goal.write_anyway`.
@@ -67,6 +70,7 @@ class MeetAccuracy(Step):
 
     goal: AccuracyGoal = AccuracyGoal()
     eval_source: CalibSource | None = None
+    measurers: MeasurerFactory | None = None
     name = "accuracy target"
 
     def hold_back(self, job: Job) -> HoldBack:
@@ -83,7 +87,7 @@ class MeetAccuracy(Step):
         outcome = run_accuracy(layers, stats, job.model, job.held_back, job.build, self.goal, job.config.calib,
                                signature=job.signature,
                                on_progress=job.progress("measuring accuracy"), scheme=job.target.scheme,
-                               amax=job.ranges)
+                               amax=job.ranges, measurers=self.measurers)
         if outcome.fallback is not None:
             job.keep_float({layer.node_name: f"accuracy fallback: {layer.reason}"
                             for layer in outcome.fallback.float_layers})
