@@ -27,10 +27,10 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -40,9 +40,9 @@ from onnxq.errors import CalibrationError
 from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.data.sources import CalibSource
 from onnxq.calib.readout import ActivationReader
-from onnxq.calib.stats import TensorStats, check_stats, new_accumulator
+from onnxq.calib.stats import StatsAccumulator, TensorStats, check_stats, new_accumulator
 
-__all__ = ["CalibrationResult", "calibrate", "full_batches"]
+__all__ = ["CalibrationResult", "Calibrator", "calibrate", "finish", "full_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,78 @@ def full_batches(source: CalibSource, graph: gs.Graph, batch_size: int, *,
         yield feed
 
 
+class Calibrator:
+    """The ONNX Runtime sessions of one calibration, kept open: `collect` runs a source through them into
+    fresh statistics, as often as asked (a worker calibrating shard after shard pays for its sessions once).
+
+    Args: as `calibrate`; `threads`: ORT intra-op threads and folding threads (None: one per usable core).
+    Use as a context manager.
+    """
+
+    def __init__(self, graph: gs.Graph, tensor_names: Iterable[str], config: CalibConfig, *,
+                 histograms: bool | None = None, in_graph_max: bool = True, signature: ModelSignature | None = None,
+                 threads: int | None = None) -> None:
+        self.graph, self.config = graph, config
+        self.names = tuple(dict.fromkeys(tensor_names))
+        self.signature = signature_of(graph) if signature is None else signature
+        self.histograms = config.method.needs_histogram if histograms is None else histograms
+        fold_threads = _fold_threads() if threads is None else max(1, threads)
+        self._stack = ExitStack()
+        self._pool = (self._stack.enter_context(ThreadPoolExecutor(fold_threads, thread_name_prefix="onnxq-fold"))
+                      if fold_threads > 1 else None)
+        self._reader = ActivationReader(graph, self.names, self._fresh(), config, self._pool,
+                                        in_graph_max=in_graph_max, signature=self.signature, threads=threads)
+
+    def _fresh(self) -> dict[str, StatsAccumulator]:
+        return {n: new_accumulator(self.histograms, self.config.num_bins) for n in self.names}
+
+    def __enter__(self) -> Calibrator:
+        try:
+            self._stack.enter_context(self._reader)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    def collect(self, source: CalibSource, on_progress: ProgressCallback | None = None) -> CalibrationResult:
+        """The statistics of `source` alone, unchecked (`samples` may be 0: see `finish`)."""
+        started = time.perf_counter()
+        reader, signature = self._reader, self.signature
+        reader.accumulators = accumulators = self._fresh()
+        samples = batches = 0
+        total = source.num_samples()
+        bytes_per_sample: float | None = None
+        for feed in full_batches(source, self.graph, self.config.batch_size, signature=signature):
+            parts: list[Mapping[str, np.ndarray]] = [feed]
+            if _splittable(feed, signature):
+                rest = feed
+                if bytes_per_sample is None:  # the first sample alone tells how large a sample's activations are
+                    count = signature.samples_in(feed)
+                    head, rest = signature.cut(feed, 0, 1), signature.cut(feed, 1, count)
+                    bytes_per_sample = reader.fold(head)
+                parts = _slices(rest, _run_size(bytes_per_sample), signature)
+            for part in parts:
+                reader.fold(part)
+            samples += signature.samples_in(feed)
+            batches += 1
+            if on_progress is not None:
+                on_progress(samples, total)
+        stats = {name: accumulator.freeze() for name, accumulator in accumulators.items()}
+        return CalibrationResult(stats, samples, batches, reader.providers, time.perf_counter() - started)
+
+
+def finish(result: CalibrationResult, source: str) -> CalibrationResult:
+    """`result` checked as a whole calibration: some samples (else an error naming `source`, the data's
+    description), and every tensor with a usable value (`check_stats`: warnings name the others)."""
+    if result.samples == 0:
+        raise CalibrationError(f"{source}: no calibration samples")
+    check_stats(result.stats)
+    return result
+
+
 def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource, config: CalibConfig,
               on_progress: ProgressCallback | None = None, *, histograms: bool | None = None,
               in_graph_max: bool = True, signature: ModelSignature | None = None) -> CalibrationResult:
@@ -133,36 +205,7 @@ def calibrate(graph: gs.Graph, tensor_names: Iterable[str], source: CalibSource,
         signature: the model's inputs, how batches are counted and split (default: `signature_of(graph)`).
     """
     started = time.perf_counter()
-    names = tuple(dict.fromkeys(tensor_names))
-    signature = signature_of(graph) if signature is None else signature
-    use_histograms = config.method.needs_histogram if histograms is None else histograms
-    accumulators = {n: new_accumulator(use_histograms, config.num_bins) for n in names}
-    samples = batches = 0
-    total = source.num_samples()
-    threads = _fold_threads()
-    with ThreadPoolExecutor(threads, thread_name_prefix="onnxq-fold") if threads > 1 else nullcontext() as pool, \
-            ActivationReader(graph, names, accumulators, config, pool, in_graph_max=in_graph_max,
-                             signature=signature) as reader:
-        bytes_per_sample: float | None = None
-        for feed in full_batches(source, graph, config.batch_size, signature=signature):
-            parts: list[Mapping[str, np.ndarray]] = [feed]
-            if _splittable(feed, signature):
-                rest = feed
-                if bytes_per_sample is None:  # the first sample alone tells how large a sample's activations are
-                    count = signature.samples_in(feed)
-                    head, rest = signature.cut(feed, 0, 1), signature.cut(feed, 1, count)
-                    bytes_per_sample = reader.fold(head)
-                parts = _slices(rest, _run_size(bytes_per_sample), signature)
-            for part in parts:
-                reader.fold(part)
-            samples += signature.samples_in(feed)
-            batches += 1
-            if on_progress is not None:
-                on_progress(samples, total)
-        providers = reader.providers
-    if samples == 0:
-        raise CalibrationError(f"{source.describe()}: no calibration samples")
-    stats = {name: accumulator.freeze() for name, accumulator in accumulators.items()}
-    check_stats(stats)
-    return CalibrationResult(stats, samples, batches, providers, time.perf_counter() - started)
-
+    with Calibrator(graph, tensor_names, config, histograms=histograms, in_graph_max=in_graph_max,
+                    signature=signature) as calibrator:
+        result = calibrator.collect(source, on_progress)
+    return finish(replace(result, seconds=time.perf_counter() - started), source.describe())  # sessions included

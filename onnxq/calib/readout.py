@@ -53,11 +53,16 @@ def _signature(feed: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ..
 
 
 class ActivationReader:
-    """The ORT sessions of one calibration, and `fold(part)`: run a slice and fold what it measured."""
+    """The ORT sessions of one calibration, and `fold(part)`: run a slice and fold what it measured.
+
+    `accumulators` may be replaced by fresh ones of the same kinds between slices (a worker calibrating
+    shard after shard on the same sessions); `threads`: intra-op threads of the sessions (None: ORT's
+    default, one per physical core).
+    """
 
     def __init__(self, graph: gs.Graph, names: tuple[str, ...], accumulators: Mapping[str, StatsAccumulator],
                  config: CalibConfig, pool: ThreadPoolExecutor | None, *, in_graph_max: bool,
-                 signature: ModelSignature | None = None) -> None:
+                 signature: ModelSignature | None = None, threads: int | None = None) -> None:
         self.accumulators = accumulators
         self.pool = pool
         self.input_names = [n for n in names if n in {t.name for t in graph.inputs}]
@@ -70,7 +75,7 @@ class ActivationReader:
         self.model_outputs = [t.name for t in graph.outputs if t.name not in names] if self.max_outputs else []
         self.values_per_run: dict[tuple, dict[str, int]] = {}  # in-graph tensors' sizes, by input shapes
         self.signature = signature_of(graph) if signature is None else signature  # counts a slice's samples
-        self._graph, self._config = graph, config
+        self._graph, self._config, self._threads = graph, config, threads
         self._stack = ExitStack()
         self.full: Session | None = None
         self.reduced: Session | None = None
@@ -80,12 +85,13 @@ class ActivationReader:
         # With a reduced session beside it, the full one runs rarely: no arena kept, no spinning.
         rare = bool(self.max_outputs)
         self.full = self._stack.enter_context(open_session(
-            expose_tensors(graph, self.exposed), config.providers, optimize=True,
+            expose_tensors(graph, self.exposed), config.providers, optimize=True, intra_op_threads=self._threads,
             memory_pattern=False, arena=not rare, spin=not rare, spin_after_run=False))
         if self.max_outputs:
             reading = expose_channel_max(expose_tensors(graph, self.whole), self.max_outputs)
             self.reduced = self._stack.enter_context(open_session(
-                reading, config.providers, optimize=True, memory_pattern=False, spin_after_run=False))
+                reading, config.providers, optimize=True, intra_op_threads=self._threads, memory_pattern=False,
+                spin_after_run=False))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
