@@ -24,6 +24,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "onnxq.calib.histogram": ("Histogram",),
     "onnxq.calib.ranges": ("activation_params", "group_amax"),
     "onnxq.calib.stats_file": ("StatsFile", "load_stats", "merge_stats", "save_stats"),
+    "onnxq.cluster.backend": ("RayBackend", "ShardedData"),
     "onnxq.compare": ("CompareConfig", "CompareResult"),
     "onnxq.config": ("AccuracyGoal", "QuantConfig", "Target"),
     "onnxq.data.feeds": ("FeedsSource",),
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from onnxq.calib.histogram import Histogram
     from onnxq.calib.ranges import activation_params, group_amax
     from onnxq.calib.stats_file import StatsFile, load_stats, merge_stats, save_stats
+    from onnxq.cluster.backend import RayBackend, ShardedData
     from onnxq.compare import CompareConfig, CompareResult
     from onnxq.config import AccuracyGoal, QuantConfig, Target
     from onnxq.data.feeds import FeedsSource
@@ -113,7 +115,8 @@ __all__ = [
     "InputSpec", "InternalError", "Job", "LatencySearch", "LatencySearchConfig", "Layout", "MeetAccuracy",
     "ModelError", "ModelSignature", "NodeDecision", "ORT_CPU", "OnnxqError", "OutputMetrics", "QuantConfig",
     "QuantPlan",
-    "QuantResult", "QuantTarget", "QuantizedActivation", "QuantizedBias", "QuantizedWeight", "SearchLatency",
+    "QuantResult", "QuantTarget", "QuantizedActivation", "QuantizedBias", "QuantizedWeight", "RayBackend",
+    "SearchLatency", "ShardedData",
     "Selection", "SensitivityResult", "SmoothQuant", "Smoothed", "StatsFile", "Step", "StepSkipped", "TRT",
     "TargetNotMetError", "UINT8_ASYMMETRIC", "__version__", "activation_params", "calibrate", "check_model",
     "collect_stats", "compare_models", "from_graph", "get_target", "group_amax", "input_specs", "insert_qdq",

@@ -12,6 +12,7 @@ __all__ = [
     "CalibrationError",
     "ConfigError",
     "MissingDependencyError",
+    "ClusterError",
     "InternalError",
     "first_line",
 ]
@@ -35,6 +36,10 @@ class ConfigError(OnnxqError):
 
 class MissingDependencyError(OnnxqError):
     """An optional dependency (TensorRT, a GPU) is not available."""
+
+
+class ClusterError(OnnxqError):
+    """The cluster that runs the work cannot be reached, or lost more workers than a run can replace."""
 
 
 class InternalError(Exception):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +18,15 @@ import onnx_graphsurgeon as gs
 from onnxq.calib.calibrate import CalibrationResult, calibrate
 from onnxq.calib.histogram import Histogram
 from onnxq.calib.stats_file import StatsFile, load_stats, model_digest
+from onnxq.cluster.backend import RayBackend, ShardedData
+from onnxq.cluster.pool import WorkerPool, open_pool
 from onnxq.config import AccuracyGoal, QuantConfig
 from onnxq.data.images import ImagePreprocess
 from onnxq.data.held_back import held_back_sources
 from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.data.sources import CalibSource, open_source
 from onnxq.errors import CalibrationError, ConfigError, ModelError
-from onnxq.io import load_model, to_graph
+from onnxq.io import from_graph, load_model, to_graph
 from onnxq.options import CalibMethod, Selection
 from onnxq.passes import PREPARE, GraphPass, run
 from onnxq.passes.name_nodes import name_nodes
@@ -47,7 +50,9 @@ __all__ = ["QuantResult", "prepare", "inspect", "quantize", "collect_stats", "st
 log = logging.getLogger(__name__)
 
 ModelLike = onnx.ModelProto | str | os.PathLike[str]
-DataLike = CalibSource | str | os.PathLike[str]
+DataLike = CalibSource | ShardedData | str | os.PathLike[str]
+#: Where calibration runs besides this process: a Ray backend to connect to, or a pool already open.
+Backend = RayBackend | WorkerPool
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"})
 
@@ -110,9 +115,32 @@ def _as_model(model: ModelLike) -> onnx.ModelProto:
 
 
 def _open(data: DataLike | None, signature: ModelSignature, preprocess: ImagePreprocess) -> CalibSource | None:
+    if isinstance(data, ShardedData):
+        return data.open(signature)
     if data is None or not isinstance(data, (str, os.PathLike)):
         return data
     return open_source(data, signature, preprocess)
+
+
+def _sharded(data: DataLike | None, preprocess: ImagePreprocess, backend: Backend | None) -> ShardedData | None:
+    """The data the workers of `backend` read their shards of (None without a backend)."""
+    if backend is None or data is None or isinstance(data, ShardedData):
+        return data if backend is not None else None
+    if not isinstance(data, (str, os.PathLike)):
+        raise ConfigError("calibration on Ray reads the data on the workers: give its path (one every node can "
+                          "read) or a ShardedData, not an opened source")
+    return ShardedData.at(data, preprocess)
+
+
+@contextmanager
+def _workers(backend: Backend | None, config: QuantConfig) -> Iterator[WorkerPool | None]:
+    """The worker pool of a run: the caller's, one opened for the run (closed after it), or None."""
+    if backend is None or isinstance(backend, WorkerPool):
+        yield backend
+        return
+    backend.check_providers(config.calib.providers)
+    with open_pool(backend) as pool:
+        yield pool
 
 
 _HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
@@ -205,7 +233,8 @@ def _rewrites(steps: Sequence[Step]) -> tuple[str, ...]:
 
 
 def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile | str | os.PathLike[str] | None,
-               histograms: bool | None = None, rewrites: tuple[str, ...] = ()) -> CalibrationResult:
+               histograms: bool | None = None, rewrites: tuple[str, ...] = (),
+               sharded: ShardedData | None = None) -> CalibrationResult:
     if stats is not None:
         loaded = stats if isinstance(stats, StatsFile) else load_stats(stats)
         where = "the statistics" if isinstance(stats, StatsFile) else f"{os.fspath(stats)}: these statistics"
@@ -221,6 +250,15 @@ def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile
                         ", ".join(loaded.missing_shards()))
         return CalibrationResult(loaded.histograms, loaded.samples, loaded.batches, (), 0.0)
     assert job.source is not None and job.graph is not None
+    if job.workers is not None and sharded is not None:
+        from onnxq.cluster.calibration import calibrate_on_ray
+
+        if job.held_back is not None:
+            raise ConfigError("calibration on Ray uses every sample of --calib, but the accuracy target holds "
+                              "every 4th back; give held-out data with --eval")
+        return calibrate_on_ray(from_graph(job.graph).SerializeToString(), (*plan.activation_names, *extra), sharded,
+                                job.config.calib, job.workers, signature=job.signature, histograms=histograms,
+                                on_progress=job.progress("calibrating"))
     return calibrate(job.graph, (*plan.activation_names, *extra), job.source, job.config.calib,
                      job.progress("calibrating"), histograms=histograms, signature=job.signature)
 
@@ -229,7 +267,8 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
              stats: StatsFile | str | os.PathLike[str] | None = None, steps: Sequence[Step] = (),
              preprocess: ImagePreprocess = ImagePreprocess(), user_passes: Sequence[GraphPass] = (),
              on_progress: ProgressCallback | None = None, accuracy: AccuracyGoal | None = None,
-             eval_source: DataLike | None = None, latency: LatencySearchConfig | None = None) -> QuantResult:
+             eval_source: DataLike | None = None, latency: LatencySearchConfig | None = None,
+             backend: Backend | None = None) -> QuantResult:
     """Quantize `model` to INT8 Q/DQ for `config.target`, calibrating on `calib` or reusing `stats`.
 
     Args:
@@ -247,6 +286,9 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
         on_progress: called with (stage, done, total or None) during long work.
         accuracy, eval_source, latency: shorthands for `MeetAccuracy(accuracy, eval_source)` and
             `SearchLatency(latency)` (kept for one release).
+        backend: calibrate on Ray (`RayBackend`, connected for the run, or an open `WorkerPool`): `calib`
+            is then a path every worker reads its shards of (or a `ShardedData`); the statistics are
+            identical to calibrating here.
 
     Raises:
         ConfigError: both or neither of `calib` and `stats`, or a step that cannot run here.
@@ -261,37 +303,52 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
     steps = _bias_correction_last(_compose(steps_for(config, accuracy=accuracy, latency=latency,
                                                      eval_source=_open(eval_source, signature, preprocess)),
                                            steps))
-    job = _start(model, signature, _open(calib, signature, preprocess), config, steps, on_progress)
-    graph = run(prepare(model, config.target), user_passes)
-    for step in steps:
-        graph = step.rewrite(job, graph)
-    job.graph, job.replanner = graph, Replanner(graph, config.target.plan, config.selection)
-    plan = job.replanner.plan_without(())
-    job.calibration = _calibrate(job, plan, [t for step in steps for t in step.extra_tensors(job, plan)], stats,
-                                 rewrites=_rewrites(steps))
-    for step in steps:
-        plan, finding = step.refine(job, plan)
-        job.findings += [finding] if finding is not None else []
-    amax = job.amax(plan)
-    model = job.build(plan)
-    config.target.verify(model, job.first_batch())
-    return QuantResult(model, plan, job.calibration, amax, time.perf_counter() - started, tuple(job.findings))
+    sharded = _sharded(calib, preprocess, backend) if stats is None else None
+    with _workers(backend if stats is None else None, config) as workers:
+        job = _start(model, signature, _open(calib, signature, preprocess), config, steps, on_progress)
+        job.workers = workers
+        graph = run(prepare(model, config.target), user_passes)
+        for step in steps:
+            graph = step.rewrite(job, graph)
+        job.graph, job.replanner = graph, Replanner(graph, config.target.plan, config.selection)
+        plan = job.replanner.plan_without(())
+        job.calibration = _calibrate(job, plan, [t for step in steps for t in step.extra_tensors(job, plan)], stats,
+                                     rewrites=_rewrites(steps), sharded=sharded)
+        for step in steps:
+            plan, finding = step.refine(job, plan)
+            job.findings += [finding] if finding is not None else []
+        amax = job.amax(plan)
+        model = job.build(plan)
+        config.target.verify(model, job.first_batch())
+        return QuantResult(model, plan, job.calibration, amax, time.perf_counter() - started, tuple(job.findings))
 
 
 def collect_stats(model: ModelLike, calib: DataLike, config: QuantConfig = QuantConfig(), *,
                   preprocess: ImagePreprocess = ImagePreprocess(), on_progress: ProgressCallback | None = None,
-                  user_passes: Sequence[GraphPass] = ()) -> tuple[StatsFile, CalibrationResult]:
+                  user_passes: Sequence[GraphPass] = (), backend: Backend | None = None
+                  ) -> tuple[StatsFile, CalibrationResult]:
     """Collect histograms of every tensor the plan quantizes, for `quantize(..., stats=...)` later (after
-    the config's data-free rewrites, cross-layer equalization, which the file records)."""
+    the config's data-free rewrites, cross-layer equalization, which the file records). `backend`: as
+    `quantize`'s."""
     model = _as_model(model)
     signature = signature_of(model)
-    job = Job(model, signature, config, _open(calib, signature, preprocess), on_progress=on_progress)
+    sharded = _sharded(calib, preprocess, backend)
+    with _workers(backend, config) as workers:
+        job = Job(model, signature, config, _open(calib, signature, preprocess), on_progress=on_progress,
+                  workers=workers)
+        return _collect(job, user_passes, sharded)
+
+
+def _collect(job: Job, user_passes: Sequence[GraphPass], sharded: ShardedData | None
+             ) -> tuple[StatsFile, CalibrationResult]:
+    model, config = job.model, job.config
     graph = run(prepare(model, config.target), user_passes)
     rewriting = [step for step in steps_for(config) if isinstance(step, Equalize)]
     for step in rewriting:
         graph = step.rewrite(job, graph)
     job.graph = graph
-    calibration = _calibrate(job, config.target.plan(job.graph, config.selection), (), None, histograms=True)
+    calibration = _calibrate(job, config.target.plan(job.graph, config.selection), (), None, histograms=True,
+                             sharded=sharded)
     histograms = {name: h for name, h in calibration.stats.items() if isinstance(h, Histogram)}
     shard = getattr(job.source, "shard", None)  # a shard of the data (onnxq.data.shards) records its id
     return StatsFile(model_digest(model), calibration.samples, calibration.batches, histograms,

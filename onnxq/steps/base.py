@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -36,6 +37,9 @@ from onnxq.lower.insert_qdq import insert_qdq
 from onnxq.plan.core import QuantPlan
 from onnxq.plan.replan import Replanner, gate_slots, restrict_plan, with_reasons
 from onnxq.targets.base import QuantTarget
+
+if TYPE_CHECKING:
+    from onnxq.cluster.pool import WorkerPool
 
 __all__ = ["ProgressCallback", "HoldBack", "Job", "Step", "StepSkipped"]
 
@@ -82,6 +86,8 @@ class Job:
         ranges: amaxes chosen by a step (the range search) by scale group; other groups get the method's.
         findings: what the steps found and did, in order (`report`, and `refine`'s second value).
         on_progress: where long work reports to.
+        workers: the Ray worker pool of the run (`onnxq.cluster`), when it was given one: calibration runs
+            there, and a step with many independent measurements may spread them over it.
     """
 
     model: onnx.ModelProto
@@ -96,6 +102,7 @@ class Job:
     ranges: dict[str, float] = field(default_factory=dict)
     findings: list[object] = field(default_factory=list)
     on_progress: ProgressCallback | None = None
+    workers: WorkerPool | None = None
     _built: dict[QuantPlan, onnx.ModelProto] = field(default_factory=dict, repr=False)
     _amax: dict[frozenset[str], float] = field(default_factory=dict, repr=False)
 

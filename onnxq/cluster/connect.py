@@ -1,0 +1,90 @@
+"""Joining Ray: `import_ray` (the optional extra, or a one-line error naming it) and `Cluster`.
+
+Token authentication (Ray 2.52+; 2.59+ turns it on by default for a local `ray.init` instance): a local
+instance this module starts uses Ray's default, a token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token (Ray generates the last when none exists). Joining with "auto" sends the token when one
+is available, as `ray.init(address="auto")` does; Ray never sends it to an explicit HOST:PORT unless
+RAY_AUTH_MODE=token is set, so a refusal there is reported with that hint. Ray reads all of these from
+the environment of the driver; onnxq passes none of them itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType, TracebackType
+from typing import Any
+
+from onnxq.cluster.backend import RayBackend
+from onnxq.errors import ClusterError, MissingDependencyError, first_line
+
+__all__ = ["Cluster", "import_ray", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install 'onnxq[ray]'"
+
+
+def import_ray() -> ModuleType:
+    """The `ray` module, or MissingDependencyError naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError(f"the Ray backend (--ray) needs Ray, which is not installed: {INSTALL_HINT}") \
+            from None
+    return ray
+
+
+class Cluster:
+    """A connection to Ray for one run: a local instance started (and stopped on exit), a cluster joined (and
+    left), or the caller's existing connection (left alone).
+
+    Attributes (once entered):
+        ray: the ray module.
+        started: whether this object started the Ray instance it stops.
+        cpus, gpus: the cluster's totals.
+    """
+
+    def __init__(self, backend: RayBackend) -> None:
+        self.backend = backend
+        self.ray: Any = None
+        self.started = self.joined = False
+        self.cpus = self.gpus = 0.0
+
+    def __enter__(self) -> Cluster:
+        ray = self.ray = import_ray()
+        if not ray.is_initialized():
+            self._connect(ray)
+        try:
+            resources = ray.cluster_resources()
+            self.cpus, self.gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _connect(self, ray: Any) -> None:
+        backend = self.backend
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                   "logging_level": logging.ERROR, "configure_logging": False}
+        if backend.local:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from a run's own instance
+            options.update(backend.init)
+        where = "a local Ray instance" if backend.local else f"the Ray cluster at {backend.address}"
+        try:
+            ray.init(address=backend.address, **options)
+        except ray.exceptions.AuthenticationError as err:
+            raise ClusterError(f"{where} refused the connection: token authentication ({first_line(err)}). Hint: "
+                               "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or "
+                               "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+            raise ClusterError(f"cannot reach {where}: {first_line(err)}") from None
+        self.started, self.joined = backend.local, True
+
+    def close(self) -> None:
+        """Leave the cluster (stopping the local instance this object started); idempotent."""
+        if self.joined:
+            self.joined = self.started = False
+            self.ray.shutdown()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()

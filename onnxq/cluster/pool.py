@@ -1,0 +1,127 @@
+"""`WorkerPool`: Ray actors that keep a model loaded, and the driver-side scheduler that feeds them items.
+
+The scheduler hands one item at a time to each idle worker (so a fast worker takes more), keeps the
+first delivery of every item id, and sends an item whose worker died to the next idle worker, after
+replacing the dead one. Deliveries go to the caller's `accept` as they come; `run` returns once every
+id has one. Ray's own actor fault tolerance (max_restarts, max_task_retries) would restart a worker in
+place and re-run the call on it; the scheduler does both itself instead, so that a lost item goes to
+whichever worker is free first and a run replaces at most `RayBackend.replacements` workers. A worker
+that raises is no death: an `OnnxqError` (bad data in a shard) is raised again here, one line as usual.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+from onnxq.cluster.backend import RayBackend
+from onnxq.cluster.connect import Cluster
+from onnxq.cluster.worker import Delivery, Work, Worker, model_digest
+from onnxq.errors import ClusterError, OnnxqError, first_line
+
+__all__ = ["WorkerPool", "MAX_ATTEMPTS", "open_pool"]
+
+#: An item whose workers died this many times fails the run (it is likely what kills them).
+MAX_ATTEMPTS = 3
+_POLL_SECONDS = 1.0
+
+
+def _deaths(ray: Any) -> tuple[type[BaseException], ...]:
+    """The errors of a call whose worker process (or node) went away."""
+    errors = ray.exceptions
+    return (errors.RayActorError, errors.WorkerCrashedError, errors.NodeDiedError, errors.OutOfMemoryError)
+
+
+class WorkerPool:
+    """`size` actors on `cluster`, each reserving the backend's CPUs (and GPUs) per worker. Use as a context
+    manager; the actors are killed on exit."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        backend = cluster.backend
+        self.cluster, self.backend = cluster, backend
+        fit = int(cluster.cpus // backend.cpus_per_worker)
+        self.size = backend.workers if backend.workers is not None else max(1, fit)
+        if self.size > fit:
+            raise ClusterError(f"{self.size} workers x {backend.cpus_per_worker} CPUs need "
+                               f"{self.size * backend.cpus_per_worker} CPUs; the Ray cluster has {cluster.cpus:g}")
+        if backend.gpus_per_worker and self.size * backend.gpus_per_worker > cluster.gpus:
+            raise ClusterError(f"{self.size} workers x {backend.gpus_per_worker:g} GPUs need "
+                               f"{self.size * backend.gpus_per_worker:g} GPUs; the Ray cluster has {cluster.gpus:g}")
+        options: dict[str, Any] = {"num_cpus": backend.cpus_per_worker, "num_gpus": backend.gpus_per_worker,
+                                   "max_restarts": 0, "max_task_retries": 0}
+        if backend.env:
+            options["runtime_env"] = {"env_vars": dict(backend.env)}
+        self._actor_class = cluster.ray.remote(Worker).options(**options)
+        self.actors: list[Any] = [self._new_actor() for _ in range(self.size)]
+        self.replaced = 0
+
+    def _new_actor(self) -> Any:
+        return self._actor_class.remote(self.backend.cpus_per_worker)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill every actor (idempotent)."""
+        for actor in self.actors:
+            self.cluster.ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def _replace(self, slot: int, err: BaseException) -> None:
+        if self.replaced >= self.backend.replacements:
+            raise ClusterError(f"{self.replaced + 1} Ray workers died in one run (the last: {first_line(err)}); "
+                               "giving up") from None
+        self.cluster.ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._new_actor()
+        self.replaced += 1
+
+    def run(self, work: Work, model: bytes, items: Mapping[int, Any], accept: Callable[[Delivery], None]) -> None:
+        """Run every item of `work` on `model` (put once into the object store), passing each delivery to
+        `accept` (duplicates included: it keeps the first per id); return when every id has been delivered."""
+        ray = self.cluster.ray
+        reference, digest = ray.put(model), model_digest(model)
+        queue, idle = deque(items), deque(range(len(self.actors)))
+        delivered: set[int] = set()
+        attempts: Counter[int] = Counter()
+        running: dict[Any, tuple[int, int]] = {}  # object reference -> (worker slot, item id)
+        while len(delivered) < len(items):
+            while idle and queue:
+                item_id, slot = queue.popleft(), idle.popleft()
+                call = self.actors[slot].run.remote(work, [reference], digest, item_id, items[item_id])
+                running[call] = (slot, item_id)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=_POLL_SECONDS)
+            for call in ready:
+                slot, item_id = running.pop(call)
+                try:
+                    delivery = ray.get(call)
+                except _deaths(ray) as err:  # the worker died: its item goes to the next idle one
+                    attempts[item_id] += 1
+                    if attempts[item_id] >= MAX_ATTEMPTS:
+                        raise ClusterError(f"item {item_id} lost its Ray worker {attempts[item_id]} times "
+                                           f"(the last: {first_line(err)})") from None
+                    self._replace(slot, err)
+                    queue.appendleft(item_id)
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, OnnxqError):
+                        raise cause from None
+                    raise
+                else:
+                    accept(delivery)
+                    delivered.add(item_id)
+                idle.append(slot)
+
+
+@contextmanager
+def open_pool(backend: RayBackend) -> Iterator[WorkerPool]:
+    """Connect to Ray as `backend` says and start its workers; on exit (a Ctrl-C included) kill them and leave
+    Ray, stopping a local instance started here."""
+    with Cluster(backend) as cluster, WorkerPool(cluster) as pool:
+        yield pool
