@@ -6,12 +6,15 @@ ONNX Runtime, which `--help` does not need.
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 
 def quiet_libraries() -> None:
     """ONNX Runtime: fatal errors only unless -vv; onnx-graphsurgeon (which prints to stdout, into the command's
-    output): errors only unless -v."""
+    output): errors only unless -v; Ray (`--ray`; its notices about the instance it starts): errors only
+    unless -vv."""
     from onnx_graphsurgeon.logger import G_LOGGER
 
     from onnxq.runtime.session import set_runtime_log_level
@@ -20,3 +23,4 @@ def quiet_libraries() -> None:
     verbose = int(context.find_root().params.get("verbose") or 0) if context is not None else 0
     set_runtime_log_level(verbose=verbose >= 2)
     G_LOGGER.severity = G_LOGGER.WARNING if verbose else G_LOGGER.ERROR
+    logging.getLogger("ray").setLevel(logging.NOTSET if verbose >= 2 else logging.ERROR)

@@ -234,3 +234,37 @@ def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, accuracy=accuracy, **kwargs)
 
     return wrapper
+
+
+def ray_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --ray [ADDRESS], --workers, --cpus-per-worker, --gpus-per-worker; the command gets `backend`
+    (a RayBackend, or None without --ray). Ray itself is imported here, when --ray is given, so that a
+    missing extra is a one-line error (exit 2) before any work."""
+
+    @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                  help="Calibrate on Ray (needs onnxq[ray]): alone, a local Ray instance started for the run; auto, "
+                       "the cluster this machine belongs to (ray start, ray job submit); HOST:PORT, that head. "
+                       "The statistics are identical to a run without it.")
+    @click.option("--workers", type=click.IntRange(min=1), metavar="N",
+                  help="With --ray: worker actors (default: as many as the cluster's CPUs hold).")
+    @click.option("--cpus-per-worker", type=click.IntRange(min=1), metavar="K",
+                  help="With --ray: CPUs each worker reserves, and its ONNX Runtime threads (default: 1).")
+    @click.option("--gpus-per-worker", type=click.FloatRange(min=0.0), metavar="G",
+                  help="With --ray: GPUs each worker reserves (with a GPU provider in --providers).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, ray_address: str | None, workers: int | None, cpus_per_worker: int | None,
+                gpus_per_worker: float | None, **kwargs: Any) -> Any:
+        if ray_address is None:
+            given = [name for name, value in (("--workers", workers), ("--cpus-per-worker", cpus_per_worker),
+                                              ("--gpus-per-worker", gpus_per_worker)) if value is not None]
+            if given:
+                raise click.UsageError(f"{given[0]} needs --ray")
+            return fn(*args, backend=None, **kwargs)
+        from onnxq.cluster.backend import RayBackend
+        from onnxq.cluster.connect import import_ray
+
+        import_ray(local=ray_address == "local")
+        backend = RayBackend(ray_address, workers, cpus_per_worker or 1, gpus_per_worker or 0.0)
+        return fn(*args, backend=backend, **kwargs)
+
+    return wrapper

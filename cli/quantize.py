@@ -9,13 +9,14 @@ import click
 
 from .build import build_and_save, check_engine_build, require_engine_build
 from .logs import quiet_libraries
-from .options import (accuracy_options, calib_options, image_options, output_path, quant_config, selection_options,
-                      smoothquant_value, target_option)
+from .options import (accuracy_options, calib_options, image_options, output_path, quant_config, ray_options,
+                      selection_options, smoothquant_value, target_option)
 from .outputs import replacing, written
 from .plan_text import plan_counts
 from .progress import StageProgress, plural
 
 if TYPE_CHECKING:
+    from onnxq.cluster.backend import RayBackend
     from onnxq.config import AccuracyGoal
     from onnxq.data.images import ImagePreprocess
     from onnxq.options import Selection
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
                    "samples (Nagel et al., ICCV 2019).")
 @click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.json and report.md (and sensitivity.png with onnxq[report]) into DIR.")
+@ray_options
 @image_options
 def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | None, output: Path | None,
                  method: str, percentile: float, target: str, high_precision: str, selection: Selection,
@@ -72,7 +74,7 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                  accuracy: AccuracyGoal | None, smoothquant: float | bool | None, no_smoothquant: bool,
                  equalize: bool | None,
                  latency_search: bool | None, bias_correction: bool | None, report_dir: Path | None,
-                 preprocess: ImagePreprocess) -> None:
+                 backend: RayBackend | None, preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
     With --min-cosine or --max-sqnr-drop, every layer's sensitivity is measured on held-back data and
@@ -90,6 +92,8 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         raise click.UsageError("give --calib PATH or --stats FILE (one of them)")
     if max_samples is not None and calib_path is None:
         raise click.UsageError("--max-samples applies to --calib data, not to --stats")
+    if backend is not None and stats_path is not None:
+        raise click.UsageError("--ray calibrates on --calib data; with --stats there is nothing to calibrate")
     if no_smoothquant and smoothquant is not None:
         raise click.UsageError("give --smoothquant or --no-smoothquant, not both")
     quiet_libraries()
@@ -116,9 +120,13 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
     signature = signature_of(model)
     evaluation = open_source(eval_path, signature, preprocess) if eval_path is not None else None
     calib = open_source(calib_path, signature, preprocess, max_samples) if calib_path is not None else None
+    if backend is not None:
+        from onnxq.cluster.backend import ShardedData
+
+        calib = ShardedData.at(calib_path, preprocess, max_samples)  # opened above: checked before any work
     with StageProgress() as progress:
         result = quantize(model, calib, config, stats=stats_path, preprocess=preprocess, on_progress=progress,
-                          accuracy=accuracy, eval_source=evaluation)
+                          accuracy=accuracy, eval_source=evaluation, backend=backend)
     metrics = ()
     if evaluation is not None:  # before the model is written: a Ctrl-C here leaves an earlier -o file alone
         metrics = compare_models(model, result.model, evaluation.batches(signature.batch_size(config.calib.batch_size)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from types import ModuleType, TracebackType
 from typing import Any
 
@@ -21,10 +22,20 @@ from onnxq.errors import ClusterError, MissingDependencyError, first_line
 __all__ = ["Cluster", "import_ray", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install 'onnxq[ray]'"
+#: Ray's switch for clusters on Windows and macOS; "0" makes any platform resolve its node to the loopback address.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def import_ray() -> ModuleType:
-    """The `ray` module, or MissingDependencyError naming the extra that installs it."""
+def import_ray(local: bool = False) -> ModuleType:
+    """The `ray` module, or MissingDependencyError naming the extra that installs it.
+
+    `local`: the caller will start a Ray instance for this machine alone. Imported here first, Ray then
+    resolves the node's address to the loopback one (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's
+    single-machine mode), so that the instance listens on 127.0.0.1 only: with Ray's default, its servers
+    listen on every interface even when asked for 127.0.0.1 (Ray 2.60).
+    """
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     try:
         import ray
     except ImportError:
@@ -40,25 +51,17 @@ class Cluster:
     Attributes (once entered):
         ray: the ray module.
         started: whether this object started the Ray instance it stops.
-        cpus, gpus: the cluster's totals.
     """
 
     def __init__(self, backend: RayBackend) -> None:
         self.backend = backend
         self.ray: Any = None
         self.started = self.joined = False
-        self.cpus = self.gpus = 0.0
 
     def __enter__(self) -> Cluster:
-        ray = self.ray = import_ray()
+        ray = self.ray = import_ray(self.backend.local)
         if not ray.is_initialized():
             self._connect(ray)
-        try:
-            resources = ray.cluster_resources()
-            self.cpus, self.gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-        except BaseException:
-            self.close()
-            raise
         return self
 
     def _connect(self, ray: Any) -> None:

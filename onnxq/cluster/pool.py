@@ -11,6 +11,7 @@ that raises is no death: an `OnnxqError` (bad data in a shard) is raised again h
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +28,21 @@ __all__ = ["WorkerPool", "MAX_ATTEMPTS", "open_pool"]
 #: An item whose workers died this many times fails the run (it is likely what kills them).
 MAX_ATTEMPTS = 3
 _POLL_SECONDS = 1.0
+#: How long a new pool waits for the resources it needs to become free.
+FREE_WAIT_SECONDS = 10.0
+
+
+def _free(cluster: Cluster, workers: int) -> tuple[float, float]:
+    """The CPUs and GPUs free on the cluster, waiting up to FREE_WAIT_SECONDS for `workers` workers' worth:
+    Ray frees the resources of killed actors (an earlier pool's) a moment after the kill."""
+    backend, deadline = cluster.backend, time.monotonic() + FREE_WAIT_SECONDS
+    while True:
+        free = cluster.ray.available_resources()
+        cpus, gpus = float(free.get("CPU", 0.0)), float(free.get("GPU", 0.0))
+        enough = cpus >= workers * backend.cpus_per_worker and gpus >= workers * backend.gpus_per_worker
+        if enough or time.monotonic() > deadline:
+            return cpus, gpus
+        time.sleep(0.1)
 
 
 def _deaths(ray: Any) -> tuple[type[BaseException], ...]:
@@ -42,14 +58,15 @@ class WorkerPool:
     def __init__(self, cluster: Cluster) -> None:
         backend = cluster.backend
         self.cluster, self.backend = cluster, backend
-        fit = int(cluster.cpus // backend.cpus_per_worker)
+        cpus, gpus = _free(cluster, backend.workers or 1)
+        fit = int(cpus // backend.cpus_per_worker)
         self.size = backend.workers if backend.workers is not None else max(1, fit)
         if self.size > fit:
             raise ClusterError(f"{self.size} workers x {backend.cpus_per_worker} CPUs need "
-                               f"{self.size * backend.cpus_per_worker} CPUs; the Ray cluster has {cluster.cpus:g}")
-        if backend.gpus_per_worker and self.size * backend.gpus_per_worker > cluster.gpus:
+                               f"{self.size * backend.cpus_per_worker} CPUs; the Ray cluster has {cpus:g} free")
+        if backend.gpus_per_worker and self.size * backend.gpus_per_worker > gpus:
             raise ClusterError(f"{self.size} workers x {backend.gpus_per_worker:g} GPUs need "
-                               f"{self.size * backend.gpus_per_worker:g} GPUs; the Ray cluster has {cluster.gpus:g}")
+                               f"{self.size * backend.gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g} free")
         options: dict[str, Any] = {"num_cpus": backend.cpus_per_worker, "num_gpus": backend.gpus_per_worker,
                                    "max_restarts": 0, "max_task_retries": 0}
         if backend.env:
