@@ -4,7 +4,7 @@ Token authentication (Ray 2.52+; 2.59+ turns it on by default for a local `ray.i
 instance this module starts uses Ray's default, a token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
 ~/.ray/auth_token (Ray generates the last when none exists). Joining with "auto" sends the token when one
 is available, as `ray.init(address="auto")` does; Ray never sends it to an explicit HOST:PORT unless
-RAY_AUTH_MODE=token is set, so a refusal there is reported with that hint. Ray reads all of these from
+RAY_AUTH_MODE=token is set (it then fails to connect), so that failure is reported with this hint. Ray reads all of these from
 the environment of the driver; onnxq passes none of them itself.
 """
 
@@ -79,7 +79,11 @@ class Cluster:
                                "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or "
                                "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
-            raise ClusterError(f"cannot reach {where}: {first_line(err)}") from None
+            hint = ("; if it uses token authentication, set RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
+                    "(Ray sends none to an explicit address otherwise)"
+                    if not backend.local and backend.address != "auto" and os.environ.get("RAY_AUTH_MODE") != "token"
+                    else "")
+            raise ClusterError(f"cannot reach {where}: {first_line(err)}{hint}") from None
         self.started, self.joined = backend.local, True
 
     def close(self) -> None:
