@@ -244,7 +244,8 @@ def ray_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                   help="Calibrate on Ray (needs onnxq[ray]): alone, a local Ray instance started for the run; auto, "
                        "the cluster this machine belongs to (ray start, ray job submit); HOST:PORT, that head. "
-                       "The statistics are identical to a run without it.")
+                       "The statistics are identical to a run without it; with an accuracy target (quantize "
+                       "--min-cosine), its per-layer runs go to the same workers, with the serial run's result.")
     @click.option("--workers", type=click.IntRange(min=1), metavar="N",
                   help="With --ray: worker actors (default: as many as the cluster's CPUs hold).")
     @click.option("--cpus-per-worker", type=click.IntRange(min=1), metavar="K",

@@ -224,6 +224,7 @@ def _start(model: onnx.ModelProto, signature: ModelSignature, data: CalibSource 
     if holds:
         job.source, job.held_back = held_back_sources(data, holds[0].source, max(h.samples for h in holds),
                                                       signature=signature)
+        job.held_back_from_calib = holds[0].source is None
     return job
 
 
@@ -253,7 +254,7 @@ def _calibrate(job: Job, plan: QuantPlan, extra: Sequence[str], stats: StatsFile
     if job.workers is not None and sharded is not None:
         from onnxq.cluster.calibration import calibrate_on_ray
 
-        if job.held_back is not None:
+        if job.held_back_from_calib:
             raise ConfigError("calibration on Ray uses every sample of --calib, but the accuracy target holds "
                               "every 4th back; give held-out data with --eval")
         return calibrate_on_ray(from_graph(job.graph).SerializeToString(), (*plan.activation_names, *extra), sharded,

@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -23,7 +24,7 @@ from onnxq.cluster.connect import Cluster
 from onnxq.cluster.worker import Delivery, Work, Worker, model_digest
 from onnxq.errors import ClusterError, OnnxqError, first_line
 
-__all__ = ["WorkerPool", "MAX_ATTEMPTS", "open_pool"]
+__all__ = ["WorkerPool", "StoredModel", "MAX_ATTEMPTS", "open_pool"]
 
 #: An item whose workers died this many times fails the run (it is likely what kills them).
 MAX_ATTEMPTS = 3
@@ -49,6 +50,14 @@ def _deaths(ray: Any) -> tuple[type[BaseException], ...]:
     """The errors of a call whose worker process (or node) went away."""
     errors = ray.exceptions
     return (errors.RayActorError, errors.WorkerCrashedError, errors.NodeDiedError, errors.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A model's bytes in the object store, and their digest."""
+
+    reference: Any
+    digest: str
 
 
 class WorkerPool:
@@ -99,11 +108,18 @@ class WorkerPool:
         self.actors[slot] = self._new_actor()
         self.replaced += 1
 
-    def run(self, work: Work, model: bytes, items: Mapping[int, Any], accept: Callable[[Delivery], None]) -> None:
-        """Run every item of `work` on `model` (put once into the object store), passing each delivery to
-        `accept` (duplicates included: it keeps the first per id); return when every id has been delivered."""
+    def store(self, model: bytes) -> StoredModel:
+        """`model` put into the object store, for several `run`s on it."""
+        return StoredModel(self.cluster.ray.put(model), model_digest(model))
+
+    def run(self, work: Work, model: bytes | StoredModel, items: Mapping[int, Any],
+            accept: Callable[[Delivery], None]) -> None:
+        """Run every item of `work` on `model` (put once into the object store, unless stored already),
+        passing each delivery to `accept` (duplicates included: it keeps the first per id); return when every
+        id has been delivered."""
         ray = self.cluster.ray
-        reference, digest = ray.put(model), model_digest(model)
+        stored = model if isinstance(model, StoredModel) else self.store(model)
+        reference, digest = stored.reference, stored.digest
         queue, idle = deque(items), deque(range(len(self.actors)))
         delivered: set[int] = set()
         attempts: Counter[int] = Counter()

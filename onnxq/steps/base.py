@@ -88,6 +88,8 @@ class Job:
         on_progress: where long work reports to.
         workers: the Ray worker pool of the run (`onnxq.cluster`), when it was given one: calibration runs
             there, and a step with many independent measurements may spread them over it.
+        held_back_from_calib: the held-back samples were taken out of the calibration data (no separate
+            evaluation data), so `source` is a subset of what was given.
     """
 
     model: onnx.ModelProto
@@ -103,6 +105,7 @@ class Job:
     findings: list[object] = field(default_factory=list)
     on_progress: ProgressCallback | None = None
     workers: WorkerPool | None = None
+    held_back_from_calib: bool = False
     _built: dict[QuantPlan, onnx.ModelProto] = field(default_factory=dict, repr=False)
     _amax: dict[frozenset[str], float] = field(default_factory=dict, repr=False)
 

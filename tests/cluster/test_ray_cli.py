@@ -112,3 +112,10 @@ def test_ctrl_c_during_a_ray_run_exits_130_with_one_line_and_stops_its_instance(
         time.sleep(0.2)
     assert _ray_processes(temp_dir) == [], "the local Ray instance outlived the command"
 
+
+
+def test_ray_and_jobs_together_is_a_usage_error(tmp_path: Path) -> None:
+    code, stdout, stderr = invoke("quantize", PPOCR, "--calib", TEXTLINES, "--eval", TEXTLINES, "--min-cosine", "0.99",
+                                  "--ray", "--jobs", "2", "-o", tmp_path / "q.onnx")
+    assert code == 2 and stdout == "" and "give one of them" in stderr.splitlines()[-1]
+    assert not (tmp_path / "q.onnx").exists()

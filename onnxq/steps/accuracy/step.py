@@ -61,7 +61,8 @@ class MeetAccuracy(Step):
         goal: the thresholds and the number of held-back samples.
         eval_source: where the held-back samples come from (its first `goal.samples`); None: every
             4th calibration sample, never calibrated on.
-        measurers: who runs the gated model's measurements (a pool of remote workers, say); None:
+        measurers: who runs the gated model's measurements (a pool of remote workers, say); None: the
+            run's Ray workers when it has them (`quantize(..., backend=...)`, see onnxq.cluster.gates), else
             `local_measurers(goal.jobs)`, this process or `goal.jobs` local ones.
 
     Raises (from `quantize`): `TargetNotMetError` when no model with a quantized layer meets the goal,
@@ -80,6 +81,14 @@ class MeetAccuracy(Step):
         assert job.replanner is not None
         return LayerMap(job.replanner, job.kept_float).calibrated_names
 
+    def _measurers(self, job: Job) -> MeasurerFactory | None:
+        """This step's measurers; else the run's Ray workers, when it has them; else None (local)."""
+        if self.measurers is not None or job.workers is None:
+            return self.measurers
+        from onnxq.cluster.gates import ray_measurers  # Ray is imported only by a run given a pool
+
+        return ray_measurers(job.workers)
+
     def refine(self, job: Job, plan: QuantPlan) -> tuple[QuantPlan, AccuracyFinding]:
         assert job.replanner is not None and job.calibration is not None and job.held_back is not None
         stats = job.calibration.stats
@@ -87,7 +96,7 @@ class MeetAccuracy(Step):
         outcome = run_accuracy(layers, stats, job.model, job.held_back, job.build, self.goal, job.config.calib,
                                signature=job.signature,
                                on_progress=job.progress("measuring accuracy"), scheme=job.target.scheme,
-                               amax=job.ranges, measurers=self.measurers)
+                               amax=job.ranges, measurers=self._measurers(job))
         if outcome.fallback is not None:
             job.keep_float({layer.node_name: f"accuracy fallback: {layer.reason}"
                             for layer in outcome.fallback.float_layers})
