@@ -42,7 +42,8 @@ def sensitivity_lines(result: SensitivityResult) -> list[str]:
 def fallback_lines(result: FallbackResult, layer_count: int) -> list[str]:
     """The outcome of the fallback search and a table of the layers left in float."""
     before, after = _figures(result.before), _figures(result.after)
-    cost = f"{plural(result.runs, 'run')}, {result.seconds:.1f} s"
+    ahead = f" ({result.wasted} measured ahead, unused)" if result.wasted else ""
+    cost = f"{plural(result.runs, 'run')}{ahead}, {result.seconds:.1f} s"
     target = result.target.describe()
     if not result.met:
         kept = "the fully quantized model" if not result.float_layers else "this model"

@@ -89,11 +89,19 @@ def test_jobs_2_prints_what_jobs_1_prints(tmp_path: Path) -> None:
     assert serial.code == parallel.code == 0, parallel.stderr
     assert (tmp_path / "serial.onnx").read_bytes() == (tmp_path / "parallel.onnx").read_bytes()
 
-    def figures(stdout: str) -> list[str]:  # the summary without the output's name and the timings
-        return [re.sub(r"\d+\.\d s\b", "", line) for line in stdout.splitlines()[1:]]
+    def figures(stdout: str) -> list[str]:  # the summary without the output's name, the timings and the run count
+        return [re.sub(r"\d+\.\d s\b|\(\d+ runs( \(\d+ measured ahead, unused\))?", "", line)
+                for line in stdout.splitlines()[1:]]
+
+    def search_runs(stdout: str) -> tuple[int, int]:  # the fallback's runs, and those measured ahead and unused
+        found = re.search(r"layers in float \((\d+) runs(?: \((\d+) measured ahead, unused\))?,", stdout)
+        assert found is not None, stdout
+        return int(found[1]), int(found[2] or 0)
 
     assert "met with 6 of 72 layers in float" in parallel.stdout
     assert figures(parallel.stdout) == figures(serial.stdout)
+    (serial_runs, none), (parallel_runs, wasted) = search_runs(serial.stdout), search_runs(parallel.stdout)
+    assert none == 0 and wasted > 0 and parallel_runs - wasted == serial_runs
 
 
 @pytest.mark.parametrize(("group", "then"), [(False, 1.5), (True, 1.5), (True, 0.0)],

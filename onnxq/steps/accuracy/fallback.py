@@ -5,6 +5,9 @@
    outputs; the shortest prefix of that order that meets the target is found by doubling the
    prefix (1, 2, 4, ...) and then bisecting, one gated run per tried prefix.
 3. Prune: each chosen layer, least recovering first, is quantized again if the target still holds.
+   Steps 2 and 3 ask one question at a time (`greedy_search`); with several measuring processes the
+   next asks are measured ahead, by speculation, and the answers followed exactly as one at a time
+   (`onnxq.steps.accuracy.speculation`): the same layers, more runs (`FallbackResult.wasted`).
 4. Verify: the model is built for real (the plan re-made with those nodes excluded, the same
    calibration statistics, `insert_qdq`, the checker) and measured. `met` is what this says. The
    gates reproduce the built model bit for bit except where a Concat's shared scale changes or the
@@ -37,12 +40,13 @@ from onnxq.steps.accuracy.layers import LayerMap
 from onnxq.plan.core import QuantPlan
 from onnxq.steps.accuracy.gate_workers import MeasurerFactory
 from onnxq.steps.accuracy.process_pool import local_measurers
+from onnxq.steps.accuracy.speculation import EVEN, FAILS, Ask, Speculator
 from onnxq.steps.accuracy.sensitivity import (GatedRunner, HeldBack, LayerSensitivity, RunCallback, SensitivityResult, load_held_back,
                           measure_model, measure_sensitivity, worst)
 from onnxq.metrics import OutputMetrics
 
 __all__ = ["FallbackLayer", "FallbackResult", "AccuracyOutcome", "TargetNotMetError", "meets", "margin_db",
-           "search_fallback", "run_accuracy"]
+           "greedy_search", "search_fallback", "run_accuracy"]
 
 _COSINE_FLOOR = 1e-15  # 1 - cosine below this counts as identical (150 dB)
 #: Layers are ranked on this many held-back samples; the search and the verification use all of them.
@@ -78,12 +82,15 @@ class FallbackResult:
         after: the returned model against float, per output, measured on the real model.
         met: `after` meets the target.
         seconds: wall time of the search and the verification.
-        runs: passes over the held-back samples (gated runs and the verification).
+        runs: passes over the held-back samples (gated runs, those measured ahead included, and the
+            verification).
         target: the target searched for.
         estimate: the gated model's metrics for the layers the search chose (equal to `after` when
             the gates reproduce the built model, which is the rule).
         note: why the target was not met, or how the built model disagreed with the estimate (then
             more layers may have fallen back to meet the target on the built model).
+        wasted: gated runs measured ahead for idle workers (`--jobs`) that the search never asked for
+            (counted in `runs`; `runs - wasted` is what the search costs one at a time).
     """
 
     float_layers: tuple[FallbackLayer, ...]
@@ -95,6 +102,7 @@ class FallbackResult:
     target: AccuracyGoal = AccuracyGoal()
     estimate: tuple[OutputMetrics, ...] = ()
     note: str = ""
+    wasted: int = 0
 
     @property
     def float_layer_names(self) -> tuple[str, ...]:
@@ -158,46 +166,65 @@ def _by_recovery(sensitivity: SensitivityResult, target: AccuracyGoal) -> list[L
 
 @dataclass(frozen=True)
 class _Choice:
-    """The search's answer: the float layers (None: infeasible) and every measured set."""
+    """The search's answer: the float layers (None: infeasible), every set it asked for (in the order it
+    asked) and how many sets were measured ahead and never asked for."""
 
     float_layers: tuple[str, ...] | None
     measured: Mapping[frozenset[str], tuple[OutputMetrics, ...]]
+    wasted: int = 0
 
 
-def search_fallback(runner: GatedRunner, layer_map: LayerMap, sensitivity: SensitivityResult,
-                    target: AccuracyGoal) -> _Choice:
-    """Greedy by recovery with doubling and bisection, then pruning; see the module docstring."""
-    order = [entry.node_name for entry in _by_recovery(sensitivity, target)]
-    measured: dict[frozenset[str], tuple[OutputMetrics, ...]] = {frozenset(): sensitivity.float_vs_int8}
+def greedy_search(order: Sequence[str], ask: Ask) -> tuple[str, ...] | None:
+    """The serial search over layers ranked best first: the fewest float layers it finds (None: only all).
 
-    def holds(names: Sequence[str]) -> bool:
-        key = frozenset(names)
-        if key not in measured:
-            measured[key] = runner.measure(layer_map.gates(key))
-        return meets(measured[key], target)
-
-    if holds(()):
-        return _Choice((), measured)
-    failing, passing, size = 0, len(order), 1  # prefix lengths; the full order is never run
+    Doubling finds a prefix of `order` that holds (1, 2, 4, ...; the full order is never asked), bisection
+    the shortest one between the last that failed and it, and pruning then tries each of its layers, least
+    recovering first, quantized again. A pure function of `ask`'s answers (`speculation.Speculator` relies
+    on it), with each ask's guess of its answer.
+    """
+    if ask((), FAILS):
+        return ()
+    failing, passing, size = 0, len(order), 1  # prefix lengths
     while size < len(order):
-        if holds(order[:size]):
+        if ask(order[:size], FAILS):
             passing = size
             break
         failing, size = size, size * 2
     while passing - failing > 1:
         middle = (failing + passing) // 2
-        if holds(order[:middle]):
+        if ask(order[:middle], EVEN):
             passing = middle
         else:
             failing = middle
     if passing == len(order):
-        return _Choice(None, measured)
+        return None
     chosen = list(order[:passing])
     for name in reversed(order[:passing]):
         trial = [other for other in chosen if other != name]
-        if holds(trial):
+        if ask(trial, FAILS):
             chosen = trial
-    return _Choice(tuple(chosen), measured)
+    return tuple(chosen)
+
+
+def search_fallback(runner: GatedRunner, layer_map: LayerMap, sensitivity: SensitivityResult,
+                    target: AccuracyGoal, width: int | None = None) -> _Choice:
+    """`greedy_search` over the layers by recovery, each ask a gated run on every held-back sample.
+
+    With `width` > 1 (default: the runner's measurer's `jobs`), up to that many runs are measured at once
+    by speculation (`speculation.Speculator`): the same asks answered, the same layers chosen, more runs.
+    """
+    order = [entry.node_name for entry in _by_recovery(sensitivity, target)]
+    width = getattr(runner, "width", 1) if width is None else width
+
+    def measure(keys: list[frozenset[str]]) -> list[tuple[OutputMetrics, ...]]:
+        if len(keys) == 1:
+            return [runner.measure(layer_map.gates(keys[0]))]
+        return runner.measure_many([layer_map.gates(key) for key in keys])
+
+    speculator = Speculator(measure, lambda metrics: meets(metrics, target), width,
+                            {frozenset(): sensitivity.float_vs_int8})
+    chosen = speculator.run(lambda ask: greedy_search(order, ask))
+    return _Choice(chosen, speculator.measured, len(speculator.ahead))
 
 
 def _fallen(entry: LayerSensitivity, rank: int, count: int, full: tuple[float, float]) -> FallbackLayer:
@@ -279,13 +306,13 @@ def _fall_back(stage: _Stage) -> AccuracyOutcome:
     if choice.float_layers is None:
         note = _infeasible_note(choice, len(stage.layer_map.layers), stage.target)
         result = FallbackResult((), before, before, False, time.perf_counter() - started,
-                                stage.runner.runs - runs_before, stage.target, before, note)
+                                stage.runner.runs - runs_before, stage.target, before, note, choice.wasted)
         _raise_unless_anyway(result, stage.runner.held)
         return AccuracyOutcome(stage.sensitivity, result, stage.layer_map.plan, stage.build(stage.layer_map.plan))
     final, note = stage.repaired(stage.built(choice.float_layers))
     result = FallbackResult(final.layers, before, final.after, meets(final.after, stage.target),
                             time.perf_counter() - started, stage.runner.runs - runs_before + stage.builds,
-                            stage.target, choice.measured[frozenset(choice.float_layers)], note)
+                            stage.target, choice.measured[frozenset(choice.float_layers)], note, choice.wasted)
     _raise_unless_anyway(result, stage.runner.held)
     return AccuracyOutcome(stage.sensitivity, result, final.plan, final.model)
 

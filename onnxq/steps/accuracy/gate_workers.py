@@ -27,7 +27,7 @@ from onnxq.metrics import OutputMetrics
 from onnxq.runtime.session import Session, open_session
 from onnxq.steps.accuracy.held_back import HeldBack, accumulate
 
-__all__ = ["GateWorker", "Measurer", "MeasurerFactory", "InProcess", "in_process"]
+__all__ = ["GateWorker", "Measurer", "MeasurerFactory", "InProcess", "in_process", "parallelism"]
 
 Metrics = tuple[OutputMetrics, ...]
 
@@ -81,7 +81,11 @@ class GateWorker:
 
 
 class Measurer(Protocol):
-    """Measures batches of gate vectors; results in input order."""
+    """Measures batches of gate vectors; results in input order.
+
+    One that measures several vectors at once may say how many in an attribute `jobs` (`parallelism`
+    reads it; without it, 1): the fallback search then hands it that many at a time, measured ahead.
+    """
 
     def measure_many(self, gate_vectors: Sequence[np.ndarray], samples: int | None = None,
                      on_result: Callable[[], None] | None = None) -> list[Metrics]:
@@ -91,6 +95,12 @@ class Measurer(Protocol):
     def close(self) -> None:
         """Release the sessions (and end any process); safe to call more than once."""
         ...
+
+
+def parallelism(measurer: object) -> int:
+    """How many gate vectors `measurer` measures at once: its `jobs` attribute, else 1."""
+    jobs = getattr(measurer, "jobs", 1)
+    return jobs if isinstance(jobs, int) and jobs >= 1 else 1
 
 
 #: Opens a measurer for (the gated model, its gate input's name, the held-back samples, the providers).

@@ -38,7 +38,7 @@ from onnxq.lower.gate_qdq import gate_qdq
 from onnxq.lower.scales import ActivationParams
 from onnxq.metrics import OutputMetrics
 from onnxq.runtime.session import CPU_PROVIDER
-from onnxq.steps.accuracy.gate_workers import MeasurerFactory, in_process
+from onnxq.steps.accuracy.gate_workers import MeasurerFactory, in_process, parallelism
 from onnxq.steps.accuracy.held_back import HeldBack, load_held_back, measure_model, prefix_samples, worst
 from onnxq.steps.accuracy.layers import LayerMap
 
@@ -64,6 +64,7 @@ class GatedRunner:
         runs: passes made so far.
         on_run: called after each pass with (runs, planned).
         planned: the run count the current stage expects to reach, or None (reported to `on_run`).
+        width: gate vectors the measurer runs at once (`gate_workers.parallelism`).
     """
 
     def __init__(self, layer_map: LayerMap, params: Mapping[str, ActivationParams],
@@ -73,6 +74,7 @@ class GatedRunner:
         self.held, self.runs, self.on_run, self.planned = held, 0, on_run, None
         self.gates_input = gated.gates_input
         self._measurer = measurers(from_graph(gated.graph, template), gated.gates_input, held, providers)
+        self.width = parallelism(self._measurer)
 
     def measure(self, gates: np.ndarray, samples: int | None = None) -> tuple[OutputMetrics, ...]:
         """Metrics against the float model with the given slots quantized (on the first feeds that hold

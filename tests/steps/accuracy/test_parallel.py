@@ -1,8 +1,9 @@
 """The accuracy target measured in several processes (`AccuracyGoal.jobs`) gives the serial run's numbers.
 
-Real shipped models, real processes: the per-layer metrics, the ranking, the layers left float and the
-written model are compared for equality with `jobs=1` (not within a tolerance: ONNX Runtime gives the
-same bits with one intra-op thread per process as with its default threads here). A worker that dies or
+Real shipped models, real processes: the per-layer metrics, the ranking, the layers left float, the notes
+and the written model are compared for equality with `jobs=1` (not within a tolerance: ONNX Runtime gives
+the same bits with one intra-op thread per process as with its default threads here), the fallback search
+measuring ahead with two processes (`speculation`) and still choosing what the serial search chooses. A worker that dies or
 fails ends the run with a clear error and leaves no process behind.
 """
 
@@ -67,7 +68,11 @@ def _assert_same(serial: onnxq.QuantResult, parallel: onnxq.QuantResult) -> None
     assert parallel.sensitivity.float_vs_int8 == serial.sensitivity.float_vs_int8
     assert parallel.sensitivity.runs == serial.sensitivity.runs
     assert parallel.fallback.float_layers == serial.fallback.float_layers
-    assert parallel.fallback.after == serial.fallback.after
+    assert parallel.fallback.after == serial.fallback.after and parallel.fallback.estimate == serial.fallback.estimate
+    assert parallel.fallback.note == serial.fallback.note and parallel.notes == serial.notes
+    # the search measured ahead with two processes: more runs, exactly the wasted ones
+    assert serial.fallback.wasted == 0
+    assert parallel.fallback.runs - parallel.fallback.wasted == serial.fallback.runs
     assert parallel.model.SerializeToString() == serial.model.SerializeToString()
 
 
@@ -76,11 +81,17 @@ def test_ppocr_jobs_2_gives_the_serial_ranking_and_model() -> None:
     entropy = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.ENTROPY))
     (serial, parallel), (serial_calls, parallel_calls) = _quantize_twice(
         model, lambda: TEXTLINES / "ppocr_cls_calib.npz", lambda: TEXTLINES / "ppocr_cls_eval.npz",
-        onnxq.AccuracyGoal(min_cosine=0.999, samples=32), entropy)
+        onnxq.AccuracyGoal(min_cosine=0.9995, samples=32), entropy)
     _assert_same(serial, parallel)
-    assert serial.fallback is not None and serial.fallback.float_layers  # the target needed a fallback
-    assert parallel_calls == serial_calls  # progress counts every run, whoever ran it
-    assert [done for done, _total in serial_calls] == list(range(1, len(serial_calls) + 1))
+    assert serial.fallback is not None and parallel.fallback is not None
+    assert len(serial.fallback.float_layers) == 6  # the target needed a fallback, and a search of 11 gated runs
+    assert serial.fallback.runs == 11 + 1 and parallel.fallback.wasted > 0  # (+1: the built model's check)
+    # progress counts every run, whoever ran it: the ranking's alike, the search's with the wasted ones
+    ranking = [call for call in serial_calls if call[1] is not None]
+    assert [call for call in parallel_calls if call[1] is not None] == ranking
+    assert len(parallel_calls) == len(serial_calls) + parallel.fallback.wasted
+    for calls in (serial_calls, parallel_calls):
+        assert [done for done, _total in calls] == list(range(1, len(calls) + 1))
 
 
 def test_efficientnet_jobs_2_gives_the_serial_ranking_and_model() -> None:
@@ -92,6 +103,7 @@ def test_efficientnet_jobs_2_gives_the_serial_ranking_and_model() -> None:
         onnxq.AccuracyGoal(min_cosine=0.995, samples=4), onnxq.QuantConfig(bias_correction=False))
     _assert_same(serial, parallel)
     assert serial.fallback is not None and 0 < len(serial.fallback.float_layers) < len(serial.sensitivity.layers)
+    assert parallel.fallback is not None and parallel.fallback.wasted > 0  # the search did measure ahead
 
 
 class _KillFirstWorker:
