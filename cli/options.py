@@ -217,7 +217,8 @@ def accuracy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                                     "calibration sample (then not used for calibration), up to N.")
     @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
                   help="Measure the target's layers in N processes at once, each with its own ONNX Runtime "
-                       "session and cores/N threads; the ranking and the model are the same as with 1.")
+                       "session and cores/N threads (the fallback search measures ahead); the ranking, the "
+                       "layers left float and the model are the same as with 1.")
     @functools.wraps(fn)
     def wrapper(*args: Any, min_cosine: float | None, max_sqnr_drop: float | None, write_anyway: bool,
                 held_back: int, jobs: int, **kwargs: Any) -> Any:

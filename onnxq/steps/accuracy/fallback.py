@@ -12,7 +12,8 @@
    calibration statistics, `insert_qdq`, the checker) and measured. `met` is what this says. The
    gates reproduce the built model bit for bit except where a Concat's shared scale changes or the
    model is converted to float16; if the built model then misses the target, the next layers by rank
-   fall back (1, 2, 4, ... more, each built and measured) and `FallbackResult.note` says so.
+   fall back (1, 2, 4, ... more, each built and measured in this process, one at a time whatever the
+   measurer) and `FallbackResult.note` says so.
 
 A target that needs every layer in float cannot be met: `TargetNotMetError` (a `CalibrationError`),
 unless `AccuracyGoal.write_anyway`, which keeps the fully quantized model.
