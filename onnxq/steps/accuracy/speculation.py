@@ -12,8 +12,9 @@ plans a batch of `width` sets (one per worker) before measuring: it replays the 
 where they are not, and takes the sets the search would ask for on the most probable branches (best first:
 a branch's probability is the product of the guesses along it). So with a guess of 0.0 the batch is the
 next `width` asks on the path where they all fail (doubling: the next prefix sizes; pruning: the next
-removals); with 0.5 it is the top of the decision tree (a bisection's middle, then the middles on both
-sides). The batch always holds the set asked for, and is measured at once (`measure`, results in order).
+removals); with 0.5 it is the top of the decision tree (a bisection's middle, then the next middle on the
+side where it fails, then on the side where it holds, then their middles). The batch always holds the set
+asked for, and is measured at once (`measure`, results in order).
 
 The sets measured ahead wait in `ahead` and move into `measured` only when the real search asks for them,
 in the order it asks, so `measured` (and everything decided from it) is what the serial search builds; a
@@ -26,7 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from onnxq.metrics import OutputMetrics
 
@@ -56,7 +57,7 @@ class _Unknown(Exception):
         self.key, self.likely = key, likely
 
 
-class Speculator(Generic[T]):
+class Speculator:
     """Runs a search, measuring up to `width` sets at once, with the serial search's decisions.
 
     Args:
