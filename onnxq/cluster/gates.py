@@ -59,7 +59,8 @@ class _LoadedGates:
 
 
 class RayMeasurer:
-    """Measures batches of gate vectors on `pool`'s workers; results in input order."""
+    """Measures batches of gate vectors on `pool`'s workers; results in input order. `jobs`: the pool's size,
+    how many the accuracy search measures ahead (onnxq.steps.accuracy.speculation)."""
 
     def __init__(self, pool: WorkerPool, model: onnx.ModelProto, gates_input: str, held: HeldBack,
                  providers: Sequence[str]) -> None:
@@ -67,6 +68,7 @@ class RayMeasurer:
         self._pool = pool
         self._model = pool.store(model.SerializeToString())
         self._work = GateWork((ray.put(held),), tuple(providers), gates_input)
+        self.jobs = pool.size  # gate vectors measured at once: the fallback search measures this many ahead
 
     def measure_many(self, gate_vectors: Sequence[np.ndarray], samples: int | None = None,
                      on_result: Callable[[], None] | None = None) -> list[Metrics]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -16,6 +17,9 @@ from tests.support.paths import MODELS, REPO
 
 PPOCR = MODELS / "ppocr_mobile_v2_cls.onnx"
 TEXTLINES = MODELS / "data/textlines/ppocr_cls_calib.npz"
+#: For the usage errors that come after `--ray` has found Ray (without it, `--ray` stops first, exit 2).
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed: pip install -e '.[test,ray]'")
 
 
 def test_calibrate_on_ray_writes_the_same_file_as_without(ray_session: object, tmp_path: Path) -> None:
@@ -31,6 +35,7 @@ def test_calibrate_on_ray_writes_the_same_file_as_without(ray_session: object, t
     (("--workers", "2"), "--workers needs --ray"),
     (("--ray", "--shard", "0/2"), "give --ray or --shard, not both"),
 ])
+@needs_ray
 def test_ray_usage_errors(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     code, stdout, stderr = invoke("calibrate", PPOCR, "--calib", TEXTLINES, "-o", tmp_path / "s.npz", *args)
     assert code == 2 and stdout == "" and message in stderr.splitlines()[-1]
@@ -114,6 +119,7 @@ def test_ctrl_c_during_a_ray_run_exits_130_with_one_line_and_stops_its_instance(
 
 
 
+@needs_ray
 def test_ray_and_jobs_together_is_a_usage_error(tmp_path: Path) -> None:
     code, stdout, stderr = invoke("quantize", PPOCR, "--calib", TEXTLINES, "--eval", TEXTLINES, "--min-cosine", "0.99",
                                   "--ray", "--jobs", "2", "-o", tmp_path / "q.onnx")

@@ -18,7 +18,7 @@ from onnxq.steps.accuracy.step import MeetAccuracy
 from tests.support.paths import MODELS
 
 TEXTLINES = MODELS / "data" / "textlines"
-GOAL = onnxq.AccuracyGoal(min_cosine=0.999, samples=32)
+GOAL = onnxq.AccuracyGoal(min_cosine=0.9995, samples=32)  # 6 of 72 layers fall back: the search measures ahead
 ENTROPY = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.ENTROPY))
 
 
@@ -43,6 +43,8 @@ def test_ray_sensitivity_and_fallback_equal_the_serial_run(serial: onnxq.QuantRe
     assert on_ray.sensitivity.float_vs_int8 == serial.sensitivity.float_vs_int8
     assert on_ray.fallback.float_layers == serial.fallback.float_layers
     assert on_ray.fallback.after == serial.fallback.after
+    assert on_ray.fallback.note == serial.fallback.note and on_ray.fallback.estimate == serial.fallback.estimate
+    assert on_ray.fallback.runs - on_ray.fallback.wasted == serial.fallback.runs and on_ray.fallback.wasted > 0
     assert on_ray.model.SerializeToString() == serial.model.SerializeToString()
 
 
