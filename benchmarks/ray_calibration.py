@@ -14,7 +14,10 @@ cluster runs in a child process without it, its nodes on this machine's own addr
 authentication with a token made for the run (RAY_AUTH_TOKEN). The nodes this script starts are stopped
 through their own process groups.
 
-    python benchmarks/ray_calibration.py [--samples 64]
+    python benchmarks/ray_calibration.py [--samples 64] [--copies 4]
+
+`--copies K` calibrates on K copies of each photo (symbolic links in a temporary folder: K x 64 samples),
+for a job long enough that Ray's per-shard overhead is small against the work.
 """
 
 from __future__ import annotations
@@ -87,10 +90,25 @@ def _stop(node: subprocess.Popen[bytes]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=None, help="at most this many samples (default: all)")
+    parser.add_argument("--copies", type=int, default=1, help="calibrate on this many copies of each photo")
+    parser.add_argument("--photos", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cluster-part", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    data = ShardedData.at(PHOTOS, PREPROCESS, args.samples)
+    with tempfile.TemporaryDirectory(prefix="onnxq-photos-") as folder:
+        photos = args.photos or (PHOTOS if args.copies == 1 else _copies(PHOTOS, args.copies, Path(folder)))
+        _run(args, photos)
+
+
+def _copies(photos: Path, copies: int, folder: Path) -> Path:
+    for path in sorted(photos.iterdir()):
+        for copy in range(copies):
+            (folder / f"{copy}_{path.name}").symlink_to(path)
+    return folder
+
+
+def _run(args: argparse.Namespace, photos: Path) -> None:
+    data = ShardedData.at(photos, PREPROCESS, args.samples)
     reference, here = _stats(data)
     if args.cluster_part:
         _simulated_cluster(data, reference)
@@ -118,7 +136,8 @@ def main() -> None:
               f"identical: {_same(stats, reference)}")
     print(f"  1 worker / 2 workers             {walls[1] / walls[2]:6.2f}x")
     env = {name: value for name, value in os.environ.items() if name != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    subprocess.run([sys.executable, __file__, "--cluster-part", "--samples", str(args.samples)], env=env, check=True)
+    limit = ["--samples", str(args.samples)] if args.samples is not None else []
+    subprocess.run([sys.executable, __file__, "--cluster-part", "--photos", str(photos), *limit], env=env, check=True)
 
 
 def _simulated_cluster(data: ShardedData, reference: onnxq.StatsFile) -> None:
