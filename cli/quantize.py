@@ -94,6 +94,9 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
         raise click.UsageError("--max-samples applies to --calib data, not to --stats")
     if backend is not None and stats_path is not None:
         raise click.UsageError("--ray calibrates on --calib data; with --stats there is nothing to calibrate")
+    if backend is not None and accuracy is not None and eval_path is None:
+        raise click.UsageError("--ray calibrates on every --calib sample, so an accuracy target's held-back samples "
+                               "must come from --eval DATA")
     if backend is not None and accuracy is not None and accuracy.jobs != 1:
         raise click.UsageError("--jobs runs local processes; with --ray the accuracy target's runs go to the Ray "
                                "workers: give one of them")

@@ -125,3 +125,11 @@ def test_ray_and_jobs_together_is_a_usage_error(tmp_path: Path) -> None:
                                   "--ray", "--jobs", "2", "-o", tmp_path / "q.onnx")
     assert code == 2 and stdout == "" and "give one of them" in stderr.splitlines()[-1]
     assert not (tmp_path / "q.onnx").exists()
+
+
+@needs_ray
+def test_ray_with_an_accuracy_target_needs_eval_data(tmp_path: Path) -> None:
+    code, stdout, stderr = invoke("quantize", PPOCR, "--calib", TEXTLINES, "--min-cosine", "0.99", "--ray",
+                                  "-o", tmp_path / "q.onnx")
+    assert code == 2 and stdout == "" and "must come from --eval DATA" in stderr.splitlines()[-1]
+    assert not (tmp_path / "q.onnx").exists()
