@@ -26,6 +26,7 @@ from onnxq.data.held_back import held_back_sources
 from onnxq.data.signature import ModelSignature, signature_of
 from onnxq.data.sources import CalibSource, open_source
 from onnxq.errors import CalibrationError, ConfigError, ModelError
+from onnxq.external_data import is_large
 from onnxq.io import from_graph, load_model, to_graph
 from onnxq.options import CalibMethod, Selection
 from onnxq.passes import PREPARE, GraphPass, run
@@ -133,8 +134,12 @@ def _sharded(data: DataLike | None, preprocess: ImagePreprocess, backend: Backen
 
 
 @contextmanager
-def _workers(backend: Backend | None, config: QuantConfig) -> Iterator[WorkerPool | None]:
+def _workers(backend: Backend | None, config: QuantConfig, model: onnx.ModelProto) -> Iterator[WorkerPool | None]:
     """The worker pool of a run: the caller's, one opened for the run (closed after it), or None."""
+    if backend is not None and is_large(model):
+        raise ConfigError("a model this large (weights in external data, over ONNXQ_LARGE_MODEL_BYTES) is not sent "
+                          "to Ray workers: its prepared copy would go through the object store whole; calibrate "
+                          "it without --ray, or with --shard I/N on several machines")
     if backend is None or isinstance(backend, WorkerPool):
         yield backend
         return
@@ -305,7 +310,7 @@ def quantize(model: ModelLike, calib: DataLike | None = None, config: QuantConfi
                                                      eval_source=_open(eval_source, signature, preprocess)),
                                            steps))
     sharded = _sharded(calib, preprocess, backend) if stats is None else None
-    with _workers(backend if stats is None else None, config) as workers:
+    with _workers(backend if stats is None else None, config, model) as workers:
         job = _start(model, signature, _open(calib, signature, preprocess), config, steps, on_progress)
         job.workers = workers
         graph = run(prepare(model, config.target), user_passes)
@@ -334,7 +339,7 @@ def collect_stats(model: ModelLike, calib: DataLike, config: QuantConfig = Quant
     model = _as_model(model)
     signature = signature_of(model)
     sharded = _sharded(calib, preprocess, backend)
-    with _workers(backend, config) as workers:
+    with _workers(backend, config, model) as workers:
         job = Job(model, signature, config, _open(calib, signature, preprocess), on_progress=on_progress,
                   workers=workers)
         return _collect(job, user_passes, sharded)

@@ -133,3 +133,16 @@ def test_ray_with_an_accuracy_target_needs_eval_data(tmp_path: Path) -> None:
                                   "-o", tmp_path / "q.onnx")
     assert code == 2 and stdout == "" and "must come from --eval DATA" in stderr.splitlines()[-1]
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_large_model_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    # the large-model path (weights in external data) lowered to this small model: refused up front, exit 2
+    env = {**os.environ, "ONNXQ_LARGE_MODEL_BYTES": "1000"}
+    started = subprocess.run([sys.executable, "-m", "onnxq_cli", "calibrate", str(PPOCR), "--calib", str(TEXTLINES),
+                              "--ray", "-o", str(tmp_path / "s.npz")], capture_output=True, text=True, env=env,
+                             cwd=REPO, timeout=120)
+    if "needs Ray, which is not installed" in started.stderr:
+        pytest.skip("Ray is not installed: pip install -e '.[test,ray]'")
+    assert started.returncode == 2 and started.stdout == "", started.stderr
+    assert started.stderr.splitlines() == [started.stderr.splitlines()[-1]]
+    assert "is not sent to Ray workers" in started.stderr and not (tmp_path / "s.npz").exists()
