@@ -42,7 +42,7 @@ def _cases():
                 yield pytest.param(seed, target, method, marks=marks, id=f"seed{seed}-{target}-{method}")
 
 
-@pytest.mark.parametrize("seed, target, method", _cases())
+@pytest.mark.parametrize("seed, target, method", list(_cases()))
 def test_quantize_ends_ok_or_in_a_documented_refusal(seed, target, method):
     model, description = _model(seed)
     outcome = check_quantize(model, description, target, method, seed)
