@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.cli import Workspace, invoke, spawn_process
+from tests.support.cli import Workspace, finish, invoke, spawn_process
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGINT to a child and /proc/PID/maps: Linux only")
 
@@ -197,13 +197,8 @@ def test_a_thread_of_a_failing_loader_does_not_hold_the_exit(work: Workspace) ->
                       "    raise ValueError('no data today')\n")
     process = spawn_process("quantize", work.model, "--calib", f"{loader}:load_data", "-o", work.out / "q.onnx",
                             cwd=work.folder)
-    try:
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 1 and stdout == ""
+    code, stdout, stderr = finish(process)
+    assert code == 1 and stdout == ""
     assert stderr == f"error: {loader}:load_data raised ValueError after 0 feeds: no data today\n"
     assert list(work.out.iterdir()) == []
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import invoke, spawn_process
+from tests.support.cli import finish, invoke, spawn_process
 from tests.support.paths import MODELS
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and /proc: Linux only")
@@ -64,16 +64,6 @@ def _measuring(process: subprocess.Popen[str], then: float) -> list[int]:
     return children
 
 
-def _finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
-    try:
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    return process.returncode, stdout, stderr
-
-
 def _gone(pids: list[int], within: float = 10.0) -> bool:
     deadline = time.monotonic() + within
     while any(_alive(pid) for pid in pids):
@@ -116,7 +106,7 @@ def test_ctrl_c_while_the_processes_measure(tmp_path: Path, group: bool, then: f
     else:
         process.send_signal(signal.SIGINT)
     sent = time.monotonic()
-    code, _stdout, stderr = _finish(process)
+    code, _stdout, stderr = finish(process)
     assert code == 130 and stderr == "interrupted\n", stderr
     assert time.monotonic() - sent < 10
     assert _gone(children), [pid for pid in children if _alive(pid)]
@@ -127,7 +117,7 @@ def test_a_killed_measuring_process_is_one_error_line(tmp_path: Path) -> None:
     process = spawn_process(*_args(tmp_path / "q.onnx", "--jobs", "2"), cwd=tmp_path)
     children = _measuring(process, then=1.5)
     os.kill(children[0], signal.SIGKILL)
-    code, stdout, stderr = _finish(process)
+    code, stdout, stderr = finish(process)
     assert code == 1 and stdout == "", stderr
     lines = stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: measuring process "), stderr

@@ -88,6 +88,18 @@ def run_process(*args: str | os.PathLike[str], cwd: Path) -> subprocess.Complete
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
 
 
+def finish(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
+    """Wait for `process` to end: (exit code, stdout, stderr). A process still running after `timeout`
+    seconds (the assertion that follows then fails) is killed and reaped, so none is left behind."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, stdout, stderr
+
+
 def spawn_process(*args: str | os.PathLike[str], cwd: Path, own_group: bool = False) -> subprocess.Popen[str]:
     """Start `onnxq ARGS` as a real process (stdout and stderr piped) that a test can send SIGINT to.
 
