@@ -79,7 +79,8 @@ def build_and_save(model_path: Path, destination: Path, shapes: Mapping[str, tup
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Engine plan file (default: <MODEL stem>.plan beside MODEL).")
 @click.option("--shapes", metavar="NAME:DxD,...",
-              help="Shapes for inputs with dynamic dimensions, e.g. input:8x3x224x224 (default: batch 1).")
+              help="Shapes for inputs with dynamic dimensions, e.g. input:8x3x224x224 (default: a dynamic batch "
+                   "is 1; other dynamic dimensions must be given).")
 @click.option("--workspace-mib", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Builder workspace memory limit in MiB.")
 def build_cmd(model_path: Path, output: Path | None, shapes: str | None, workspace_mib: int) -> None:

@@ -60,7 +60,7 @@ class _LazyGroup(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors: no warnings and no progress bar.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors. Give it before the command.")
 def cli(verbose: int, quiet: bool, debug: bool) -> None:
-    """Post-training INT8 quantization of ONNX models for TensorRT (explicit Q/DQ).
+    """Post-training INT8 quantization of ONNX models (explicit Q/DQ) for TensorRT or ONNX Runtime's CPU provider.
 
     \b
     Exit codes: 0 success, 1 runtime error, 2 usage error or missing optional

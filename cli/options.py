@@ -2,7 +2,7 @@
 
 The library modules that need onnx or ONNX Runtime are imported when a command runs, not when its options
 are declared, so that `--help` does not load them; the few choices and defaults the declarations show are
-written out here (tests/cli/test_startup.py checks them against the library's).
+written out here (tests/cli/test_stdout_and_usage.py checks them against the library's).
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--quantize-attention/--no-quantize-attention", default=None,
                   help="Quantize the attention MatMuls next to a Softmax, or keep them float. Default: float for "
                        "--target trt; for ort-cpu, measured by quantize --calib: both plans are built and attention stays "
-                       "quantized only if the worst output SQNR on 16 held-back samples is within 0.5 dB.")
+                       "quantized only if the worst output SQNR on 16 held-back samples is within 0.5 dB (inspect, calibrate "
+                       "and quantize --stats keep them quantized).")
     @functools.wraps(fn)
     def wrapper(*args: Any, exclude_nodes: tuple[str, ...], exclude_op_types: tuple[str, ...],
                 quantize_attention: bool | None, **kwargs: Any) -> Any:

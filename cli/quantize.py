@@ -1,4 +1,4 @@
-"""`onnxq quantize MODEL --calib PATH`: calibrate and write an INT8 Q/DQ model for TensorRT."""
+"""`onnxq quantize MODEL --calib PATH`: calibrate and write an INT8 Q/DQ model for the chosen --target."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 @click.option("--method", type=click.Choice(["max", "entropy", "percentile", "mse", "auto"]), default="max",
               show_default=True, help="How activation ranges are chosen (weights: always per-channel max).")
 @click.option("--percentile", type=float, default=99.99, show_default=True,
-              help="For --method percentile: the share of |x| kept inside the range, in percent.")
+              help="For --method percentile: the share of |x| kept inside the range, in percent, in (0, 100].")
 @target_option
 @click.option("--high-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Type of the parts left unquantized.")
@@ -53,8 +53,9 @@ if TYPE_CHECKING:
 @click.option("--no-smoothquant", is_flag=True, default=False, help="No SmoothQuant.")
 @click.option("--equalize/--no-equalize", default=None,
               help="Cross-layer equalization before calibrating: balance the per-channel weight ranges of Conv "
-                   "pairs across ReLU-like activations (Nagel et al., 2019); float outputs unchanged. Default: on, "
-                   "except with --method entropy; skipped with --stats. Pairs across ReLU6 or HardSwish are left alone.")
+                   "pairs across ReLU-like activations (Nagel et al., 2019); float outputs unchanged. Default: on; with "
+                   "--stats it must match the file's setting (onnxq calibrate's). Pairs across ReLU6 or HardSwish "
+                   "are left alone.")
 @click.option("--latency-search/--no-latency-search", default=None,
               help="--target ort-cpu (on by default there when --calib is given): time each class of quantized "
                    "layers (e.g. 5x5 depthwise Convs) in INT8 and in float on one calibration batch on this "
