@@ -249,7 +249,8 @@ def ray_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                        "The statistics are identical to a run without it; with an accuracy target (quantize "
                        "--min-cosine), its per-layer runs go to the same workers, with the serial run's result.")
     @click.option("--workers", type=click.IntRange(min=1), metavar="N",
-                  help="With --ray: worker actors (default: as many as the cluster's CPUs hold).")
+                  help="With --ray: worker actors (default: as many as the cluster's free CPUs hold, "
+                       "--cpus-per-worker each).")
     @click.option("--cpus-per-worker", type=click.IntRange(min=1), metavar="K",
                   help="With --ray: CPUs each worker reserves, and its ONNX Runtime threads (default: 1).")
     @click.option("--gpus-per-worker", type=click.FloatRange(min=0.0), metavar="G",
