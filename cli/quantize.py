@@ -62,9 +62,10 @@ if TYPE_CHECKING:
                    "machine, and keep in float the classes ORT runs faster in float. The output then depends on "
                    "the machine it ran on; --no-latency-search gives the rule-based plan alone.")
 @click.option("--bias-correction/--no-bias-correction", default=None,
-              help="Correct each quantized Conv/Gemm/MatMul bias for the mean shift quantization gives its output "
-                   "channels (measured on the calibration data), kept only if it raises the SQNR on held-back "
-                   "samples (Nagel et al., ICCV 2019).")
+              help="Correct each quantized Conv/ConvTranspose/Gemm/MatMul bias for the mean shift quantization gives "
+                   "its output channels (measured on the calibration data), kept only if it raises the SQNR on "
+                   "held-back samples (Nagel et al., ICCV 2019). Default: on with --calib (off on models over "
+                   "ONNXQ_LARGE_MODEL_BYTES); skipped with --stats.")
 @click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.json and report.md (and sensitivity.png with onnxq[report]) into DIR.")
 @ray_options
