@@ -79,9 +79,9 @@ def quantize_cmd(model_path: Path, calib_path: str | None, stats_path: Path | No
                  backend: RayBackend | None, preprocess: ImagePreprocess) -> None:
     """Quantize MODEL to INT8 (Q/DQ), calibrating on --calib data or reusing --stats.
 
-    With --min-cosine or --max-sqnr-drop, every layer's sensitivity is measured on held-back data and
-    the fewest layers stay in float that meet the target; without a model that meets it, nothing is
-    written and the exit code is 1 (unless --write-anyway).
+    With --min-cosine or --max-sqnr-drop, the INT8 model is measured on held-back data; when it misses
+    the target, every layer's sensitivity is measured and the fewest layers stay in float that meet it;
+    without a model that meets it, nothing is written and the exit code is 1 (unless --write-anyway).
 
     \b
     Examples:
