@@ -97,9 +97,9 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                   help="Keep these op types in float, e.g. Gemm,MatMul (repeatable).")
     @click.option("--quantize-attention/--no-quantize-attention", default=None,
                   help="Quantize the attention MatMuls next to a Softmax, or keep them float. Default: float for "
-                       "--target trt; for ort-cpu, measured by quantize --calib: both plans are built and attention stays "
-                       "quantized only if the worst output SQNR on 16 held-back samples is within 0.5 dB (inspect, calibrate "
-                       "and quantize --stats keep them quantized).")
+                       "--target trt; for ort-cpu, measured by quantize --calib: both plans are built and attention "
+                       "stays quantized only if the worst output SQNR on 16 held-back samples is within 0.5 dB "
+                       "(inspect, calibrate and quantize --stats keep them quantized).")
     @functools.wraps(fn)
     def wrapper(*args: Any, exclude_nodes: tuple[str, ...], exclude_op_types: tuple[str, ...],
                 quantize_attention: bool | None, **kwargs: Any) -> Any:

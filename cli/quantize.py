@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 @click.option("--no-smoothquant", is_flag=True, default=False, help="No SmoothQuant.")
 @click.option("--equalize/--no-equalize", default=None,
               help="Cross-layer equalization before calibrating: balance the per-channel weight ranges of Conv "
-                   "pairs across ReLU-like activations (Nagel et al., 2019); float outputs unchanged. Default: on; with "
-                   "--stats it must match the file's setting (onnxq calibrate's). Pairs across ReLU6 or HardSwish "
+                   "pairs across ReLU-like activations (Nagel et al., 2019); float outputs unchanged. Default: on; "
+                   "with --stats it must match the file's setting (onnxq calibrate's). Pairs across ReLU6 or HardSwish "
                    "are left alone.")
 @click.option("--latency-search/--no-latency-search", default=None,
               help="--target ort-cpu (on by default there when --calib is given): time each class of quantized "
