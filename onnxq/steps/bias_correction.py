@@ -240,9 +240,12 @@ class BiasCorrection(Step):
             return plan, StepSkipped(self.name, "no bias correction: a statistics file holds no samples to "
                                                 "measure the output shift on (give --calib for it)")
         if not self.requested and external_data.is_large(job.model):
-            return plan, StepSkipped(self.name, "no bias correction by default on a model over 2 GB: measuring the "
-                                                "shifts holds float and quantized copies of it side by side (about "
-                                                "8x its size in memory); --bias-correction runs it")
+            limit = external_data.threshold()
+            size = f"{limit / 2**30:.3g} GiB" if limit >= 2**30 else f"{limit / 2**20:.3g} MiB"
+            return plan, StepSkipped(self.name, f"no bias correction by default on a large model (tensors over {size}, "
+                                                "ONNXQ_LARGE_MODEL_BYTES): measuring the shifts holds float and "
+                                                "quantized copies of it side by side (about 8x its size in memory); "
+                                                "--bias-correction runs it")
         assert job.graph is not None
         layers, skipped = linear_layers(job.graph, plan)
         if not layers:
