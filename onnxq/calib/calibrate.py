@@ -29,7 +29,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -153,12 +153,26 @@ class Calibrator:
         self._stack.close()
 
     def collect(self, source: CalibSource, on_progress: ProgressCallback | None = None) -> CalibrationResult:
-        """The statistics of `source` alone, unchecked (`samples` may be 0: see `finish`)."""
+        """The statistics of `source` alone, unchecked (`samples` may be 0: see `finish`); `on_progress` is
+        called after each batch with (samples done, total samples or None)."""
+        total = source.num_samples()
+        steps = self.collecting(source)
+        try:
+            while True:
+                done = next(steps)
+                if on_progress is not None:
+                    on_progress(done, total)
+        except StopIteration as end:
+            result: CalibrationResult = end.value
+        return result
+
+    def collecting(self, source: CalibSource) -> Generator[int, None, CalibrationResult]:
+        """`collect` as a generator: yields the samples done after each batch, returns the statistics (a Ray
+        worker streams these counts to the driver between batches: onnxq/cluster/worker.py)."""
         started = time.perf_counter()
         reader, signature = self._reader, self.signature
         reader.accumulators = accumulators = self._fresh()
         samples = batches = 0
-        total = source.num_samples()
         bytes_per_sample: float | None = None
         for feed in full_batches(source, self.graph, self.config.batch_size, signature=signature):
             parts: list[Mapping[str, np.ndarray]] = [feed]
@@ -173,8 +187,7 @@ class Calibrator:
                 reader.fold(part)
             samples += signature.samples_in(feed)
             batches += 1
-            if on_progress is not None:
-                on_progress(samples, total)
+            yield samples
         stats = {name: accumulator.freeze() for name, accumulator in accumulators.items()}
         return CalibrationResult(stats, samples, batches, reader.providers, time.perf_counter() - started)
 

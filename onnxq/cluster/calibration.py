@@ -10,7 +10,7 @@ add, maxima take the max (onnxq/calib/histogram.py), so the result equals one pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 import time
 
@@ -54,9 +54,8 @@ class _LoadedCalibration:
     def __init__(self, work: CalibrationWork, calibrator: Calibrator) -> None:
         self.work, self.calibrator = work, calibrator
 
-    def run(self, shard: Shard, report: Callable[[int], None]) -> CalibrationResult:
-        source = self.work.data.open(self.work.signature, shard)
-        return self.calibrator.collect(source, lambda done, total: report(done))
+    def run(self, shard: Shard) -> Generator[int, None, CalibrationResult]:
+        return self.calibrator.collecting(self.work.data.open(self.work.signature, shard))
 
     def close(self) -> None:
         self.calibrator.__exit__(None, None, None)

@@ -12,7 +12,7 @@ metrics are equal, not close.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,9 +49,9 @@ class _LoadedGates:
     def __init__(self, worker: GateWorker) -> None:
         self.worker = worker
 
-    def run(self, item: tuple[np.ndarray, int | None], report: Callable[[int], None]) -> Metrics:
+    def run(self, item: tuple[np.ndarray, int | None]) -> Generator[int, None, Metrics]:
         gates, samples = item
-        report(0)  # the fault-injection hook (onnxq.cluster.worker), as calibration's first progress report
+        yield 0  # the fault-injection hook (onnxq.cluster.worker) runs here, as on calibration's first report
         return self.worker.measure(gates, samples)
 
     def close(self) -> None:

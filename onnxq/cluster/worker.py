@@ -1,7 +1,10 @@
 """The actor each worker of a pool runs: one model loaded at a time (its sessions), any kind of `Work`.
 
 A `Work` is a frozen, picklable description of what to do with a model (calibrate these tensors with this
-config); `load` opens what it needs once per model on a worker, and `Loaded.run` does one item (a shard).
+config); `load` opens what it needs once per model on a worker, and `Loaded.run` does one item (a shard),
+a generator that yields its progress within the item (samples done) and returns the item's result.
+`Worker.run` returns the `Delivery` at the end; `Worker.stream`, called as a Ray streaming generator
+(onnxq/cluster/pool.py), yields each progress count to the driver as it comes, then the `Delivery`.
 The model's bytes come through Ray's object store, fetched by a worker only when it loads a model it does
 not already hold; the worker hashes them itself, and every `Delivery` carries that digest, so the driver
 can refuse a result computed on another model.
@@ -16,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from onnxq.errors import InternalError
 
 __all__ = ["CRASH_ONCE_ENV", "Delivery", "Loaded", "Work", "Worker", "model_digest"]
 
@@ -30,8 +35,8 @@ CRASH_EXIT_CODE = 86
 class Loaded(Protocol):
     """A model made ready for one kind of work on one worker (e.g. a calibration's ORT sessions)."""
 
-    def run(self, item: Any, report: Callable[[int], None]) -> Any:
-        """Do one item; `report(done)` tells progress in the work's own unit (samples)."""
+    def run(self, item: Any) -> Generator[int, None, Any]:
+        """Do one item: yield the progress within it in the work's own unit (samples done), return its result."""
 
     def close(self) -> None: ...
 
@@ -70,6 +75,14 @@ class Worker:
     def run(self, work: Work, model: list[Any], claimed: str, item_id: int, item: Any) -> Delivery:
         """Do `item` of `work` on the model behind `model[0]` (an object reference: nested in a list, so Ray
         hands it over unresolved and the bytes are fetched only when this worker loads that model)."""
+        for report in self.stream(work, model, claimed, item_id, item):
+            if isinstance(report, Delivery):
+                return report
+        raise InternalError(f"the work on item {item_id} ended without a delivery")
+
+    def stream(self, work: Work, model: list[Any], claimed: str, item_id: int,
+               item: Any) -> Iterator[int | Delivery]:
+        """`run`, yielding the item's progress (its own count of samples done, rising) before its `Delivery`."""
         if self.key is None or self.key[0] != work or self.key[1] != claimed:
             import ray
 
@@ -77,7 +90,16 @@ class Worker:
             data = ray.get(model[0])
             self.loaded, self.key, self.digest = work.load(data, self.threads), (work, claimed), model_digest(data)
         assert self.loaded is not None
-        return Delivery(item_id, self.digest, self.loaded.run(item, _crash_hook()), self.name)
+        crash = _crash_hook()
+        steps = self.loaded.run(item)
+        while True:
+            try:
+                done = next(steps)
+            except StopIteration as end:
+                yield Delivery(item_id, self.digest, end.value, self.name)
+                return
+            crash(done)
+            yield done
 
     def close(self) -> None:
         if self.loaded is not None:
