@@ -6,6 +6,12 @@ data, read where it lives (`ShardedData`), each into fresh statistics. `ShardLed
 result per shard id, refuses one computed on another model (its digest), and merges only when every id
 is present, in shard order. The merge is exact: histograms on power-of-two grids nest and their counts
 add, maxima take the max (onnxq/calib/histogram.py), so the result equals one pass over all the data.
+
+Progress: with an `on_progress`, each worker streams its samples done within its shard after every batch
+(onnxq/cluster/pool.py says how), and the ledger shows the sum over shards of the most samples any attempt
+at a shard has reached (a finished shard: its whole size). A shard lost with its worker and run again keeps
+the count it had reached until the new attempt passes it, so the shown count never goes back, never counts
+a sample twice, and never exceeds the total.
 """
 
 from __future__ import annotations
@@ -63,13 +69,32 @@ class _LoadedCalibration:
 
 class ShardLedger:
     """The shards' results as they arrive: the first per shard id kept, later ones dropped, each checked
-    against the model's digest; `merged` once every id is present."""
+    against the model's digest; `merged` once every id is present. `on_progress(samples done, total)` is
+    called whenever the count of samples done (`report`s within shards, and kept shards) rises."""
 
     def __init__(self, count: int, digest: str, total: int | None = None,
                  on_progress: ProgressCallback | None = None) -> None:
         self.count, self.digest, self.total, self.on_progress = count, digest, total, on_progress
         self.kept: dict[int, CalibrationResult] = {}
         self.dropped = 0
+        self.reached: dict[int, int] = {}  # shard id -> the most samples done that any attempt at it reported
+        self.done = self.shown = 0  # the sum of `reached`; the count last passed to on_progress
+
+    def report(self, shard_id: int, done: int) -> None:
+        """A worker has done `done` samples of shard `shard_id` (its attempt's own count, from 0)."""
+        if shard_id not in self.kept:
+            self._reach(shard_id, done)
+
+    def _reach(self, shard_id: int, done: int) -> None:
+        before = self.reached.get(shard_id, 0)
+        if done > before:
+            self.reached[shard_id] = done
+            self.done += done - before
+        shown = self.done if self.total is None else min(self.done, self.total)
+        if shown > self.shown:
+            self.shown = shown
+            if self.on_progress is not None:
+                self.on_progress(shown, self.total)
 
     def add(self, delivery: Delivery) -> bool:
         """Keep `delivery` (True) or drop it as a duplicate (False).
@@ -88,8 +113,7 @@ class ShardLedger:
             self.dropped += 1
             return False
         self.kept[delivery.item_id] = delivery.value
-        if self.on_progress is not None:
-            self.on_progress(sum(result.samples for result in self.kept.values()), self.total)
+        self._reach(delivery.item_id, delivery.value.samples)
         return True
 
     def missing(self) -> list[int]:
@@ -122,7 +146,8 @@ def calibrate_on_ray(model: bytes, tensor_names: Iterable[str], data: ShardedDat
         model: the prepared graph, serialized (`from_graph(graph).SerializeToString()`).
         tensor_names, config, histograms, signature: as `calibrate`.
         data: the calibration data; the driver opens it whole to check it and count its samples.
-        on_progress: (samples done, total) summed over the shards received.
+        on_progress: (samples done, total) summed over the shards, after every batch a worker calibrates
+            (see `ShardLedger`: never decreasing, at most the total).
     """
     started = time.perf_counter()
     whole = data.open(signature)
@@ -130,5 +155,6 @@ def calibrate_on_ray(model: bytes, tensor_names: Iterable[str], data: ShardedDat
     count = shard_count(total, signature.batch_size(config.batch_size), pool.size, pool.backend.shards_per_worker)
     work = CalibrationWork(tuple(dict.fromkeys(tensor_names)), config, histograms, signature, data)
     ledger = ShardLedger(count, model_digest(model), total, on_progress)
-    pool.run(work, model, {index: Shard(index, count) for index in range(count)}, ledger.add)
+    pool.run(work, model, {index: Shard(index, count) for index in range(count)}, ledger.add,
+             ledger.report if on_progress is not None else None)
     return finish(ledger.merged(time.perf_counter() - started), whole.describe())

