@@ -4,7 +4,8 @@ cluster (run on demand, not a test; needs onnxq[ray]).
 EfficientNet-Lite0 on the 64 shipped calibration photos, histograms (`onnxq calibrate`'s statistics):
   - in this process (ORT's default threads, as `onnxq calibrate` without --ray);
   - on a local Ray instance with 1 worker of 1 CPU, then 2 workers of 1 CPU (the pool started before the
-    clock, the model loaded by each worker within it), and their ratio;
+    clock, the model loaded by each worker within it), and their ratio; then 2 workers again with an
+    `on_progress` callback, as the CLI calls it (each worker streams its samples done after every batch);
   - Ray's start-up overhead: ray.init of a local instance + a pool's workers ready, and the shutdown;
   - a simulated cluster: a head and a second node started with `ray start --num-cpus 1 --block` (their own
     processes), joined as HOST:PORT with 2 workers, one per node.
@@ -53,9 +54,12 @@ CONFIG = onnxq.QuantConfig(calib=onnxq.CalibConfig(method=onnxq.CalibMethod.ENTR
 LOCAL_INIT = {"num_cpus": 2, "object_store_memory": 128 << 20}
 
 
-def _stats(data: ShardedData, backend: object = None) -> tuple[onnxq.StatsFile, float]:
+def _stats(data: ShardedData, backend: object = None,
+           reports: list[int] | None = None) -> tuple[onnxq.StatsFile, float]:
+    """The statistics and their wall time; `reports`: collect the progress reports' counts there."""
+    on_progress = None if reports is None else (lambda stage, done, total: reports.append(done))
     started = time.perf_counter()
-    stats, _ = onnxq.collect_stats(MODEL, data, CONFIG, backend=backend)
+    stats, _ = onnxq.collect_stats(MODEL, data, CONFIG, backend=backend, on_progress=on_progress)
     return stats, time.perf_counter() - started
 
 
@@ -135,6 +139,12 @@ def _run(args: argparse.Namespace, photos: Path) -> None:
         print(f"  Ray, {workers} worker{'s' if workers > 1 else ' '} x 1 CPU             {walls[workers]:6.1f} s  "
               f"identical: {_same(stats, reference)}")
     print(f"  1 worker / 2 workers             {walls[1] / walls[2]:6.2f}x")
+    reports: list[int] = []
+    with open_pool(RayBackend(workers=2, init=LOCAL_INIT)) as pool:
+        ray.get([actor.__ray_ready__.remote() for actor in pool.actors])
+        stats, wall = _stats(data, pool, reports)
+    print(f"  Ray, 2 workers, on_progress      {wall:6.1f} s  identical: {_same(stats, reference)}  "
+          f"({len(reports)} progress reports)")
     env = {name: value for name, value in os.environ.items() if name != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     limit = ["--samples", str(args.samples)] if args.samples is not None else []
     subprocess.run([sys.executable, __file__, "--cluster-part", "--photos", str(photos), *limit], env=env, check=True)
