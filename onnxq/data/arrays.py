@@ -196,21 +196,21 @@ class ArrayFilesSource(SignedSource):
         loaded = ((file.label, load_array_file(file, self._signature)) for file in self.files)
         return rebatch(loaded, self._signature, batch_size)
 
-    def window(self, samples: range, shard: object) -> ArrayFilesWindow:
+    def window(self, samples: range, shard: object, of: str | None = None) -> ArrayFilesWindow:
         """Samples `samples` of these files, as shard `shard` (see onnxq.data.shards)."""
-        return ArrayFilesWindow(self, samples, shard)
+        return ArrayFilesWindow(self, samples, shard, of)
 
 
 class ArrayFilesWindow(SignedSource):
     """Samples `samples` of an `ArrayFilesSource`, counted across its files in order (a shard: `shard` says
     which); files wholly outside are never opened."""
 
-    def __init__(self, source: ArrayFilesSource, samples: range, shard: object) -> None:
-        self._source, self._window, self.shard = source, samples, shard
+    def __init__(self, source: ArrayFilesSource, samples: range, shard: object, of: str | None = None) -> None:
+        self._source, self._window, self.shard, self._of = source, samples, shard, of
         self._signature = source.signature
 
     def describe(self) -> str:
-        return f"shard {self.shard} ({window_text(self._window)}) of {self._source.describe()}"
+        return f"shard {self.shard} ({window_text(self._window)}) of {self._of or self._source.describe()}"
 
     def num_samples(self) -> int:
         return len(self._window)

@@ -264,9 +264,9 @@ class ImageFolderSource(SignedSource):
         """One sample per image."""
         return len(self._files)
 
-    def window(self, samples: range, shard: object) -> ImagesWindow:
+    def window(self, samples: range, shard: object, of: str | None = None) -> ImagesWindow:
         """Images `samples` of the sorted file list, as shard `shard` (see onnxq.data.shards)."""
-        return ImagesWindow(self, samples, shard)
+        return ImagesWindow(self, samples, shard, of)
 
     def batches(self, batch_size: int) -> Iterator[Feed]:
         """Batches of preprocessed images in file-name order; see `CalibSource.batches`."""
@@ -286,14 +286,14 @@ class ImagesWindow(SignedSource):
     """Images `samples` of an `ImageFolderSource` (a slice of its sorted file list, the rest never decoded):
     a shard, `shard` says which."""
 
-    def __init__(self, source: ImageFolderSource, samples: range, shard: object) -> None:
-        self._whole, self._window, self.shard = source, samples, shard
+    def __init__(self, source: ImageFolderSource, samples: range, shard: object, of: str | None = None) -> None:
+        self._whole, self._window, self.shard, self._of = source, samples, shard, of
         self._signature = source.signature
         self._part = ImageFolderSource(source._location, source._files[samples.start:samples.stop], source.signature,
                                        source._preprocess)
 
     def describe(self) -> str:
-        return f"shard {self.shard} ({window_text(self._window)}) of {self._whole.describe()}"
+        return f"shard {self.shard} ({window_text(self._window)}) of {self._of or self._whole.describe()}"
 
     def num_samples(self) -> int:
         return len(self._window)

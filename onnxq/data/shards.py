@@ -81,7 +81,7 @@ def loader_takes_shards(loader: Callable[..., Any]) -> bool:
 
 def shard_of(source: Any, shard: Shard, signature: ModelSignature, max_samples: int | None = None) -> SignedSource:
     """Shard `shard` of an array-file or image-folder source (of its first `max_samples` samples, if given):
-    the source's `window(samples, shard)`.
+    the source's `window(samples, shard, of)`, `of` describing what it is a shard of.
 
     Raises:
         CalibrationError: the shard would hold no samples (more shards than batches).
@@ -97,4 +97,5 @@ def shard_of(source: Any, shard: Shard, signature: ModelSignature, max_samples: 
         batches = f" (the model takes batches of exactly {unit}: {total // unit} whole batches)" if unit > 1 else ""
         raise CalibrationError(f"shard {shard} of {source.describe()} holds no samples: {total} samples{batches} "
                                f"split {shard.count} ways; use at most {max(1, total // unit)} shards")
-    return source.window(window, shard)
+    of = None if total == source.num_samples() else f"the first {total} of {source.describe()}"
+    return source.window(window, shard, of)

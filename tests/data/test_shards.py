@@ -72,6 +72,8 @@ def test_max_samples_then_shards(tmp_path: Path, silero_signature: ModelSignatur
     parts = [vad_labels(open_source(folder, silero_signature, max_samples=9, shard=Shard(i, 2)).batches(8))
              for i in range(2)]
     assert parts == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    described = open_source(folder, silero_signature, max_samples=9, shard=Shard(1, 2)).describe()
+    assert described.startswith("shard 1/2 (samples 4-8) of the first 9 of 12 samples in"), described
 
 
 def _fixed_batch_signature(batch: int) -> ModelSignature:
