@@ -24,7 +24,6 @@ import signal
 import struct
 import sys
 import tempfile
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from tests.support.cli import invoke, spawn_process
+from tests.support.cli import invoke, signal_when_started, spawn_process
 
 MODEL, CALIB = "m.onnx", "c.npz"
 SAMPLES, SHAPE = 4, (3, 8, 8)
@@ -607,22 +606,9 @@ def make_files(folder: Path, names: tuple[str, ...]) -> None:
 def run_with_signal(argv: list[str], case_folder: Path, sent: int) -> tuple[int, str, str]:
     """`onnxq ARGV` as a real process, sent `sent` once its loader has started; (code, stdout, stderr)."""
     marker = case_folder.parent / "started"
-    process = spawn_process(*argv, cwd=case_folder)
-    try:
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the loader never started"
-            time.sleep(0.02)
-        time.sleep(0.2)
-        process.send_signal(sent)
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    outcome = signal_when_started(spawn_process(*argv, cwd=case_folder), marker, sent, settle=0.2)
     marker.unlink()
-    return process.returncode, stdout, stderr
+    return outcome
 
 
 USAGE_REMINDER = re.compile(r"^(Usage: onnxq .*|Try 'onnxq .* (-h|--help)' for help\.|)$")

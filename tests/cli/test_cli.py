@@ -9,9 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pytest
 from onnxq.pipeline import prepare
 from onnxq_cli.main import cli
 from tests.support.cli import (CALIB_SAMPLES, Workspace, assert_one_line_error, assert_qdq_model, digest, invoke,
-                               run_process, spawn_process)
+                               run_process, signal_when_started, spawn_process)
 from tests.support.paths import REPO
 
 PPOCR_MODEL = REPO / "models" / "ppocr_mobile_v2_cls.onnx"
@@ -255,20 +253,8 @@ def test_sigint_to_a_real_process_exits_130_and_writes_nothing(work: Workspace) 
     loader, marker = write_loader(work)
     process = spawn_process("quantize", work.model, "--calib", f"{loader}:load_data", "-o", work.out / "q.onnx",
                             cwd=work.folder)
-    try:
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the loader never started"
-            time.sleep(0.02)
-        time.sleep(0.3)  # let a few batches run
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 130, stderr
+    code, stdout, stderr = signal_when_started(process, marker, settle=0.3)  # let a few batches run
+    assert code == 130, stderr
     assert "Traceback" not in stderr and stderr.strip() == "interrupted"
     assert stdout == "loader started\n"
     assert list(work.out.iterdir()) == []

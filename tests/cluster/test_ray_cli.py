@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import digest, invoke, spawn_process
+from tests.support.cli import digest, invoke, signal_when_started, spawn_process
 from tests.support.paths import MODELS, REPO
 
 PPOCR = MODELS / "ppocr_mobile_v2_cls.onnx"
@@ -97,19 +96,12 @@ def test_ctrl_c_during_a_ray_run_exits_130_with_one_line_and_stops_its_instance(
                                 "--ray", "--workers", "1", cwd=tmp_path)
     finally:
         del os.environ["RAY_TMPDIR"]
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():  # a worker is calibrating a shard
-            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
-            time.sleep(0.2)
+    def instance_running() -> None:
         assert _ray_processes(temp_dir), "no Ray process names the instance's folder"
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 130, stderr
+
+    code, stdout, stderr = signal_when_started(process, marker, wait=60, timeout=60, before=instance_running,
+                                               never="no worker started calibrating a shard")
+    assert code == 130, stderr
     assert stderr.splitlines() == ["interrupted"] and stdout == ""
     assert not (tmp_path / "s.npz").exists()
     deadline = time.monotonic() + 20

@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -98,6 +100,31 @@ def finish(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, st
             process.kill()
             process.communicate()
     return process.returncode, stdout, stderr
+
+
+def signal_when_started(process: subprocess.Popen[str], marker: Path, sent: int = signal.SIGINT, *,
+                        settle: float = 0.0, wait: float = 30, timeout: float = 30,
+                        before: Callable[[], None] | None = None,
+                        never: str = "the loader never started") -> tuple[int, str, str]:
+    """Wait (up to `wait` seconds) until `marker` exists, i.e. the process has reached the moment under test;
+    let it run `settle` seconds more, call `before()` (a check made at that moment), send `sent`, then
+    `finish` it: (exit code, stdout, stderr). A process left running by a failed check is killed and reaped."""
+    try:
+        deadline = time.monotonic() + wait
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, never
+            time.sleep(0.02)
+        time.sleep(settle)
+        if before is not None:
+            before()
+        process.send_signal(sent)
+    except BaseException:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        raise
+    return finish(process, timeout)
 
 
 def spawn_process(*args: str | os.PathLike[str], cwd: Path, own_group: bool = False) -> subprocess.Popen[str]:
