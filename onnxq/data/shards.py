@@ -93,7 +93,7 @@ def shard_of(source: Any, shard: Shard, signature: ModelSignature, max_samples: 
     total = source.num_samples() if max_samples is None else min(source.num_samples(), max_samples)
     unit = signature.fixed_batch or 1
     window = shard_ranges(total, shard.count, unit)[shard.index]
-    if len(window) < unit or not window:
+    if len(window) < unit:
         batches = f" (the model takes batches of exactly {unit}: {total // unit} whole batches)" if unit > 1 else ""
         raise CalibrationError(f"shard {shard} of {source.describe()} holds no samples: {total} samples{batches} "
                                f"split {shard.count} ways; use at most {max(1, total // unit)} shards")

@@ -73,7 +73,6 @@ class ScriptSource(SignedSource):
         self._loader = import_loader(script, function_name)
         self._signature = ModelSignature.of(signature)
         self._sample_limit = sample_limit
-        self._arguments = {} if shard is None else {"shard_index": shard.index, "num_shards": shard.count}
         if shard is not None and not loader_takes_shards(self._loader):
             raise ConfigError(f"--shard {shard}: {self._label} takes no shard_index and num_shards arguments; "
                               f"give it those (def {function_name}(shard_index=0, num_shards=1)) and let it "
@@ -97,7 +96,9 @@ class ScriptSource(SignedSource):
     def _checked_feeds(self) -> Iterator[tuple[str, Feed]]:
         count = samples = 0
         try:
-            produced = self._loader(**self._arguments)
+            shard = self.shard
+            arguments = {} if shard is None else {"shard_index": shard.index, "num_shards": shard.count}
+            produced = self._loader(**arguments)
             if not isinstance(produced, Iterable):
                 raise CalibrationError(f"{self._label} returned {type(produced).__name__}; it must return or yield "
                                        "dicts mapping input names to numpy arrays")
